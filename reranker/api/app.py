@@ -1,0 +1,52 @@
+"""The application factory: ``create_app(settings, backend=None)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from reranker.api import health, rerank
+from reranker.api.errors import EXCEPTION_HANDLERS
+from reranker.backends.base import Backend
+from reranker.engine.runtime import BackendFactory, Runtime, default_backend_factory
+from reranker.settings import Settings, load_settings
+
+ROUTES = [
+    Route("/rerank", rerank.rerank, methods=["POST"]),
+    Route("/v1/rerank", rerank.rerank_v1, methods=["POST"]),
+    Route("/health", health.health, methods=["GET"]),
+    Route("/livez", health.livez, methods=["GET"]),
+    Route("/readyz", health.readyz, methods=["GET"]),
+    Route("/metrics", health.metrics, methods=["GET"]),
+]
+
+
+def create_app(
+    settings: Settings,
+    backend: Backend | None = None,
+    *,
+    backend_factory: BackendFactory | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """Build the app. ``backend`` injects a ready backend (tests); else it is loaded at start-up."""
+    runtime = Runtime(settings, backend, backend_factory or default_backend_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.start(on_fatal)
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.state.runtime = runtime
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """For ``uvicorn --factory reranker.api.app:app_from_environment`` (dev auto-reload)."""
+    return create_app(load_settings())

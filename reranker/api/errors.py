@@ -1,0 +1,80 @@
+"""The one table from error kind to HTTP status, and the handlers that apply it."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from reranker.api.responses import ORJSONResponse, error_body
+from reranker.errors import (
+    BackendError,
+    ClientDisconnectedError,
+    InvalidInputError,
+    MalformedRequestError,
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    RerankerError,
+    UnsupportedOperationError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[RerankerError], int] = {
+    MalformedRequestError: 400,
+    UnsupportedOperationError: 400,
+    PayloadTooLargeError: 413,
+    InvalidInputError: 422,
+    BackendError: 500,
+    OverloadedError: 503,
+    NotReadyError: 503,
+    RequestTimeoutError: 504,
+    ClientDisconnectedError: 499,  # nginx's code: nobody reads this response
+}
+
+HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def status_for(error: RerankerError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def error_response(error: RerankerError) -> ORJSONResponse:
+    headers = {}
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return ORJSONResponse(
+        error_body(error.error_type, error.message), status_code=status_for(error), headers=headers
+    )
+
+
+async def handle_reranker_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RerankerError)
+    return error_response(exc)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error_type = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return ORJSONResponse(error_body(error_type, message), status_code=exc.status_code, headers=exc.headers)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return ORJSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+EXCEPTION_HANDLERS = {
+    RerankerError: handle_reranker_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

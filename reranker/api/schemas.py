@@ -1,0 +1,103 @@
+"""Request bodies, validated by pydantic: the single source of truth for their shape.
+
+Limits that depend on settings (documents per request, characters per text) are
+checked by ``check_limits`` after the shape is known, with the limit in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from reranker.errors import InvalidInputError
+from reranker.settings import Settings
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored: SDKs send fields we do not use (e.g. max_chunks_per_doc).
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+
+def _require_text(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+class RerankRequest(_Body):
+    query: str
+    documents: list[str] = Field(min_length=1)
+    top_k: int | None = Field(None, gt=0)
+    return_documents: bool = False
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        return _require_text(value, "query")
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, value: list[str]) -> list[str]:
+        for index, doc in enumerate(value):
+            if not doc.strip():
+                raise ValueError(f"document {index} is empty")
+        return value
+
+
+class CohereRerankRequest(_Body):
+    """Cohere v1 / Jina rerank: documents are strings or objects."""
+
+    model: str | None = None
+    query: str
+    documents: list[str | dict[str, Any]] = Field(min_length=1)
+    top_n: int | None = Field(None, gt=0)
+    return_documents: bool = False
+    rank_fields: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        return _require_text(value, "query")
+
+    def texts(self) -> list[str]:
+        """The text each document is ranked by (rank_fields joined, else its ``text``)."""
+        return [self._text_of(index, doc) for index, doc in enumerate(self.documents)]
+
+    def _text_of(self, index: int, doc: str | dict[str, Any]) -> str:
+        if isinstance(doc, str):
+            text = doc
+        elif self.rank_fields:
+            parts = []
+            for name in self.rank_fields:
+                value = doc.get(name)
+                if value is not None and not isinstance(value, str):
+                    raise InvalidInputError(f"documents.{index}.{name}: rank fields must be strings")
+                if value:
+                    parts.append(f"{name}: {value}")
+            text = "\n".join(parts)
+        else:
+            text = doc.get("text")
+            if not isinstance(text, str):
+                raise InvalidInputError(
+                    f"documents.{index}: an object document needs a string 'text' field (or give rank_fields)"
+                )
+        if not text.strip():
+            raise InvalidInputError(f"documents.{index}: document is empty")
+        return text
+
+
+def check_limits(settings: Settings, query: str, documents: list[str]) -> None:
+    if len(documents) > settings.max_documents_per_request:
+        raise InvalidInputError(
+            f"documents: {len(documents)} documents is over MAX_DOCUMENTS_PER_REQUEST="
+            f"{settings.max_documents_per_request}"
+        )
+    limit = settings.max_text_chars
+    if len(query) > limit:
+        raise InvalidInputError(f"query: {len(query)} characters is over MAX_TEXT_CHARS={limit}")
+    for index, doc in enumerate(documents):
+        if len(doc) > limit:
+            raise InvalidInputError(
+                f"documents.{index}: {len(doc)} characters is over MAX_TEXT_CHARS={limit}"
+            )

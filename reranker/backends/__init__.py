@@ -1,0 +1,1 @@
+"""Model backends: everything that touches a model runtime lives below here."""

@@ -1,0 +1,100 @@
+"""The small contract every backend fulfils, and the types that cross it.
+
+A backend tokenizes (once, on the caller's thread) and runs batches of already
+tokenized items, returning numpy. It knows nothing of HTTP, queues or requests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+
+class ModelKind(StrEnum):
+    CROSS_ENCODER = "cross-encoder"
+    BI_ENCODER = "bi-encoder"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a backend serves; reported by /health."""
+
+    name: str
+    kind: ModelKind
+    backend: str
+    device: str
+    max_length: int
+    dimension: int | None = None
+    normalize_embeddings: bool = True
+    dtype: str = "float32"
+    details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def capabilities(self) -> list[str]:
+        return ["rerank", "embed"] if self.kind is ModelKind.BI_ENCODER else ["rerank"]
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One tokenized model input: a text (bi-encoder) or a query/document pair."""
+
+    ids: Sequence[int]
+    type_ids: Sequence[int]
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Backend(ABC):
+    """Score pairs or embed texts. ``forward`` is called from worker threads."""
+
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def tokenize_texts(self, texts: Sequence[str]) -> list[Encoded]:
+        """Tokenize single texts (bi-encoder input), truncating at max_length."""
+
+    @abstractmethod
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
+        """Tokenize (query, document) pairs (cross-encoder input), truncating at max_length."""
+
+    @abstractmethod
+    def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
+        """Run one batch.
+
+        Cross-encoder: raw logits, shape ``[n]`` (no activation: post-processing is ours).
+        Bi-encoder: pooled embeddings before any normalisation, shape ``[n, dim]``.
+        """
+
+    def health(self) -> None:
+        """Raise if the backend cannot serve; default: a tiny real forward pass."""
+        probe = (
+            self.tokenize_texts(["health"])
+            if self.info().kind is ModelKind.BI_ENCODER
+            else (self.tokenize_pairs([("health", "check")]))
+        )
+        result = self.forward(probe)
+        if not np.all(np.isfinite(result)):
+            raise RuntimeError("health probe produced non-finite output")
+
+    def warmup(self) -> None:
+        """One forward pass before the server reports ready."""
+        self.health()
+
+    # Conveniences for in-process use and tests; the server goes through the controller.
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> np.ndarray:
+        encoded = self.tokenize_pairs(pairs)
+        parts = [self.forward(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float32)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        encoded = self.tokenize_texts(texts)
+        parts = [self.forward(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
+        dim = self.info().dimension or 0
+        return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)

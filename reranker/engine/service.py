@@ -1,0 +1,77 @@
+"""What a request means for the model: tokenize, run through the controller, post-process.
+
+Rerank on a cross-encoder scores (query, document) pairs and applies our own
+sigmoid to the single logit. Rerank on a bi-encoder embeds the query and the
+documents and returns cosine similarities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from reranker.backends.base import Backend, Encoded, ModelKind
+from reranker.engine.controller import InferenceController, InferenceResult
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+    @classmethod
+    def of(cls, result: InferenceResult) -> Timing:
+        return cls(result.queue_ms, result.inference_ms, result.batch_size)
+
+
+@dataclass(frozen=True, slots=True)
+class RerankOutcome:
+    scores: np.ndarray  # one per document, in request order
+    tokens: int
+    truncated: int  # documents whose input was cut at the model's max length
+    timing: Timing
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+class InferenceService:
+    def __init__(self, backend: Backend, controller: InferenceController, timeout_s: float) -> None:
+        self._backend = backend
+        self._controller = controller
+        self._timeout_s = timeout_s
+        self.kind = backend.info().kind
+
+    async def rerank(self, query: str, documents: Sequence[str]) -> RerankOutcome:
+        if self.kind is ModelKind.CROSS_ENCODER:
+            pairs = [(query, doc) for doc in documents]
+            encoded = await asyncio.to_thread(self._backend.tokenize_pairs, pairs)
+            result = await self._controller.run(encoded, self._timeout_s)
+            scores = sigmoid(result.outputs)
+            truncated = encoded
+        else:
+            encoded = await asyncio.to_thread(self._backend.tokenize_texts, [query, *documents])
+            result = await self._controller.run(encoded, self._timeout_s)
+            vectors = l2_normalize(result.outputs)
+            scores = (vectors[1:] @ vectors[0]).astype(np.float32)
+            truncated = encoded[1:]
+        return RerankOutcome(
+            scores=scores,
+            tokens=_token_count(encoded),
+            truncated=sum(1 for item in truncated if item.truncated),
+            timing=Timing.of(result),
+        )
+
+
+def _token_count(encoded: Sequence[Encoded]) -> int:
+    return sum(len(item) for item in encoded)

@@ -1,0 +1,115 @@
+"""The one settings object, built once from the environment and CLI flags.
+
+Nothing reads ``os.environ`` at import time: ``load_settings`` takes the
+environment as a parameter (tests pass a dict), and a bad value becomes one
+``StartupError`` line naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from reranker.errors import StartupError
+
+ModelKindSetting = Literal["auto", "cross-encoder", "bi-encoder"]
+DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Field ``x_y`` is environment variable ``X_Y``."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    # Model
+    model_name: str = Field(EMBEDDED_MODEL, min_length=1)
+    local_model_path: str | None = None
+    model_kind: ModelKindSetting = "auto"
+    device_preference: DevicePreference = "auto"
+    use_mlx: bool = False
+
+    # Concurrency controller
+    max_parallel_requests: int = Field(1, ge=1, le=64)
+    max_queue_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    # HTTP
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+
+    # Request limits
+    max_documents_per_request: int = Field(1000, ge=1)
+    max_text_chars: int = Field(20_000, ge=1)
+    max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+
+    @field_validator("log_level", "model_kind", "device_preference", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("local_model_path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only explicit values: ``load_settings`` gathers them from the mapping it is given.
+        return (init_settings,)
+
+    @property
+    def model_source(self) -> str:
+        """What to load: LOCAL_MODEL_PATH wins over MODEL_NAME."""
+        return self.local_model_path or self.model_name
+
+
+def env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build settings from ``environ`` (default: the process environment) and overrides.
+
+    Overrides (CLI flags) win over the environment. Raises ``StartupError`` with one
+    line naming every bad variable.
+    """
+    source = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = source.get(env_name(name))
+        if raw is not None:
+            values[name] = raw
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise StartupError(_describe(exc, values)) from None
+
+
+def _describe(exc: ValidationError, values: Mapping[str, Any]) -> str:
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        shown = values.get(field, "<unset>")
+        problems.append(f"{env_name(field)}={shown!r}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(problems)
