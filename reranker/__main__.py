@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 
@@ -18,6 +19,7 @@ from reranker.api.app import create_app
 from reranker.backends.factory import preflight
 from reranker.errors import StartupError
 from reranker.logging_setup import configure_logging
+from reranker.serve import DrainingServer
 from reranker.settings import Settings, env_name, load_settings
 
 log = logging.getLogger("reranker")
@@ -26,6 +28,11 @@ log = logging.getLogger("reranker")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reranker", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="development: restart on code change (settings from the environment only)",
+    )
     for name, field in Settings.model_fields.items():
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -38,18 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
+    reload = args.pop("reload")
     try:
-        settings = load_settings(overrides=vars(args))
+        settings = load_settings(overrides=args)
         configure_logging(settings.log_level)
         source = preflight(settings)
     except StartupError as exc:
         print(f"reranker: {exc.message}", file=sys.stderr)
         return 2
     log.info("model %s (%s) from %s", source.name, source.kind.value, source.path)
+    if reload:
+        uvicorn.run(
+            "reranker.api.app:app_from_environment",
+            factory=True,
+            reload=True,
+            reload_dirs=[str(Path(__file__).parent)],
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+        )
+        return 0
 
     fatal: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_fatal(exc: BaseException) -> None:
         fatal.append(exc)
@@ -63,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep the logging configured above
-        timeout_graceful_shutdown=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.runtime, settings.shutdown_timeout_s)
     server.run()
     if fatal:
         message = fatal[0].message if isinstance(fatal[0], StartupError) else str(fatal[0])

@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     max_parallel_requests: int = Field(1, ge=1, le=64)
     max_queue_size: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_tokens: int = Field(16_384, ge=1)
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000)
     request_timeout_s: float = Field(30.0, gt=0)
+    shutdown_timeout_s: float = Field(30.0, gt=0)
 
     # HTTP
     host: str = Field("127.0.0.1", min_length=1)

@@ -1,15 +1,11 @@
 """The one owner of all inference: admission, cross-request batching, parallelism.
 
 Requests are admitted into a bounded queue (full: refused at once). One batcher
-task cuts model batches of at most ``batch_size`` items from whatever is
-waiting, and at most ``max_parallel`` batches run at once in worker threads so
-the event loop never blocks. Each request awaits its own future; a batch's
-failure reaches every request that had items in it.
-
-Fairness: each batch is filled from the least-served requests first (fewest
-items already dispatched, then oldest). A request of thousands of items is cut
-into many batches, and a small request that arrives meanwhile rides in the very
-next batch instead of waiting for the big one to finish.
+task cuts model batches from whatever is waiting (``batching.plan_batch``: fair
+across requests, items of similar length together, within an item count and a
+padded-token budget), and at most ``max_parallel`` batches run at once in worker
+threads so the event loop never blocks. Each request awaits its own future; a
+batch's failure reaches every request that had items in it.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reranker.backends.base import Backend, Encoded
+from reranker.engine.batching import BatchCostModel, plan_batch
 from reranker.engine.metrics import Metrics
 from reranker.errors import BackendError, NotReadyError, OverloadedError, RequestTimeoutError
 
@@ -44,7 +41,8 @@ class _Pending:
     items: Sequence[Encoded]
     future: asyncio.Future[InferenceResult]
     admitted_at: float
-    dispatched: int = 0  # items handed to a batch so far
+    lengths: np.ndarray = field(init=False)
+    remaining: np.ndarray = field(init=False)  # undispatched item indices, shortest first
     completed: int = 0
     cancelled: bool = False
     outputs: np.ndarray | None = None
@@ -52,22 +50,25 @@ class _Pending:
     inference_s: float = 0.0
     largest_batch: int = 0
 
+    def __post_init__(self) -> None:
+        self.lengths = np.fromiter((len(item) for item in self.items), dtype=np.int64, count=len(self.items))
+        self.remaining = np.argsort(self.lengths, kind="stable")
+
     @property
     def undispatched(self) -> int:
-        return len(self.items) - self.dispatched
+        return len(self.remaining)
 
 
 @dataclass(frozen=True, slots=True)
 class _Slice:
     pending: _Pending
-    start: int
-    stop: int
+    indices: np.ndarray
 
 
 @dataclass(slots=True)
 class _Batch:
     slices: list[_Slice]
-    items: list[Encoded] = field(default_factory=list)
+    items: list[Encoded]
 
 
 class InferenceController:
@@ -79,10 +80,16 @@ class InferenceController:
         max_parallel: int,
         max_queue: int,
         metrics: Metrics,
+        max_batch_tokens: int | None = None,
+        batch_wait_s: float = 0.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._backend = backend
         self._batch_size = batch_size
+        self._max_batch_tokens = max_batch_tokens
+        self._batch_wait_s = batch_wait_s
+        self._turn = 0  # round-robin cursor over waiting requests (the batch anchor)
+        self._cost = BatchCostModel()
         self._max_parallel = max_parallel
         self._max_queue = max_queue
         self._metrics = metrics
@@ -173,11 +180,15 @@ class InferenceController:
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()
-            batch = self._next_batch()
-            while batch is None:
+            while not self._has_work():
                 self._wake.clear()
                 await self._wake.wait()
-                batch = self._next_batch()
+            if self._batch_wait_s > 0 and self._waiting_items() < self._batch_size:
+                await asyncio.sleep(self._batch_wait_s)  # a short deadline for more items to arrive
+            batch = self._next_batch()
+            if batch is None:  # everything waiting was cancelled meanwhile
+                self._slots.release()
+                continue
             self._in_flight += 1
             started = self._clock()
             for piece in batch.slices:
@@ -186,22 +197,27 @@ class InferenceController:
             work = loop.run_in_executor(self._executor, self._forward, batch.items)
             work.add_done_callback(lambda done, b=batch: self._finish(b, done))
 
+    def _has_work(self) -> bool:
+        return any(not p.cancelled and p.undispatched for p in self._queue)
+
+    def _waiting_items(self) -> int:
+        return sum(p.undispatched for p in self._queue if not p.cancelled)
+
     def _next_batch(self) -> _Batch | None:
         live = [p for p in self._queue if not p.cancelled and p.undispatched > 0]
         if not live:
             return None
-        live.sort(key=lambda p: (p.dispatched, p.admitted_at))
-        batch = _Batch(slices=[])
-        room = self._batch_size
-        for pending in live:
-            if room == 0:
-                break
-            take = min(room, pending.undispatched)
-            start = pending.dispatched
-            batch.slices.append(_Slice(pending, start, start + take))
-            batch.items.extend(pending.items[start : start + take])
-            pending.dispatched += take
-            room -= take
+        anchor = self._turn % len(live)
+        self._turn += 1
+        picks = plan_batch(
+            live, anchor, self._batch_size, self._max_batch_tokens, self._cost.overhead_tokens()
+        )
+        batch = _Batch(slices=[], items=[])
+        for pick in picks:
+            pending = live[pick.request_position]
+            batch.slices.append(_Slice(pending, pick.item_indices))
+            batch.items.extend(pending.items[i] for i in pick.item_indices)
+            pending.remaining = pending.remaining[~np.isin(pending.remaining, pick.item_indices)]
         self._queue = [p for p in self._queue if p.undispatched > 0 and not p.cancelled]
         return batch
 
@@ -225,10 +241,12 @@ class InferenceController:
                     self._fail(piece.pending, failure)
                 return
             outputs, seconds = done.result()
-            self._metrics.record_batch(len(batch.items), seconds)
+            lengths = [len(item) for item in batch.items]
+            self._metrics.record_batch(lengths, seconds)
+            self._cost.observe(max(lengths) * len(lengths), seconds)
             offset = 0
             for piece in batch.slices:
-                count = piece.stop - piece.start
+                count = len(piece.indices)
                 self._deliver(piece, outputs[offset : offset + count], seconds, len(batch.items))
                 offset += count
         except Exception:  # never leave waiters hanging on a bookkeeping bug
@@ -244,8 +262,8 @@ class InferenceController:
             return
         if pending.outputs is None:
             pending.outputs = np.empty((len(pending.items), *rows.shape[1:]), dtype=rows.dtype)
-        pending.outputs[piece.start : piece.stop] = rows
-        pending.completed += piece.stop - piece.start
+        pending.outputs[piece.indices] = rows
+        pending.completed += len(piece.indices)
         pending.inference_s += seconds
         pending.largest_batch = max(pending.largest_batch, batch_size)
         if pending.completed == len(pending.items) and not pending.future.done():

@@ -24,6 +24,8 @@ class Metrics:
         self.items_processed = 0
         self.batches_run = 0
         self.batch_seconds = 0.0
+        self.real_tokens = 0
+        self.padded_tokens = 0  # longest item x items, summed over batches
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def record_request(self, endpoint: str, failure_reason: str | None, latency_ms: float) -> None:
@@ -38,10 +40,12 @@ class Metrics:
             if failure_reason == "overloaded":
                 self.rejected_requests += 1
 
-    def record_batch(self, items: int, seconds: float) -> None:
+    def record_batch(self, lengths: list[int], seconds: float) -> None:
         self.batches_run += 1
-        self.items_processed += items
+        self.items_processed += len(lengths)
         self.batch_seconds += seconds
+        self.real_tokens += sum(lengths)
+        self.padded_tokens += max(lengths, default=0) * len(lengths)
 
     def items_per_second(self) -> float:
         """Model throughput while busy (items per second of batch time)."""
@@ -71,6 +75,11 @@ class Metrics:
             "batches_run": self.batches_run,
             "mean_batch_size": (
                 round(self.items_processed / self.batches_run, 3) if self.batches_run else 0.0
+            ),
+            "real_tokens": self.real_tokens,
+            "padded_tokens": self.padded_tokens,
+            "padding_efficiency": (
+                round(self.real_tokens / self.padded_tokens, 4) if self.padded_tokens else 1.0
             ),
             "uptime_s": round(self.uptime_s(), 3),
         }

@@ -69,6 +69,8 @@ class Runtime:
                 max_parallel=self.settings.max_parallel_requests,
                 max_queue=self.settings.max_queue_size,
                 metrics=self.metrics,
+                max_batch_tokens=self.settings.max_batch_tokens,
+                batch_wait_s=self.settings.batch_wait_ms / 1000.0,
             )
             controller.start()
             self.backend, self.controller = backend, controller
@@ -84,6 +86,19 @@ class Runtime:
                 on_fatal(exc)
         finally:
             self.ready.set()
+
+    def begin_drain(self) -> int:
+        """Refuse new work from now on; returns how many admitted requests are unfinished."""
+        if self.status is Status.HEALTHY:
+            self.status = Status.DRAINING
+        if self.controller is None:
+            return 0
+        self.controller.stop_admitting()
+        return self.controller.queued + self.controller.in_flight
+
+    async def wait_idle(self) -> None:
+        if self.controller is not None:
+            await self.controller.wait_idle()
 
     async def stop(self) -> None:
         if self._loader is not None and not self._loader.done():

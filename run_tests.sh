@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# run_tests.sh [PYTEST ARGS...]: lint and test suite; creates .venv on first run.
+set -euo pipefail
+REPO_ROOT=$(cd "$(dirname "$0")" && pwd)
+export REPO_ROOT
+# shellcheck source=scripts/venv.sh
+. "$REPO_ROOT/scripts/venv.sh"
+ensure_venv "$REPO_ROOT/requirements-dev.txt"
+cd "$REPO_ROOT"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+"$VENV_DIR/bin/ruff" check .
+"$VENV_DIR/bin/ruff" format --check .
+exec "$VENV_DIR/bin/python" -m pytest "$@"

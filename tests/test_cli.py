@@ -1,0 +1,52 @@
+"""``python -m reranker`` as an operator runs it: a real process on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_serves_the_embedded_model_and_exits_cleanly_on_sigterm() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reranker", "--port", str(port), "--batch-size", "8"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        health = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                if health.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert health is not None and health.status_code == 200, process.stdout and process.stdout.read()
+        assert health.json()["controller"]["batch_size"] == 8
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/rerank",
+            json={"query": "capital of france", "documents": ["bananas are yellow", "Paris is in France"]},
+        )
+        assert response.json()["results"][0]["index"] == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "Traceback" not in output

@@ -1,0 +1,179 @@
+"""The concurrency controller on the deterministic fake backend (no model, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+import pytest
+
+from reranker.backends.base import Encoded
+from reranker.backends.fake import FakeBackend
+from reranker.engine.controller import InferenceController
+from reranker.engine.metrics import Metrics
+from reranker.errors import BackendError, OverloadedError, RequestTimeoutError
+
+
+def texts(prefix: str, count: int) -> list[str]:
+    return [f"{prefix} word{i} extra{i % 3} filler" for i in range(count)]
+
+
+async def with_controller(
+    backend: FakeBackend,
+    body: Callable[[InferenceController], Awaitable[None]],
+    *,
+    batch_size: int = 4,
+    max_parallel: int = 1,
+    max_queue: int = 8,
+) -> None:
+    controller = InferenceController(
+        backend, batch_size=batch_size, max_parallel=max_parallel, max_queue=max_queue, metrics=Metrics()
+    )
+    controller.start()
+    try:
+        await body(controller)
+    finally:
+        await controller.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the event loop until ``condition`` holds (bounded)."""
+    for _ in range(100_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+def test_concurrent_requests_share_batches_of_at_most_batch_size() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()  # hold the first batch so the rest queue up behind it
+
+    async def body(controller: InferenceController) -> None:
+        requests = [backend.tokenize_texts(texts(f"r{i}", 3)) for i in range(5)]
+        tasks = [asyncio.create_task(controller.run(items, 10)) for items in requests]
+        await until(lambda: controller.queued == 4 and controller.in_flight == 1)
+        backend.gate.set()
+        results = await asyncio.gather(*tasks)
+        ran = list(backend.batches)
+        assert all(len(batch) <= 4 for batch in ran)
+        assert sum(len(batch) for batch in ran) == 15  # every item ran, none twice
+        assert len(ran) == 4  # 1 batch alone, then 12 queued items merged into 3 full batches
+        for items, result in zip(requests, results, strict=True):
+            np.testing.assert_array_equal(result.outputs, backend.forward(items))
+
+    asyncio.run(with_controller(backend, body, batch_size=4))
+
+
+def test_result_is_identical_alone_and_batched_with_others() -> None:
+    backend = FakeBackend()
+    target = backend.tokenize_texts(texts("target", 5))
+
+    async def body(controller: InferenceController) -> None:
+        alone = await controller.run(target, 10)
+        others = [controller.run(backend.tokenize_texts(texts(f"o{i}", 7)), 10) for i in range(16)]
+        crowded, *_ = await asyncio.gather(controller.run(target, 10), *others)
+        np.testing.assert_array_equal(alone.outputs, crowded.outputs)
+
+    asyncio.run(with_controller(backend, body, batch_size=8, max_queue=32))
+
+
+def test_full_queue_refuses_at_once_with_retry_after() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        first = asyncio.create_task(controller.run(backend.tokenize_texts(["a b"]), 10))
+        await until(lambda: controller.in_flight == 1)
+        waiting = [asyncio.create_task(controller.run(backend.tokenize_texts(["c d"]), 10)) for _ in range(2)]
+        await until(lambda: controller.queued == 2)
+        with pytest.raises(OverloadedError) as refused:
+            await controller.run(backend.tokenize_texts(["e f"]), 10)
+        assert refused.value.retry_after_s >= 1
+        backend.gate.set()
+        await asyncio.gather(first, *waiting)
+
+    asyncio.run(with_controller(backend, body, max_queue=2))
+
+
+def test_batch_failure_reaches_every_waiter_of_that_batch_only() -> None:
+    def fail_on_poison(batch: Sequence[Encoded]) -> Exception | None:
+        poison = backend.tokenize_texts(["poison"])[0].ids[0]
+        return RuntimeError("boom") if any(poison in item.ids for item in batch) else None
+
+    backend = FakeBackend(fail_when=fail_on_poison)
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        blocker = asyncio.create_task(controller.run(backend.tokenize_texts(["x y"]), 10))
+        await until(lambda: controller.in_flight == 1)
+        # These two share the next batch (batch_size 4); the third rides alone after it.
+        poisoned = asyncio.create_task(controller.run(backend.tokenize_texts(["poison", "a"]), 10))
+        neighbour = asyncio.create_task(controller.run(backend.tokenize_texts(["b", "c"]), 10))
+        await until(lambda: controller.queued == 2)
+        backend.gate.set()
+        await blocker
+        with pytest.raises(BackendError):
+            await poisoned
+        with pytest.raises(BackendError):
+            await neighbour
+        later = await controller.run(backend.tokenize_texts(["still", "works"]), 10)
+        assert later.outputs.shape == (2, 8)
+
+    asyncio.run(with_controller(backend, body))
+
+
+def test_timed_out_request_is_dropped_before_it_costs_compute() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        blocker = asyncio.create_task(controller.run(backend.tokenize_texts(["x"]), 10))
+        await until(lambda: controller.in_flight == 1)
+        with pytest.raises(RequestTimeoutError):
+            await controller.run(backend.tokenize_texts(["never run"] * 3), timeout_s=0.05)
+        assert controller.queued == 0
+        backend.gate.set()
+        await blocker
+        assert backend.batches == [[1]]  # the timed-out items never reached the model
+
+    asyncio.run(with_controller(backend, body))
+
+
+def test_cancelled_request_is_dropped_before_it_costs_compute() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        blocker = asyncio.create_task(controller.run(backend.tokenize_texts(["x"]), 10))
+        await until(lambda: controller.in_flight == 1)
+        gone = asyncio.create_task(controller.run(backend.tokenize_texts(["client left"] * 3), 10))
+        await until(lambda: controller.queued == 1)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        backend.gate.set()
+        await blocker
+        assert backend.batches == [[1]]
+
+    asyncio.run(with_controller(backend, body))
+
+
+def test_small_request_is_not_starved_by_a_big_one() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        big = asyncio.create_task(controller.run(backend.tokenize_texts(texts("big", 40)), 10))
+        await until(lambda: controller.in_flight == 1)
+        small = asyncio.create_task(controller.run(backend.tokenize_texts(["tiny request here"]), 10))
+        await until(lambda: controller.queued == 2)
+        backend.gate.set()
+        await small
+        assert not big.done()
+        await big
+        # The small request (3 tokens; the big one's items have 4) rode in the first or second
+        # batch, not after the big request's ten.
+        assert any(3 in batch for batch in backend.batches[:2])
+
+    asyncio.run(with_controller(backend, body))
