@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
+    # Embeddings and adaptive batching
+    embedding_max_memory_percent: float = Field(70.0, gt=0, le=100)
+    embedding_max_batch_size: int = Field(64, ge=1, le=4096)
+    embedding_adaptive_batching: bool = True
+    max_texts_per_embed_request: int = Field(10_000, ge=1)
+
     # HTTP
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)

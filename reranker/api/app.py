@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from reranker.api import health, rerank
+from reranker.api import embed, health, rerank
 from reranker.api.errors import EXCEPTION_HANDLERS
 from reranker.backends.base import Backend
 from reranker.engine.runtime import BackendFactory, Runtime, default_backend_factory
@@ -17,6 +17,8 @@ from reranker.settings import Settings, load_settings
 ROUTES = [
     Route("/rerank", rerank.rerank, methods=["POST"]),
     Route("/v1/rerank", rerank.rerank_v1, methods=["POST"]),
+    Route("/embed", embed.embed, methods=["POST"]),
+    Route("/v1/embeddings", embed.openai_embeddings, methods=["POST"]),
     Route("/health", health.health, methods=["GET"]),
     Route("/livez", health.livez, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),

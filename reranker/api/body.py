@@ -55,8 +55,11 @@ def validate(model: type[Model], data: Any) -> Model:
 def describe_validation_error(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors(include_url=False)[:5]:
-        where = ".".join(str(part) for part in err["loc"]) or "body"
-        problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        where = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if where or err["type"] != "value_error":  # whole-body checks name their own place
+            message = f"{where or 'body'}: {message}"
+        problems.append(message)
     more = exc.error_count() - len(problems)
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 

@@ -6,11 +6,11 @@ checked by ``check_limits`` after the shape is known, with the limit in the mess
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reranker.errors import InvalidInputError
+from reranker.errors import InvalidInputError, PayloadTooLargeError
 from reranker.settings import Settings
 
 
@@ -101,3 +101,67 @@ def check_limits(settings: Settings, query: str, documents: list[str]) -> None:
             raise InvalidInputError(
                 f"documents.{index}: {len(doc)} characters is over MAX_TEXT_CHARS={limit}"
             )
+
+
+class Chunk(_Body):
+    chunk_id: str = Field(min_length=1)
+    content: str
+
+
+class EmbedRequest(_Body):
+    """The ingestion-worker shape of POST /embed."""
+
+    batch_id: str
+    chunks: list[Chunk] = Field(min_length=1)
+    normalize: bool | None = None
+    truncate: bool = True
+
+    @model_validator(mode="after")
+    def _chunks_are_usable(self) -> EmbedRequest:
+        first_seen: dict[str, int] = {}
+        for index, chunk in enumerate(self.chunks):
+            if not chunk.content.strip():
+                raise ValueError(f"chunks.{index} (chunk_id {chunk.chunk_id!r}): content is empty")
+            if chunk.chunk_id in first_seen:
+                raise ValueError(
+                    f"chunks.{index} (chunk_id {chunk.chunk_id!r}): duplicate chunk_id "
+                    f"(first at chunks.{first_seen[chunk.chunk_id]})"
+                )
+            first_seen[chunk.chunk_id] = index
+        return self
+
+
+class OpenAIEmbeddingRequest(_Body):
+    """The OpenAI shape of POST /v1/embeddings."""
+
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, gt=0)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("input must not be an empty list")
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"input {index} is empty")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def check_embed_limits(settings: Settings, texts: list[str], labels: list[str]) -> None:
+    """``labels`` name each text in messages (``chunks.3 (chunk_id 'a')`` or ``input.3``)."""
+    if len(texts) > settings.max_texts_per_embed_request:
+        raise PayloadTooLargeError(
+            f"{len(texts)} texts is over MAX_TEXTS_PER_EMBED_REQUEST={settings.max_texts_per_embed_request}; "
+            "split the request or submit a job"
+        )
+    limit = settings.max_text_chars
+    for label, text in zip(labels, texts, strict=True):
+        if len(text) > limit:
+            raise InvalidInputError(f"{label}: {len(text)} characters is over MAX_TEXT_CHARS={limit}")

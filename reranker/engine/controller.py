@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reranker.backends.base import Backend, Encoded
+from reranker.engine.adaptive import BatchSizer, is_out_of_memory
 from reranker.engine.batching import BatchCostModel, plan_batch
 from reranker.engine.metrics import Metrics
 from reranker.errors import BackendError, NotReadyError, OverloadedError, RequestTimeoutError
@@ -82,10 +83,11 @@ class InferenceController:
         metrics: Metrics,
         max_batch_tokens: int | None = None,
         batch_wait_s: float = 0.0,
+        sizer: BatchSizer | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._backend = backend
-        self._batch_size = batch_size
+        self._sizer = sizer or BatchSizer(batch_size, batch_size, adaptive=False, memory_limit_bytes=0)
         self._max_batch_tokens = max_batch_tokens
         self._batch_wait_s = batch_wait_s
         self._turn = 0  # round-robin cursor over waiting requests (the batch anchor)
@@ -138,6 +140,11 @@ class InferenceController:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def batch_limit(self) -> int:
+        """The most items the next batch may hold (adaptive under memory pressure)."""
+        return self._sizer.limit
+
     # ---- admission ------------------------------------------------------------------
 
     async def run(self, items: Sequence[Encoded], timeout_s: float) -> InferenceResult:
@@ -183,7 +190,7 @@ class InferenceController:
             while not self._has_work():
                 self._wake.clear()
                 await self._wake.wait()
-            if self._batch_wait_s > 0 and self._waiting_items() < self._batch_size:
+            if self._batch_wait_s > 0 and self._waiting_items() < self._sizer.limit:
                 await asyncio.sleep(self._batch_wait_s)  # a short deadline for more items to arrive
             batch = self._next_batch()
             if batch is None:  # everything waiting was cancelled meanwhile
@@ -210,7 +217,7 @@ class InferenceController:
         anchor = self._turn % len(live)
         self._turn += 1
         picks = plan_batch(
-            live, anchor, self._batch_size, self._max_batch_tokens, self._cost.overhead_tokens()
+            live, anchor, self._sizer.limit, self._max_batch_tokens, self._cost.overhead_tokens()
         )
         batch = _Batch(slices=[], items=[])
         for pick in picks:
@@ -234,6 +241,10 @@ class InferenceController:
                 error: BaseException | None = NotReadyError("the server is shutting down")
             else:
                 error = done.exception()
+            oom_retry = error is not None and is_out_of_memory(error)
+            if oom_retry and self._sizer.after_out_of_memory(len(batch.items), error):
+                self._requeue(batch)
+                return
             if error is not None:
                 log.error("model batch of %d items failed: %r", len(batch.items), error)
                 failure = BackendError(f"model batch failed ({type(error).__name__})")
@@ -244,6 +255,7 @@ class InferenceController:
             lengths = [len(item) for item in batch.items]
             self._metrics.record_batch(lengths, seconds)
             self._cost.observe(max(lengths) * len(lengths), seconds)
+            self._sizer.after_batch(len(lengths))
             offset = 0
             for piece in batch.slices:
                 count = len(piece.indices)
@@ -255,6 +267,18 @@ class InferenceController:
                 self._fail(piece.pending, BackendError("internal error while delivering results"))
         finally:
             self._update_idle()
+
+    def _requeue(self, batch: _Batch) -> None:
+        """Put a failed batch's items back in the queue, ahead of newer requests."""
+        for piece in reversed(batch.slices):
+            pending = piece.pending
+            if pending.cancelled:
+                continue
+            merged = np.concatenate([pending.remaining, piece.indices])
+            pending.remaining = merged[np.argsort(pending.lengths[merged], kind="stable")]
+            if pending not in self._queue:
+                self._queue.insert(0, pending)
+        self._wake.set()
 
     def _deliver(self, piece: _Slice, rows: np.ndarray, seconds: float, batch_size: int) -> None:
         pending = piece.pending

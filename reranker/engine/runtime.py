@@ -13,7 +13,10 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+import psutil
+
 from reranker.backends.base import Backend, ModelInfo
+from reranker.engine.adaptive import BatchSizer
 from reranker.engine.controller import InferenceController
 from reranker.engine.metrics import Metrics
 from reranker.engine.service import InferenceService
@@ -63,6 +66,15 @@ class Runtime:
         try:
             backend = self.backend or await asyncio.to_thread(self._factory, self.settings)
             await asyncio.to_thread(backend.warmup)
+            settings = self.settings
+            sizer = BatchSizer(
+                initial=settings.batch_size,
+                maximum=max(settings.embedding_max_batch_size, settings.batch_size),
+                adaptive=settings.embedding_adaptive_batching,
+                memory_limit_bytes=int(
+                    psutil.virtual_memory().total * settings.embedding_max_memory_percent / 100
+                ),
+            )
             controller = InferenceController(
                 backend,
                 batch_size=self.settings.batch_size,
@@ -71,6 +83,7 @@ class Runtime:
                 metrics=self.metrics,
                 max_batch_tokens=self.settings.max_batch_tokens,
                 batch_wait_s=self.settings.batch_wait_ms / 1000.0,
+                sizer=sizer,
             )
             controller.start()
             self.backend, self.controller = backend, controller
@@ -138,6 +151,9 @@ class Runtime:
                 "max_parallel_requests": settings.max_parallel_requests,
                 "max_queue_size": settings.max_queue_size,
                 "batch_size": settings.batch_size,
+                "current_batch_limit": self.controller.batch_limit
+                if self.controller
+                else settings.batch_size,
                 "queued": self.controller.queued if self.controller else 0,
                 "in_flight": self.controller.in_flight if self.controller else 0,
             },

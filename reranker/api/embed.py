@@ -1,0 +1,96 @@
+"""POST /embed (ingestion-worker shape) and POST /v1/embeddings (OpenAI shape)."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+
+from reranker.api.body import read_json, unless_disconnected, validate
+from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
+from reranker.api.responses import ORJSONResponse
+from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
+from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
+from reranker.errors import InvalidInputError
+
+
+async def _embed(
+    request: Request, service: InferenceService, texts: list[str], labels: list[str], **options: bool | None
+) -> EmbedOutcome:
+    try:
+        return await unless_disconnected(request, service.embed(texts, **options))
+    except TextTooLongError as exc:
+        raise InvalidInputError(
+            f"{labels[exc.position]}: longer than the model's {exc.max_tokens} tokens and truncate is false"
+        ) from None
+
+
+@inference_endpoint("/embed")
+async def embed(request: Request) -> Response:
+    started = time.perf_counter()
+    runtime = runtime_of(request)
+    body = validate(EmbedRequest, await read_json(request, runtime.settings.max_request_bytes))
+    texts = [chunk.content for chunk in body.chunks]
+    labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
+    check_embed_limits(runtime.settings, texts, labels)
+    service = runtime.require_service()
+    outcome = await _embed(
+        request, service, texts, labels, normalize=body.normalize, allow_truncation=body.truncate
+    )
+    content = {
+        "batch_id": body.batch_id,
+        "model": runtime.model_name(),
+        "dimension": int(outcome.vectors.shape[1]),
+        "vectors": [
+            {"chunk_id": chunk.chunk_id, "vector": vector}
+            for chunk, vector in zip(body.chunks, outcome.vectors, strict=True)
+        ],
+        "usage": {
+            "chunks": len(texts),
+            "total_tokens": outcome.tokens,
+            "truncated_chunks": outcome.truncated,
+        },
+        "timing_ms": timing_ms(outcome.timing, started),
+    }
+    return ORJSONResponse(content, headers=timing_headers(outcome.timing, started))
+
+
+@inference_endpoint("/v1/embeddings")
+async def openai_embeddings(request: Request) -> Response:
+    started = time.perf_counter()
+    runtime = runtime_of(request)
+    body = validate(OpenAIEmbeddingRequest, await read_json(request, runtime.settings.max_request_bytes))
+    texts = body.texts()
+    labels = [f"input.{i}" for i in range(len(texts))]
+    check_embed_limits(runtime.settings, texts, labels)
+    service = runtime.require_service()
+    info = runtime.model_info()
+    model_dimension = info.dimension if info else None
+    if body.dimensions and model_dimension and body.dimensions > model_dimension:
+        raise InvalidInputError(
+            f"dimensions: {body.dimensions} is larger than the model's {model_dimension} dimensions"
+        )
+    outcome = await _embed(request, service, texts, labels)
+    vectors = outcome.vectors
+    if body.dimensions is not None and body.dimensions < vectors.shape[1]:
+        vectors = l2_normalize(vectors[:, : body.dimensions])
+    data = [
+        {"object": "embedding", "index": index, "embedding": _encode(vector, body.encoding_format)}
+        for index, vector in enumerate(vectors)
+    ]
+    content = {
+        "object": "list",
+        "data": data,
+        "model": body.model or runtime.model_name(),
+        "usage": {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens},
+    }
+    return ORJSONResponse(content, headers=timing_headers(outcome.timing, started))
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector
