@@ -45,6 +45,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise MalformedRequestError(f"request body is not valid JSON: {exc}") from None
 
 
+async def read_body(request: Request, model: type[Model], max_bytes: int) -> Model:
+    """The request body, size-limited, parsed and validated against ``model``."""
+    return validate(model, await read_json(request, max_bytes))
+
+
 def validate(model: type[Model], data: Any) -> Model:
     try:
         return model.model_validate(data)

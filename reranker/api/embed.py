@@ -9,7 +9,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from reranker.api.body import read_json, unless_disconnected, validate
+from reranker.api.body import read_body, unless_disconnected
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import ORJSONResponse
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
@@ -32,7 +32,7 @@ async def _embed(
 async def embed(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = validate(EmbedRequest, await read_json(request, runtime.settings.max_request_bytes))
+    body = await read_body(request, EmbedRequest, runtime.settings.max_request_bytes)
     texts = [chunk.content for chunk in body.chunks]
     labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
     check_embed_limits(runtime.settings, texts, labels)
@@ -62,7 +62,7 @@ async def embed(request: Request) -> Response:
 async def openai_embeddings(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = validate(OpenAIEmbeddingRequest, await read_json(request, runtime.settings.max_request_bytes))
+    body = await read_body(request, OpenAIEmbeddingRequest, runtime.settings.max_request_bytes)
     texts = body.texts()
     labels = [f"input.{i}" for i in range(len(texts))]
     check_embed_limits(runtime.settings, texts, labels)

@@ -11,7 +11,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from reranker.api.body import read_json, unless_disconnected, validate
+from reranker.api.body import read_body, unless_disconnected
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import ORJSONResponse
 from reranker.api.schemas import CohereRerankRequest, RerankRequest, check_limits
@@ -27,7 +27,7 @@ def ranked(scores: np.ndarray, limit: int | None) -> list[int]:
 async def rerank(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = validate(RerankRequest, await read_json(request, runtime.settings.max_request_bytes))
+    body = await read_body(request, RerankRequest, runtime.settings.max_request_bytes)
     check_limits(runtime.settings, body.query, body.documents)
     service = runtime.require_service()
     outcome = await unless_disconnected(request, service.rerank(body.query, body.documents))
@@ -54,7 +54,7 @@ async def rerank(request: Request) -> Response:
 async def rerank_v1(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = validate(CohereRerankRequest, await read_json(request, runtime.settings.max_request_bytes))
+    body = await read_body(request, CohereRerankRequest, runtime.settings.max_request_bytes)
     texts = body.texts()
     check_limits(runtime.settings, body.query, texts)
     service = runtime.require_service()

@@ -187,7 +187,7 @@ class InferenceController:
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()
-            while not self._has_work():
+            while not self._waiting_items():
                 self._wake.clear()
                 await self._wake.wait()
             if self._batch_wait_s > 0 and self._waiting_items() < self._sizer.limit:
@@ -203,9 +203,6 @@ class InferenceController:
                     piece.pending.first_batch_at = started
             work = loop.run_in_executor(self._executor, self._forward, batch.items)
             work.add_done_callback(lambda done, b=batch: self._finish(b, done))
-
-    def _has_work(self) -> bool:
-        return any(not p.cancelled and p.undispatched for p in self._queue)
 
     def _waiting_items(self) -> int:
         return sum(p.undispatched for p in self._queue if not p.cancelled)
