@@ -20,15 +20,32 @@ ensure_venv() {
         echo "installing $(basename "$requirements") into $VENV_DIR (first run only)" >&2
         "$VENV_DIR/bin/python" -m pip install --quiet -r "$requirements" >&2
         echo "$want" > "$stamp"
+        # The files it includes (-r) are installed now too.
+        local included
+        for included in $(sed -n 's/^-r[[:space:]]*//p' "$requirements"); do
+            echo "$want" > "$VENV_DIR/.installed-$(basename "$included")"
+        done
     fi
 }
 
+# KEY=VALUE lines of $ENV_FILE (default ./.env); variables already in the environment win.
+# The file is read, not executed: no command substitution, optional quotes stripped.
 load_env_file() {
-    local file=${ENV_FILE:-$REPO_ROOT/.env}
-    if [ -f "$file" ]; then
-        set -a
-        # shellcheck disable=SC1090
-        . "$file"
-        set +a
-    fi
+    local file=${ENV_FILE:-$REPO_ROOT/.env} line key value
+    [ -f "$file" ] || return 0
+    while IFS= read -r line || [ -n "$line" ]; do
+        line=${line%$'\r'}
+        line=${line#export }
+        case "$line" in '' | '#'*) continue ;; esac
+        key=${line%%=*}
+        value=${line#*=}
+        if [[ ! "$key" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || [ "$key" = "$line" ]; then
+            echo "ignoring malformed line in $file: $line" >&2
+            continue
+        fi
+        if [[ "$value" =~ ^\"(.*)\"$ ]] || [[ "$value" =~ ^\'(.*)\'$ ]]; then
+            value=${BASH_REMATCH[1]}
+        fi
+        [ -n "${!key+set}" ] || export "$key=$value"
+    done <"$file"
 }

@@ -1,16 +1,25 @@
-"""Counters and a recent-latency window behind GET /metrics.
+"""Counters, a recent-latency window and a latency histogram behind GET /metrics.
 
+The window gives this instance's exact recent percentiles; the histogram (fixed
+buckets, counts since start) is what can be summed across instances
+(aggregate_metrics.py), since percentiles themselves cannot be averaged.
 Only touched from the event loop thread, so no locks are needed.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter, deque
 
 import numpy as np
 
 LATENCY_WINDOW = 2048
+# Upper bounds (ms) of the latency histogram buckets; one more bucket counts everything slower.
+LATENCY_BUCKETS_MS = (
+    1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500, 750,
+    1000, 1500, 2000, 3000, 5000, 7500, 10000, 20000, 30000, 60000,
+)  # fmt: skip
 
 
 class Metrics:
@@ -27,6 +36,8 @@ class Metrics:
         self.real_tokens = 0
         self.padded_tokens = 0  # longest item x items, summed over batches
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._latency_sum_ms = 0.0
 
     def record_request(self, endpoint: str, failure_reason: str | None, latency_ms: float) -> None:
         """One finished inference request; ``failure_reason`` is None on success."""
@@ -35,6 +46,8 @@ class Metrics:
         if failure_reason is None:
             self.successful_requests += 1
             self._latencies_ms.append(latency_ms)
+            self._latency_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+            self._latency_sum_ms += latency_ms
         else:
             self.failed_requests[failure_reason] += 1
             if failure_reason == "overloaded":
@@ -71,6 +84,11 @@ class Metrics:
             ),
             "requests_by_endpoint": dict(self.requests_by_endpoint),
             "latency_ms": {**percentiles, "window": int(latencies.size)},
+            "latency_histogram_ms": {
+                "le": list(LATENCY_BUCKETS_MS),
+                "counts": list(self._latency_counts),  # per bucket; the last is "slower than all"
+                "sum": round(self._latency_sum_ms, 3),
+            },
             "items_processed": self.items_processed,
             "batches_run": self.batches_run,
             "mean_batch_size": (

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""aggregate_metrics.py [--json] [--host HOST] PORT|URL [PORT|URL ...]: cluster totals from every /metrics.
+
+Counters (requests, successes, rejections, failures by reason, items) are summed.
+Latency percentiles are NOT averaged (the mean of p95s is not a p95): each instance
+exports a histogram of its request latencies with the same fixed buckets; the
+histograms are summed and the cluster p50/p95/p99 read off the merged one, with
+linear interpolation inside the bucket that holds the rank. That makes them exact
+to the bucket width (e.g. a p95 of 412 ms lies between 400 and 500 ms) and never
+biased towards the quiet instances. The slowest single instance's own p95 (from its
+recent window) is printed beside them.
+
+Exit code 0 when every instance answered, 1 when some did not (totals then cover
+the instances that answered), 2 on bad arguments. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+PERCENTILES = (50, 95, 99)
+
+
+def metrics_url(target: str, host: str) -> str:
+    if target.isdigit():
+        return f"http://{host}:{target}/metrics"
+    base = target if "://" in target else f"http://{target}"
+    return base.rstrip("/") + ("" if base.rstrip("/").endswith("/metrics") else "/metrics")
+
+
+def fetch(url: str, timeout_s: float) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def histogram_percentile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The q-th percentile of a bucketed distribution (``counts`` has one overflow bucket more)."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q / 100.0 * total
+    cumulative = 0
+    for index, count in enumerate(counts):
+        if count and cumulative + count >= rank:
+            if index == len(bounds):  # slower than the last bound: all we know is the lower edge
+                return float(bounds[-1])
+            lower = float(bounds[index - 1]) if index else 0.0
+            return lower + (float(bounds[index]) - lower) * (rank - cumulative) / count
+        cumulative += count
+    return float(bounds[-1])
+
+
+def aggregate(snapshots: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    answered = {url: snap for url, snap in snapshots.items() if snap is not None}
+    totals: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    merged_counts: list[int] = []
+    bounds: list[float] = []
+    instances = []
+    for url, snap in snapshots.items():
+        if snap is None:
+            instances.append({"url": url, "reachable": False})
+            continue
+        for key in ("total_requests", "successful_requests", "rejected_requests", "items_processed"):
+            totals[key] += int(snap.get(key, 0))
+        failures.update(snap.get("failed_requests", {}))
+        histogram = snap.get("latency_histogram_ms") or {}
+        if histogram:
+            if not bounds:
+                bounds, merged_counts = list(histogram["le"]), [0] * len(histogram["counts"])
+            if list(histogram["le"]) != bounds:
+                raise SystemExit(f"{url}: latency buckets differ from the other instances; cannot merge")
+            merged_counts = [a + b for a, b in zip(merged_counts, histogram["counts"], strict=True)]
+        instances.append(
+            {
+                "url": url,
+                "reachable": True,
+                "status": snap.get("status"),
+                "total_requests": snap.get("total_requests", 0),
+                "success_rate": snap.get("success_rate"),
+                "rejected_requests": snap.get("rejected_requests", 0),
+                "p95_ms": (snap.get("latency_ms") or {}).get("p95"),
+            }
+        )
+    total = totals["total_requests"]
+    latency = {
+        f"p{q}": (round(v, 1) if (v := histogram_percentile(bounds, merged_counts, q)) is not None else None)
+        for q in PERCENTILES
+    }
+    p95s = [row["p95_ms"] for row in instances if row.get("p95_ms") is not None]
+    return {
+        "instances": instances,
+        "cluster": {
+            "instances_answering": len(answered),
+            "instances_total": len(snapshots),
+            **{key: totals[key] for key in ("total_requests", "successful_requests", "rejected_requests")},
+            "failed_requests": dict(failures),
+            "success_rate": round(totals["successful_requests"] / total, 6) if total else 1.0,
+            "items_processed": totals["items_processed"],
+            "latency_ms": latency,
+            "latency_method": "merged fixed-bucket histograms, linear interpolation within a bucket",
+            "slowest_instance_p95_ms": max(p95s) if p95s else None,
+        },
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"{'INSTANCE':<32} {'STATUS':<10} {'REQUESTS':>9} {'SUCCESS':>8} {'REJECTED':>8} {'P95 MS':>8}"]
+    for row in report["instances"]:
+        if not row["reachable"]:
+            lines.append(f"{row['url']:<32} {'unreachable':<10}")
+            continue
+        lines.append(
+            f"{row['url']:<32} {row['status'] or '-':<10} {row['total_requests']:>9} "
+            f"{row['success_rate']:>8.2%} {row['rejected_requests']:>8} {row['p95_ms'] or '-':>8}"
+        )
+    c = report["cluster"]
+    latency = c["latency_ms"]
+    lines += [
+        "",
+        f"cluster: {c['instances_answering']}/{c['instances_total']} instances answering",
+        f"  requests {c['total_requests']}, successful {c['successful_requests']} "
+        f"({c['success_rate']:.2%}), rejected (503) {c['rejected_requests']}, "
+        f"failed {c['failed_requests'] or 0}",
+        f"  items processed {c['items_processed']}",
+        f"  latency ms p50 {latency['p50']}  p95 {latency['p95']}  p99 {latency['p99']}"
+        f"  (from merged histograms; slowest instance's own p95 {c['slowest_instance_p95_ms']})",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("targets", nargs="+", help="ports (on --host) or base URLs of instances")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    urls = [metrics_url(target, args.host) for target in args.targets]
+    report = aggregate({url: fetch(url, args.timeout) for url in urls})
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["cluster"]["instances_answering"] == len(urls) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""``python -m reranker.ops.manage COMMAND [PORT...]``: what manage_reranker.sh runs.
+
+Commands: start, stop, restart, status, health, tail, cluster-start N, cluster-stop.
+Exit codes: 0 all good; 1 something failed (an instance did not start, or runs
+but is not healthy); 2 usage; 3 an instance asked about is down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from reranker.ops.instances import Layout, Started, Stopped, describe, spawn, stop, wait_ready
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DOWN = 0, 1, 2, 3
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manage_reranker.sh", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("args", nargs="*", help="ports (or N for cluster-start)")
+    return parser
+
+
+def _each(items: Sequence[S], work: Callable[[S], T]) -> list[T]:
+    """Run ``work`` for every instance at once (instances load and drain in parallel)."""
+    with ThreadPoolExecutor(max(1, len(items))) as pool:
+        return list(pool.map(work, items))
+
+
+class Manager:
+    def __init__(self, environ: Mapping[str, str], as_json: bool) -> None:
+        root = Path(environ.get("REPO_ROOT", Path.cwd()))
+        self.env = dict(environ)
+        self.layout = Layout(
+            run_dir=Path(environ.get("RUN_DIR", root / "run")),
+            log_dir=Path(environ.get("LOG_DIR", root / "logs")),
+        )
+        self.host = environ.get("HOST", "127.0.0.1")
+        self.default_port = int(environ.get("PORT", "8000"))
+        self.python = environ.get("RERANKER_PYTHON", sys.executable)
+        self.start_timeout_s = float(environ.get("START_TIMEOUT_S", "180"))
+        drain_s = float(environ.get("SHUTDOWN_TIMEOUT_S", "30"))
+        self.stop_timeout_s = float(environ.get("STOP_TIMEOUT_S", drain_s + 10))
+        self.as_json = as_json
+
+    def emit(self, payload: Any, lines: Sequence[str]) -> None:
+        print(json.dumps(payload, indent=2) if self.as_json else "\n".join(lines), flush=True)
+
+    # --- commands -------------------------------------------------------------------
+    def _start(self, ports: Sequence[int]) -> list[Started]:
+        launched = [spawn(self.layout, port, self.python, self.env) for port in ports]
+
+        def ready(started: Started) -> Started:
+            if started.already_running:
+                return started
+            return wait_ready(self.layout, started, self.host, self.start_timeout_s)
+
+        return _each(launched, ready)
+
+    def _stop(self, ports: Sequence[int]) -> list[Stopped]:
+        return _each(ports, lambda port: stop(self.layout, port, self.stop_timeout_s))
+
+    def start(self, ports: Sequence[int]) -> int:
+        started = self._start(ports)
+        self.emit([asdict(r) for r in started], [_start_line(r) for r in started])
+        return _start_exit(started)
+
+    def stop(self, ports: Sequence[int]) -> int:
+        stopped = self._stop(ports)
+        self.emit([asdict(r) for r in stopped], [_stop_line(r, self.stop_timeout_s) for r in stopped])
+        return EXIT_OK
+
+    def restart(self, ports: Sequence[int]) -> int:
+        stopped = self._stop(ports)
+        started = self._start(ports)
+        self.emit(
+            {"stopped": [asdict(r) for r in stopped], "started": [asdict(r) for r in started]},
+            [_stop_line(r, self.stop_timeout_s) for r in stopped] + [_start_line(r) for r in started],
+        )
+        return _start_exit(started)
+
+    def status(self, ports: Sequence[int]) -> int:
+        rows = _each(ports, lambda port: describe(self.layout, port, self.host))
+        self.emit(rows, _status_table(rows))
+        return _status_exit(rows)
+
+    def health(self, ports: Sequence[int]) -> int:
+        rows = _each(ports, lambda port: describe(self.layout, port, self.host))
+        self.emit(
+            {str(row["port"]): row["health"] for row in rows},
+            [f"{row['port']}: {row['health']}" for row in rows],
+        )
+        return _status_exit(rows)
+
+    def tail(self, ports: Sequence[int]) -> int:
+        files = [str(self.layout.log_file(port)) for port in ports]
+        os.execvp("tail", ["tail", "-n", "50", "-F", *files])
+        return EXIT_FAILED  # not reached
+
+    def cluster_start(self, count: int) -> int:
+        return self.start([self.default_port + i for i in range(count)])
+
+    def cluster_stop(self) -> int:
+        return self.stop(self.layout.known_ports())
+
+
+def _start_exit(results: Sequence[Started]) -> int:
+    return EXIT_FAILED if any(not r.ready and not r.already_running for r in results) else EXIT_OK
+
+
+def _start_line(result: Started) -> str:
+    if result.already_running:
+        return f"port {result.port}: {result.message}"
+    return f"port {result.port}: ready (PID {result.pid})" if result.ready else f"FAILED {result.message}"
+
+
+def _stop_line(result: Stopped, timeout_s: float) -> str:
+    if result.how == "not_running":
+        return f"port {result.port}: not running"
+    if result.how == "sigkill":
+        return (
+            f"port {result.port}: PID {result.pid} did not exit within {timeout_s:g}s of SIGTERM; "
+            "sent SIGKILL (requests in flight were lost)"
+        )
+    return (
+        f"port {result.port}: stopped PID {result.pid} gracefully (SIGTERM, drained in {result.seconds:g}s)"
+    )
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _status_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    header = ("PORT", "PID", "UPTIME", "HEALTH", "BACKEND/DEVICE", "MODEL")
+    table = [header] + [
+        (
+            str(row["port"]),
+            str(row["pid"] or "-"),
+            _uptime(row["uptime_s"]),
+            row["health"] + (" (stale PID file removed)" if row["stale_pid_file_removed"] else ""),
+            f"{row['backend']}/{row['device']}" if row["backend"] else "-",
+            row["model"] or "-",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    ]
+
+
+def _status_exit(rows: Sequence[dict[str, Any]]) -> int:
+    if any(not row["running"] for row in rows):
+        return EXIT_DOWN
+    return EXIT_OK if all(row["health"] == "healthy" for row in rows) else EXIT_FAILED
+
+
+COMMANDS = {"start", "stop", "restart", "status", "health", "tail", "cluster-start", "cluster-stop"}
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    manager = Manager(os.environ if environ is None else environ, args.json)
+    try:
+        numbers = [int(value) for value in args.args]
+    except ValueError:
+        print(f"manage_reranker.sh: expected numbers, got {' '.join(args.args)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "cluster-start":
+        if len(numbers) != 1 or numbers[0] < 1:
+            print("usage: manage_reranker.sh cluster-start N", file=sys.stderr)
+            return EXIT_USAGE
+        return manager.cluster_start(numbers[0])
+    if args.command == "cluster-stop":
+        return manager.cluster_stop()
+    ports = numbers or (
+        manager.layout.known_ports() if args.command in ("status", "health", "stop", "tail") else []
+    )
+    ports = ports or [manager.default_port]
+    return getattr(manager, args.command)(ports)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Three daemons from manage_reranker.sh behind a real nginx running the shipped config.
+
+Requests spread over the instances; a stream of requests through nginx loses nothing
+when one instance is SIGKILLed or drained (SIGTERM) in the middle of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.scripts import REPO_ROOT, free_ports, require_tool, run_script, script_env, wait_for
+
+DOCUMENTS = [
+    "A broken bone usually heals in six to eight weeks.",
+    "The capital of France is Paris.",
+    "Fractures in children heal faster than in adults.",
+    "Bananas are rich in potassium.",
+    "Physical therapy helps recovery after a fracture.",
+    "The stock market closed higher today.",
+]
+BODY = {"query": "how long does a fracture take to heal", "documents": DOCUMENTS}
+STREAM_REQUESTS = 240
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.base_port = free_ports(3)
+        self.ports = [self.base_port + i for i in range(3)]
+        self.env = script_env(tmp, self.base_port)
+        self.run_dir = tmp / "run"
+        self.log_dir = tmp / "logs"
+
+    def pid(self, port: int) -> int:
+        return int((self.run_dir / f"reranker-{port}.pid").read_text())
+
+    def total_requests(self, port: int) -> int:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).json()["total_requests"]
+
+    def ensure_all_up(self) -> None:
+        result = run_script("manage_reranker.sh", "start", *map(str, self.ports), env=self.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def nginx_config(tmp: Path, listen_port: int, upstream: str) -> Path:
+    shipped = (REPO_ROOT / "nginx" / "reranker.conf").read_text()
+    assert shipped.count("listen 8080;") == 1
+    (tmp / "reranker_upstream.conf").write_text(upstream)
+    (tmp / "reranker.conf").write_text(shipped.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};"))
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    main = f"""{user}daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include {tmp}/reranker_upstream.conf;
+    include {tmp}/reranker.conf;
+}}
+"""
+    path = tmp / "nginx.conf"
+    path.write_text(main)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    nodes = Cluster(tmp_path_factory.mktemp("cluster"))
+    started = run_script("manage_reranker.sh", "cluster-start", "3", env=nodes.env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield nodes
+    finally:
+        run_script("manage_reranker.sh", "cluster-stop", env=nodes.env)
+
+
+@pytest.fixture(scope="module")
+def nginx_url(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    nginx = require_tool("nginx")
+    tmp = tmp_path_factory.mktemp("nginx")
+    upstream = run_script("nginx/generate_upstream.sh", "3", str(cluster.base_port), env=cluster.env)
+    assert upstream.returncode == 0
+    port = free_ports(1)
+    config = nginx_config(tmp, port, upstream.stdout)
+    checked = subprocess.run([nginx, "-t", "-c", str(config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    process = subprocess.Popen([nginx, "-c", str(config)], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(answers, "nginx answering")
+        yield url
+    finally:
+        process.send_signal(signal.SIGQUIT)
+        process.wait(timeout=30)
+
+
+def stream_through(url: str, requests: int, on_done: int, action: callable) -> list[int]:
+    """Send ``requests`` reranks through nginx from 6 clients; run ``action`` once ``on_done`` finished."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    fired = threading.Event()
+
+    def one(_: int) -> int:
+        response = httpx.post(f"{url}/rerank", json=BODY, timeout=60)
+        with lock:
+            statuses.append(response.status_code)
+            if len(statuses) == on_done and not fired.is_set():
+                fired.set()
+                action()
+        return response.status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        return list(pool.map(one, range(requests)))
+
+
+def test_cluster_start_brings_up_three_healthy_instances(cluster: Cluster) -> None:
+    result = run_script("manage_reranker.sh", "--json", "status", env=cluster.env)
+    rows = json.loads(result.stdout)
+    assert result.returncode == 0
+    assert [row["port"] for row in rows] == cluster.ports
+    assert all(row["health"] == "healthy" and row["pid"] for row in rows)
+    assert len({row["pid"] for row in rows}) == 3
+
+
+def test_nginx_spreads_requests_and_answers_like_an_instance(cluster: Cluster, nginx_url: str) -> None:
+    before = {port: cluster.total_requests(port) for port in cluster.ports}
+    direct = httpx.post(f"http://127.0.0.1:{cluster.ports[0]}/rerank", json=BODY, timeout=60).json()
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(
+            pool.map(lambda _: httpx.post(f"{nginx_url}/rerank", json=BODY, timeout=60), range(60))
+        )
+    assert [r.status_code for r in responses] == [200] * 60
+    expected = [(row["index"], row["score"]) for row in direct["results"]]
+    for response in responses:  # batch composition differs between calls: equal within float noise
+        got = [(row["index"], row["score"]) for row in response.json()["results"]]
+        assert [i for i, _ in got] == [i for i, _ in expected]
+        assert [s for _, s in got] == pytest.approx([s for _, s in expected], abs=1e-5)
+    served = {port: cluster.total_requests(port) - before[port] for port in cluster.ports}
+    served[cluster.ports[0]] -= 1  # the direct call
+    assert sum(served.values()) == 60
+    assert all(count > 0 for count in served.values()), served
+
+
+def test_aggregate_metrics_sums_the_instances(cluster: Cluster, nginx_url: str) -> None:
+    ports = [str(p) for p in cluster.ports]
+    result = subprocess.run(
+        ["python3", str(REPO_ROOT / "aggregate_metrics.py"), "--json", *ports], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["cluster"]
+    totals = [httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=10).json() for p in ports]
+    assert report["total_requests"] == sum(t["total_requests"] for t in totals) > 0
+    assert report["successful_requests"] == sum(t["successful_requests"] for t in totals)
+    latency = report["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    down = subprocess.run(
+        ["python3", str(REPO_ROOT / "aggregate_metrics.py"), *ports, str(free_ports(1))],
+        capture_output=True,
+        text=True,
+    )
+    assert down.returncode == 1 and "unreachable" in down.stdout and "2/4" not in down.stdout
+
+
+def test_sigkill_of_one_instance_mid_stream_loses_no_request(cluster: Cluster, nginx_url: str) -> None:
+    cluster.ensure_all_up()
+    victim = cluster.ports[0]
+    pid = cluster.pid(victim)
+    statuses = stream_through(nginx_url, STREAM_REQUESTS, 60, lambda: os.kill(pid, signal.SIGKILL))
+    assert statuses == [200] * STREAM_REQUESTS
+    status = run_script("manage_reranker.sh", "--json", "status", *map(str, cluster.ports), env=cluster.env)
+    rows = {row["port"]: row for row in json.loads(status.stdout)}
+    assert status.returncode == 3
+    assert rows[victim]["health"] == "down" and rows[victim]["stale_pid_file_removed"]
+
+
+def test_drain_of_one_instance_mid_stream_loses_no_request(cluster: Cluster, nginx_url: str) -> None:
+    cluster.ensure_all_up()
+    victim = cluster.ports[1]
+    pid = cluster.pid(victim)
+    statuses = stream_through(nginx_url, STREAM_REQUESTS, 60, lambda: os.kill(pid, signal.SIGTERM))
+    assert statuses == [200] * STREAM_REQUESTS
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), "drained instance exits")
+    log = (cluster.log_dir / f"reranker-{victim}.log").read_text()
+    assert "drained: every admitted request finished" in log
+
+
+def test_cluster_stop_stops_every_instance_gracefully(cluster: Cluster) -> None:
+    cluster.ensure_all_up()
+    result = run_script("manage_reranker.sh", "--json", "cluster-stop", env=cluster.env)
+    stopped = json.loads(result.stdout)
+    assert result.returncode == 0
+    assert sorted(row["port"] for row in stopped) == cluster.ports
+    assert all(row["how"] == "sigterm" for row in stopped)
+    status = run_script("manage_reranker.sh", "--json", "status", *map(str, cluster.ports), env=cluster.env)
+    assert status.returncode == 3
+    assert all(row["health"] == "down" for row in json.loads(status.stdout))
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
