@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096)
     max_batch_tokens: int = Field(16_384, ge=1)
     batch_wait_ms: float = Field(0.0, ge=0, le=1000)
+    batch_length_grouping: bool = True
     request_timeout_s: float = Field(30.0, gt=0)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
     embedding_max_batch_size: int = Field(64, ge=1, le=4096)
     embedding_adaptive_batching: bool = True
     max_texts_per_embed_request: int = Field(10_000, ge=1)
+
+    # Prediction cache
+    enable_prediction_cache: bool = False
+    prediction_cache_size: int = Field(10_000, ge=1)
+    prediction_cache_ttl_s: float = Field(3600.0, ge=0)
 
     # HTTP
     host: str = Field("127.0.0.1", min_length=1)

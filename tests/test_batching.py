@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from reranker.engine.batching import plan_batch
+from reranker.engine.batching import plan_batch, plan_batch_in_arrival_order
 
 
 @dataclass
@@ -71,3 +71,13 @@ def test_an_item_longer_than_the_budget_rides_alone() -> None:
     queue = waiting([500], [5, 6])
     picks = plan_batch(queue, anchor=0, max_items=8, max_tokens=100)
     assert chosen_lengths(queue, picks) == [500]
+
+
+def test_arrival_order_planner_takes_items_as_they_came_within_the_budget() -> None:
+    queue = waiting([5, 300, 7], [6, 8])
+    picks = plan_batch_in_arrival_order(queue, max_items=4)
+    assert [(p.request_position, list(p.item_indices)) for p in picks] == [(0, [0, 1, 2]), (1, [0])]
+    budget = plan_batch_in_arrival_order(queue, max_items=4, max_tokens=600)
+    assert [(p.request_position, list(p.item_indices)) for p in budget] == [(0, [0, 1])]
+    long_one = waiting([900, 10])
+    assert chosen_lengths(long_one, plan_batch_in_arrival_order(long_one, 4, max_tokens=100)) == [900]

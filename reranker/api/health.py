@@ -37,5 +37,6 @@ async def metrics(request: Request) -> Response:
     controller = runtime.controller
     snapshot["queue_depth"] = controller.queued if controller else 0
     snapshot["in_flight_batches"] = controller.in_flight if controller else 0
+    snapshot["cache"] = runtime.cache_stats()
     snapshot["status"] = runtime.status.value
     return ORJSONResponse(snapshot)

@@ -58,6 +58,7 @@ def timing_headers(timing: Timing, started: float) -> dict[str, str]:
         "x-inference-time-ms": f"{timing.inference_ms:.3f}",
         "x-total-time-ms": f"{_ms_since(started):.3f}",
         "x-batch-size": str(timing.batch_size),
+        "x-cache-hits": str(timing.cache_hits),
     }
 
 

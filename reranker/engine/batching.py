@@ -72,6 +72,34 @@ def plan_batch(
     return picks
 
 
+def plan_batch_in_arrival_order(
+    waiting: Sequence[Waiting], max_items: int, max_tokens: int | None = None
+) -> list[Pick]:
+    """The batch a server without length grouping would run (BATCH_LENGTH_GROUPING=false).
+
+    Items in arrival order (requests first come, first served; each request's items in
+    its own order) until ``max_items`` or the padded-token budget; at least one item.
+    Kept for comparison and diagnosis: it pads as much as the traffic is mixed.
+    """
+    picks: list[Pick] = []
+    taken = 0
+    longest = 0
+    for pos, request in enumerate(waiting):
+        chosen = []
+        for index in np.sort(request.remaining):
+            length = int(request.lengths[index])
+            padded = max(longest, length) * (taken + 1)
+            if taken and (taken >= max_items or (max_tokens is not None and padded > max_tokens)):
+                break
+            chosen.append(index)
+            taken, longest = taken + 1, max(longest, length)
+        if chosen:
+            picks.append(Pick(pos, np.array(chosen, dtype=np.int64)))
+        if len(chosen) < len(request.remaining):
+            break
+    return picks
+
+
 def _cheapest_segment(
     sorted_lengths: np.ndarray,
     position: int,

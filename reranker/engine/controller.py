@@ -22,7 +22,7 @@ import numpy as np
 
 from reranker.backends.base import Backend, Encoded
 from reranker.engine.adaptive import BatchSizer, is_out_of_memory
-from reranker.engine.batching import BatchCostModel, plan_batch
+from reranker.engine.batching import BatchCostModel, plan_batch, plan_batch_in_arrival_order
 from reranker.engine.metrics import Metrics
 from reranker.errors import BackendError, NotReadyError, OverloadedError, RequestTimeoutError
 
@@ -83,6 +83,7 @@ class InferenceController:
         metrics: Metrics,
         max_batch_tokens: int | None = None,
         batch_wait_s: float = 0.0,
+        group_by_length: bool = True,
         sizer: BatchSizer | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -90,6 +91,7 @@ class InferenceController:
         self._sizer = sizer or BatchSizer(batch_size, batch_size, adaptive=False, memory_limit_bytes=0)
         self._max_batch_tokens = max_batch_tokens
         self._batch_wait_s = batch_wait_s
+        self._group_by_length = group_by_length
         self._turn = 0  # round-robin cursor over waiting requests (the batch anchor)
         self._cost = BatchCostModel()
         self._max_parallel = max_parallel
@@ -211,11 +213,14 @@ class InferenceController:
         live = [p for p in self._queue if not p.cancelled and p.undispatched > 0]
         if not live:
             return None
-        anchor = self._turn % len(live)
-        self._turn += 1
-        picks = plan_batch(
-            live, anchor, self._sizer.limit, self._max_batch_tokens, self._cost.overhead_tokens()
-        )
+        if self._group_by_length:
+            anchor = self._turn % len(live)
+            self._turn += 1
+            picks = plan_batch(
+                live, anchor, self._sizer.limit, self._max_batch_tokens, self._cost.overhead_tokens()
+            )
+        else:
+            picks = plan_batch_in_arrival_order(live, self._sizer.limit, self._max_batch_tokens)
         batch = _Batch(slices=[], items=[])
         for pick in picks:
             pending = live[pick.request_position]

@@ -17,6 +17,7 @@ import psutil
 
 from reranker.backends.base import Backend, ModelInfo
 from reranker.engine.adaptive import BatchSizer
+from reranker.engine.cache import DISABLED_STATS, PredictionCache
 from reranker.engine.controller import InferenceController
 from reranker.engine.metrics import Metrics
 from reranker.engine.service import InferenceService
@@ -41,6 +42,13 @@ def default_backend_factory(settings: Settings) -> Backend:
     return create_backend(settings)
 
 
+def prediction_cache(settings: Settings, info: ModelInfo) -> PredictionCache | None:
+    if not settings.enable_prediction_cache:
+        return None
+    model = f"{info.name}|{info.backend}|{info.dtype}|{info.max_length}"
+    return PredictionCache(model, settings.prediction_cache_size, settings.prediction_cache_ttl_s)
+
+
 class Runtime:
     def __init__(
         self,
@@ -55,6 +63,7 @@ class Runtime:
         self.backend = backend
         self.controller: InferenceController | None = None
         self.service: InferenceService | None = None
+        self.cache: PredictionCache | None = None
         self._factory = backend_factory
         self._loader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -83,13 +92,15 @@ class Runtime:
                 metrics=self.metrics,
                 max_batch_tokens=self.settings.max_batch_tokens,
                 batch_wait_s=self.settings.batch_wait_ms / 1000.0,
+                group_by_length=settings.batch_length_grouping,
                 sizer=sizer,
             )
             controller.start()
             self.backend, self.controller = backend, controller
-            self.service = InferenceService(backend, controller, self.settings.request_timeout_s)
-            self.status = Status.HEALTHY
             info = backend.info()
+            self.cache = prediction_cache(settings, info)
+            self.service = InferenceService(backend, controller, settings.request_timeout_s, self.cache)
+            self.status = Status.HEALTHY
             log.info("ready: %s (%s) on %s/%s", info.name, info.kind.value, info.backend, info.device)
         except Exception as exc:  # noqa: BLE001 - any load failure makes the server unhealthy
             self.status = Status.UNHEALTHY
@@ -157,11 +168,15 @@ class Runtime:
                 "queued": self.controller.queued if self.controller else 0,
                 "in_flight": self.controller.in_flight if self.controller else 0,
             },
+            "cache": self.cache_stats(),
             "uptime_s": round(self.metrics.uptime_s(), 3),
         }
         if self.error:
             body["error"] = self.error
         return body
+
+    def cache_stats(self) -> dict[str, object]:
+        return self.cache.stats() if self.cache is not None else dict(DISABLED_STATS)
 
     def model_name(self) -> str:
         info = self.model_info()
