@@ -1,0 +1,70 @@
+"""performance_test.sh runs real locust against a real server and judges the run honestly."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from reranker.api.app import create_app
+from tests.conftest import make_settings
+from tests.scripts import free_ports, run_script, script_env
+from tests.server import ServerThread
+
+
+def perf(tmp_path: Path, *args: str) -> tuple[int, str, dict | None]:
+    env = script_env(tmp_path, 8000, PERF_RESULTS_ROOT=str(tmp_path / "perf"))
+    result = run_script("performance_test.sh", *args, env=env, timeout_s=300)
+    runs = sorted((tmp_path / "perf").glob("*")) if (tmp_path / "perf").exists() else []
+    summary = json.loads((runs[-1] / "summary.json").read_text()) if runs else None
+    return result.returncode, result.stdout + result.stderr, summary
+
+
+@pytest.fixture(scope="module")
+def tight_server() -> Iterator[ServerThread]:
+    """The embedded model behind a queue of 2, so that a stress run is refused most of the time."""
+    with ServerThread(create_app(make_settings(max_queue_size=2))) as server:
+        yield server
+
+
+def test_load_run_reports_every_request_and_writes_locust_reports(
+    embedded_server: ServerThread, tmp_path: Path
+) -> None:
+    before = httpx.get(f"{embedded_server.url}/metrics").json()["requests_by_endpoint"]
+    code, output, summary = perf(tmp_path, "load", "24", "2", "--url", embedded_server.url)
+    after = httpx.get(f"{embedded_server.url}/metrics").json()["requests_by_endpoint"]
+    assert code == 0, output
+    assert summary is not None and summary["passed"]
+    assert (summary["requests"], summary["successful"], summary["success_rate"]) == (24, 24, 1.0)
+    served = sum(after.get(k, 0) - before.get(k, 0) for k in ("/v1/rerank", "/v1/embeddings"))
+    assert served == 24
+    assert summary["items_per_s"] > 0 and summary["latency_ms"]["p95"] >= summary["latency_ms"]["p50"]
+    assert "PASS" in output and "p95" in output
+    run_dir = next((tmp_path / "perf").iterdir())
+    assert {"locust_stats.csv", "report.html", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+
+
+def test_p95_threshold_fails_the_run(embedded_server: ServerThread, tmp_path: Path) -> None:
+    code, output, summary = perf(tmp_path, "latency", "5", "--url", embedded_server.url, "--max-p95-ms", "1")
+    assert code == 1
+    assert summary is not None and not summary["passed"] and "p95" in summary["failures"][0]
+    assert "FAIL: p95" in output
+
+
+def test_stress_is_refused_with_fast_503s_and_no_errors(tight_server: ServerThread, tmp_path: Path) -> None:
+    code, output, summary = perf(tmp_path, "stress", "--url", tight_server.url)
+    assert code == 0, output
+    assert summary is not None
+    assert summary["rejected_503"] > 0 and summary["successful"] > 0
+    assert summary["errors"] == 0 and set(summary["statuses"]) <= {"200", "503"}
+    assert summary["refusal_latency_ms"]["p95"] < 250
+    assert httpx.get(f"{tight_server.url}/health").json()["status"] == "healthy"
+
+
+def test_no_server_is_a_usage_error(tmp_path: Path) -> None:
+    code, output, _ = perf(tmp_path, "load", "--url", f"http://127.0.0.1:{free_ports(1)}")
+    assert code == 2 and "no server ready" in output
+    assert perf(tmp_path, "sideways")[0] == 2
