@@ -185,22 +185,17 @@ def test_small_request_is_not_starved_by_a_big_one() -> None:
     asyncio.run(with_controller(backend, body))
 
 
-def mixed_length_requests(backend: FakeBackend, seed: int = 7) -> list[list[Encoded]]:
-    rng = np.random.default_rng(seed)
-    return [
+def run_mixed_traffic(grouping: bool, budget: int | None = None) -> list[list[int]]:
+    """12 requests of 6 texts of 2-59 tokens admitted behind a held batch; the batches that ran."""
+    backend = FakeBackend()
+    backend.gate.clear()
+    rng = np.random.default_rng(7)
+    requests = [
         backend.tokenize_texts([" ".join(["w"] * int(n)) for n in rng.integers(2, 60, size=6)])
         for _ in range(12)
     ]
 
-
-@pytest.mark.parametrize("grouping", [True, False])
-def test_controller_batches_respect_the_token_budget(grouping: bool) -> None:
-    backend = FakeBackend()
-    backend.gate.clear()
-    budget = 200
-
     async def body(controller: InferenceController) -> None:
-        requests = mixed_length_requests(backend)
         tasks = [asyncio.create_task(controller.run(items, 10)) for items in requests]
         try:  # every request is admitted while the first batch is held
             await until(backend.batch_started.is_set)
@@ -208,32 +203,25 @@ def test_controller_batches_respect_the_token_budget(grouping: bool) -> None:
             backend.gate.set()
         await asyncio.gather(*tasks)
 
-    controller_args = {"max_batch_tokens": budget, "group_by_length": grouping}
-    asyncio.run(with_controller(backend, body, batch_size=16, max_queue=16, **controller_args))
-    assert sum(len(b) for b in backend.batches) == 72
-    for batch in backend.batches:
+    options = {"max_batch_tokens": budget, "group_by_length": grouping}
+    asyncio.run(with_controller(backend, body, batch_size=16, max_queue=16, **options))
+    return backend.batches
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+def test_controller_batches_respect_the_token_budget(grouping: bool) -> None:
+    batches = run_mixed_traffic(grouping, budget=200)
+    assert sum(len(b) for b in batches) == 72
+    for batch in batches:
         assert len(batch) <= 16
-        assert len(batch) == 1 or max(batch) * len(batch) <= budget, batch
+        assert len(batch) == 1 or max(batch) * len(batch) <= 200, batch
 
 
 def test_length_grouping_pads_less_than_arrival_order() -> None:
-    """Same mixed traffic, same budget: grouped batches waste far fewer padded tokens."""
+    """Same mixed traffic: grouped batches waste far fewer padded tokens."""
     efficiency = {}
     for grouping in (True, False):
-        backend = FakeBackend()
-        backend.gate.clear()
-
-        async def body(controller: InferenceController, backend: FakeBackend = backend) -> None:
-            requests = mixed_length_requests(backend)
-            tasks = [asyncio.create_task(controller.run(items, 10)) for items in requests]
-            try:  # every request is admitted while the first batch is held
-                await until(backend.batch_started.is_set)
-            finally:
-                backend.gate.set()
-            await asyncio.gather(*tasks)
-
-        asyncio.run(with_controller(backend, body, batch_size=16, max_queue=16, group_by_length=grouping))
-        queued_batches = backend.batches[1:]  # the first was cut before the rest arrived
+        queued_batches = run_mixed_traffic(grouping)[1:]  # the first was cut before the rest arrived
         real = sum(sum(b) for b in queued_batches)
         efficiency[grouping] = real / sum(max(b) * len(b) for b in queued_batches)
     assert efficiency[True] > 0.85 > 0.7 > efficiency[False], efficiency

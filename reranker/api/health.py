@@ -37,6 +37,7 @@ async def metrics(request: Request) -> Response:
     controller = runtime.controller
     snapshot["queue_depth"] = controller.queued if controller else 0
     snapshot["in_flight_batches"] = controller.in_flight if controller else 0
+    snapshot["batch_overhead_tokens"] = round(controller.batch_overhead_tokens, 1) if controller else None
     snapshot["cache"] = runtime.cache_stats()
     snapshot["status"] = runtime.status.value
     return ORJSONResponse(snapshot)

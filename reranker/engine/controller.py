@@ -147,6 +147,11 @@ class InferenceController:
         """The most items the next batch may hold (adaptive under memory pressure)."""
         return self._sizer.limit
 
+    @property
+    def batch_overhead_tokens(self) -> float:
+        """The learned fixed cost of a batch, in padded-token equivalents (what the planner uses)."""
+        return self._cost.overhead_tokens()
+
     # ---- admission ------------------------------------------------------------------
 
     async def run(self, items: Sequence[Encoded], timeout_s: float) -> InferenceResult:

@@ -94,6 +94,8 @@ class Metrics:
             "mean_batch_size": (
                 round(self.items_processed / self.batches_run, 3) if self.batches_run else 0.0
             ),
+            "model_busy_s": round(self.batch_seconds, 3),
+            "items_per_busy_second": round(self.items_per_second(), 1),
             "real_tokens": self.real_tokens,
             "padded_tokens": self.padded_tokens,
             "padding_efficiency": (
