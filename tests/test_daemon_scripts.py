@@ -108,6 +108,8 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run_script("start_reranker.sh", "sideways", env=env).returncode == 2
     assert run_script("manage_reranker.sh", "cluster-start", "zero", env=env).returncode == 2
     assert run_script("manage_reranker.sh", "frobnicate", env=env).returncode == 2
+    bad_port = run_script("manage_reranker.sh", "status", env={**env, "PORT": "eighty"})
+    assert bad_port.returncode == 2 and "PORT='eighty'" in bad_port.stderr
 
 
 def test_logrotate_copytruncate_keeps_a_running_daemon_logging(tmp_path: Path) -> None:

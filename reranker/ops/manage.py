@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TypeVar
 
-from reranker.ops.instances import Layout, Started, Stopped, describe, spawn, stop, wait_ready
+from reranker.ops.config import OpsConfig, OpsConfigError, load_ops_config
+from reranker.ops.instances import Started, Stopped, describe, spawn, stop, wait_ready
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DOWN = 0, 1, 2, 3
 S = TypeVar("S")
@@ -39,19 +39,14 @@ def _each(items: Sequence[S], work: Callable[[S], T]) -> list[T]:
 
 
 class Manager:
-    def __init__(self, environ: Mapping[str, str], as_json: bool) -> None:
-        root = Path(environ.get("REPO_ROOT", Path.cwd()))
-        self.env = dict(environ)
-        self.layout = Layout(
-            run_dir=Path(environ.get("RUN_DIR", root / "run")),
-            log_dir=Path(environ.get("LOG_DIR", root / "logs")),
-        )
-        self.host = environ.get("HOST", "127.0.0.1")
-        self.default_port = int(environ.get("PORT", "8000"))
-        self.python = environ.get("RERANKER_PYTHON", sys.executable)
-        self.start_timeout_s = float(environ.get("START_TIMEOUT_S", "180"))
-        drain_s = float(environ.get("SHUTDOWN_TIMEOUT_S", "30"))
-        self.stop_timeout_s = float(environ.get("STOP_TIMEOUT_S", drain_s + 10))
+    def __init__(self, config: OpsConfig, as_json: bool) -> None:
+        self.env = config.child_env
+        self.layout = config.layout
+        self.host = config.host
+        self.default_port = config.default_port
+        self.python = config.python
+        self.start_timeout_s = config.start_timeout_s
+        self.stop_timeout_s = config.stop_timeout_s
         self.as_json = as_json
 
     def emit(self, payload: Any, lines: Sequence[str]) -> None:
@@ -177,7 +172,11 @@ COMMANDS = {"start", "stop", "restart", "status", "health", "tail", "cluster-sta
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    manager = Manager(os.environ if environ is None else environ, args.json)
+    try:
+        manager = Manager(load_ops_config(environ), args.json)
+    except OpsConfigError as exc:
+        print(f"manage_reranker.sh: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         numbers = [int(value) for value in args.args]
     except ValueError:
