@@ -40,13 +40,8 @@ def _each(items: Sequence[S], work: Callable[[S], T]) -> list[T]:
 
 class Manager:
     def __init__(self, config: OpsConfig, as_json: bool) -> None:
-        self.env = config.child_env
+        self.config = config
         self.layout = config.layout
-        self.host = config.host
-        self.default_port = config.default_port
-        self.python = config.python
-        self.start_timeout_s = config.start_timeout_s
-        self.stop_timeout_s = config.stop_timeout_s
         self.as_json = as_json
 
     def emit(self, payload: Any, lines: Sequence[str]) -> None:
@@ -54,17 +49,17 @@ class Manager:
 
     # --- commands -------------------------------------------------------------------
     def _start(self, ports: Sequence[int]) -> list[Started]:
-        launched = [spawn(self.layout, port, self.python, self.env) for port in ports]
+        launched = [spawn(self.layout, port, self.config.python, self.config.child_env) for port in ports]
 
         def ready(started: Started) -> Started:
             if started.already_running:
                 return started
-            return wait_ready(self.layout, started, self.host, self.start_timeout_s)
+            return wait_ready(self.layout, started, self.config.host, self.config.start_timeout_s)
 
         return _each(launched, ready)
 
     def _stop(self, ports: Sequence[int]) -> list[Stopped]:
-        return _each(ports, lambda port: stop(self.layout, port, self.stop_timeout_s))
+        return _each(ports, lambda port: stop(self.layout, port, self.config.stop_timeout_s))
 
     def start(self, ports: Sequence[int]) -> int:
         started = self._start(ports)
@@ -73,7 +68,7 @@ class Manager:
 
     def stop(self, ports: Sequence[int]) -> int:
         stopped = self._stop(ports)
-        self.emit([asdict(r) for r in stopped], [_stop_line(r, self.stop_timeout_s) for r in stopped])
+        self.emit([asdict(r) for r in stopped], [_stop_line(r, self.config.stop_timeout_s) for r in stopped])
         return EXIT_OK
 
     def restart(self, ports: Sequence[int]) -> int:
@@ -81,17 +76,17 @@ class Manager:
         started = self._start(ports)
         self.emit(
             {"stopped": [asdict(r) for r in stopped], "started": [asdict(r) for r in started]},
-            [_stop_line(r, self.stop_timeout_s) for r in stopped] + [_start_line(r) for r in started],
+            [_stop_line(r, self.config.stop_timeout_s) for r in stopped] + [_start_line(r) for r in started],
         )
         return _start_exit(started)
 
     def status(self, ports: Sequence[int]) -> int:
-        rows = _each(ports, lambda port: describe(self.layout, port, self.host))
+        rows = _each(ports, lambda port: describe(self.layout, port, self.config.host))
         self.emit(rows, _status_table(rows))
         return _status_exit(rows)
 
     def health(self, ports: Sequence[int]) -> int:
-        rows = _each(ports, lambda port: describe(self.layout, port, self.host))
+        rows = _each(ports, lambda port: describe(self.layout, port, self.config.host))
         self.emit(
             {str(row["port"]): row["health"] for row in rows},
             [f"{row['port']}: {row['health']}" for row in rows],
@@ -104,7 +99,7 @@ class Manager:
         return EXIT_FAILED  # not reached
 
     def cluster_start(self, count: int) -> int:
-        return self.start([self.default_port + i for i in range(count)])
+        return self.start([self.config.default_port + i for i in range(count)])
 
     def cluster_stop(self) -> int:
         return self.stop(self.layout.known_ports())
@@ -192,7 +187,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     ports = numbers or (
         manager.layout.known_ports() if args.command in ("status", "health", "stop", "tail") else []
     )
-    ports = ports or [manager.default_port]
+    ports = ports or [manager.config.default_port]
     return getattr(manager, args.command)(ports)
 
 
