@@ -18,6 +18,8 @@ from reranker.errors import StartupError
 
 ModelKindSetting = Literal["auto", "cross-encoder", "bi-encoder"]
 DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
+BackendSetting = Literal["auto", "torch", "onnx"]
+OnnxQuantize = Literal["none", "int8"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
     model_kind: ModelKindSetting = "auto"
     device_preference: DevicePreference = "auto"
     use_mlx: bool = False
+    backend: BackendSetting = "auto"
+    onnx_cache_dir: str | None = None
+    onnx_quantize: OnnxQuantize = "none"
 
     # Concurrency controller
     max_parallel_requests: int = Field(1, ge=1, le=64)
@@ -66,12 +71,14 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(20_000, ge=1)
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
-    @field_validator("log_level", "model_kind", "device_preference", mode="before")
+    @field_validator(
+        "log_level", "model_kind", "device_preference", "backend", "onnx_quantize", mode="before"
+    )
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("local_model_path", mode="before")
+    @field_validator("local_model_path", "onnx_cache_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

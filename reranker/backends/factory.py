@@ -7,9 +7,11 @@ Model runtimes are imported inside the functions, so importing this module
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from reranker.backends.base import Backend
 from reranker.backends.source import ModelSource, resolve_model_source
+from reranker.errors import StartupError
 from reranker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,28 @@ def create_backend(settings: Settings, source: ModelSource | None = None) -> Bac
     source = source or preflight(settings)
     if settings.use_mlx:
         log.warning("USE_MLX=true: the MLX backend is not part of this build yet; using torch")
+    if settings.backend == "onnx":
+        return _onnx_backend(settings, source)
     from reranker.backends.torch_backend import TorchBackend, choose_device
 
     device = choose_device(settings.device_preference)
     log.info("loading %s (%s) with torch on %s", source.name, source.kind.value, device)
     return TorchBackend(source, device)
+
+
+def onnx_cache_dir(settings: Settings) -> Path:
+    if settings.onnx_cache_dir:
+        return Path(settings.onnx_cache_dir)
+    return Path.home() / ".cache" / "reranker" / "onnx"
+
+
+def _onnx_backend(settings: Settings, source: ModelSource) -> Backend:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise StartupError("BACKEND=onnx needs onnxruntime: pip install onnxruntime onnx") from None
+    from reranker.backends.onnx_backend import OnnxBackend
+
+    quantize = settings.onnx_quantize
+    log.info("loading %s (%s) with onnxruntime (%s)", source.name, source.kind.value, quantize)
+    return OnnxBackend(source, onnx_cache_dir(settings), quantize, settings.device_preference)

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
 from reranker.backends.source import ModelSource
+from reranker.backends.tokenization import TextTokenizer
 from reranker.errors import StartupError
 
 
@@ -43,8 +43,7 @@ class TorchBackend(Backend):
         else:
             self._load_bi_encoder()
         self._model.eval()
-        self._tokenizer = _plain_tokenizer(self._model.tokenizer, self._max_length)
-        self._pad_id = int(self._model.tokenizer.pad_token_id or 0)
+        self.tokenizer = TextTokenizer(self._model.tokenizer, self._max_length)
 
     def _load_bi_encoder(self) -> None:
         from sentence_transformers import SentenceTransformer
@@ -87,51 +86,21 @@ class TorchBackend(Backend):
         )
 
     def tokenize_texts(self, texts: Sequence[str]) -> list[Encoded]:
-        return [_to_encoded(e) for e in self._tokenizer.encode_batch(list(texts))]
+        return self.tokenizer.texts(texts)
 
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-        return [_to_encoded(e) for e in self._tokenizer.encode_batch([tuple(p) for p in pairs])]
+        return self.tokenizer.pairs(pairs)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
-        features = self._collate(batch)
+        arrays = self.tokenizer.collate(batch)
+        features = {name: torch.from_numpy(array).to(self._device) for name, array in arrays.items()}
+        return self.run_layers(features).float().cpu().numpy()
+
+    def run_layers(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model from token ids to its output: logits [n] or pooled vectors [n, dim]."""
         for layer in self._layers:
             features = layer(features)
         if self._source.kind is ModelKind.CROSS_ENCODER:
-            return features["scores"].float().reshape(-1).cpu().numpy()
-        return features["sentence_embedding"].float().cpu().numpy()
-
-    def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        width = max(len(item) for item in batch)
-        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        type_ids = np.zeros((len(batch), width), dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for row, item in enumerate(batch):
-            n = len(item)
-            ids[row, :n] = item.ids
-            type_ids[row, :n] = item.type_ids
-            mask[row, :n] = 1
-        return {
-            "input_ids": torch.from_numpy(ids).to(self._device),
-            "token_type_ids": torch.from_numpy(type_ids).to(self._device),
-            "attention_mask": torch.from_numpy(mask).to(self._device),
-        }
-
-
-def _plain_tokenizer(hf_tokenizer: object, max_length: int) -> Tokenizer:
-    """A private copy of the fast tokenizer: truncation at max_length, no padding."""
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise StartupError("the model's tokenizer has no fast (Rust) implementation")
-    tokenizer = Tokenizer.from_str(backend.to_str())
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
-    return tokenizer
-
-
-def _to_encoded(encoding: object) -> Encoded:
-    return Encoded(
-        ids=encoding.ids,  # type: ignore[attr-defined]
-        type_ids=encoding.type_ids,  # type: ignore[attr-defined]
-        truncated=bool(encoding.overflowing),  # type: ignore[attr-defined]
-    )
+            return features["scores"].reshape(-1)
+        return features["sentence_embedding"]
