@@ -87,5 +87,6 @@ class BatchSizer:
     def _set(self, new_limit: int, reason: str) -> None:
         self._full_streak = 0
         if new_limit != self.limit:
-            log.warning("batch size %d -> %d: %s", self.limit, new_limit, reason)
+            level = logging.WARNING if new_limit < self.limit else logging.INFO  # shrinking is trouble
+            log.log(level, "batch size %d -> %d: %s", self.limit, new_limit, reason)
             self.limit = new_limit
