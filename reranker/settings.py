@@ -18,7 +18,7 @@ from reranker.errors import StartupError
 
 ModelKindSetting = Literal["auto", "cross-encoder", "bi-encoder"]
 DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
-BackendSetting = Literal["auto", "torch", "onnx"]
+BackendSetting = Literal["auto", "torch", "onnx", "mlx"]
 OnnxQuantize = Literal["none", "int8"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 

@@ -25,8 +25,8 @@ def preflight(settings: Settings) -> ModelSource:
 def create_backend(settings: Settings, source: ModelSource | None = None) -> Backend:
     """Load the model (heavy: call it off the event loop)."""
     source = source or preflight(settings)
-    if settings.use_mlx:
-        log.warning("USE_MLX=true: the MLX backend is not part of this build yet; using torch")
+    if settings.backend == "mlx" or (settings.use_mlx and settings.backend == "auto"):
+        return _mlx_backend(source)
     if settings.backend == "onnx":
         return _onnx_backend(settings, source)
     from reranker.backends.torch_backend import TorchBackend, choose_device
@@ -52,3 +52,16 @@ def _onnx_backend(settings: Settings, source: ModelSource) -> Backend:
     quantize = settings.onnx_quantize
     log.info("loading %s (%s) with onnxruntime (%s)", source.name, source.kind.value, quantize)
     return OnnxBackend(source, onnx_cache_dir(settings), quantize, settings.device_preference)
+
+
+def _mlx_backend(source: ModelSource) -> Backend:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        raise StartupError(
+            'BACKEND=mlx needs mlx: pip install mlx (Apple Silicon) or pip install "mlx[cpu]" (Linux)'
+        ) from None
+    from reranker.backends.mlx_backend import MlxBackend
+
+    log.info("loading %s (%s) with MLX", source.name, source.kind.value)
+    return MlxBackend(source)

@@ -7,6 +7,7 @@ item is tokenized once), then a numpy collation each runtime converts as it need
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -20,10 +21,23 @@ class TextTokenizer:
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise StartupError("the model's tokenizer has no fast (Rust) implementation")
-        self._tokenizer = Tokenizer.from_str(backend.to_str())
+        self._setup(Tokenizer.from_str(backend.to_str()), max_length)
+        self.pad_id = int(getattr(hf_tokenizer, "pad_token_id", None) or 0)
+
+    @classmethod
+    def from_file(cls, tokenizer_json: Path, max_length: int, pad_id: int) -> TextTokenizer:
+        """From the model's own tokenizer.json, without transformers (the MLX backend's way)."""
+        if not tokenizer_json.is_file():
+            raise StartupError(f"{tokenizer_json} is missing: the model has no fast tokenizer file")
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup(Tokenizer.from_file(str(tokenizer_json)), max_length)
+        tokenizer.pad_id = pad_id
+        return tokenizer
+
+    def _setup(self, tokenizer: Tokenizer, max_length: int) -> None:
+        self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
-        self.pad_id = int(getattr(hf_tokenizer, "pad_token_id", None) or 0)
 
     def texts(self, texts: Sequence[str]) -> list[Encoded]:
         return [_to_encoded(e) for e in self._tokenizer.encode_batch(list(texts))]
