@@ -19,9 +19,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
+from reranker.backends.base import Encoded, ModelInfo, ModelKind
 from reranker.backends.source import ModelSource
-from reranker.backends.tokenization import TextTokenizer
+from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
 SUPPORTED = ("bert",)
@@ -54,7 +54,7 @@ def _pooling(root: Path) -> tuple[str, bool]:
     return "mean", normalises
 
 
-class MlxBackend(Backend):
+class MlxBackend(TokenizedBackend):
     def __init__(self, source: ModelSource) -> None:
         root = Path(source.path)
         self._source = source
@@ -93,12 +93,6 @@ class MlxBackend(Backend):
             normalize_embeddings=self._normalizes,
             dtype="float32",
         )
-
-    def tokenize_texts(self, texts: Sequence[str]) -> list[Encoded]:
-        return self.tokenizer.texts(texts)
-
-    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-        return self.tokenizer.pairs(pairs)
 
     def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
         arrays = self.tokenizer.collate(batch)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reranker.backends.base import Backend, Encoded, ModelInfo
+from reranker.backends.base import Encoded, ModelInfo
 from reranker.backends.source import ModelSource
-from reranker.backends.tokenization import TextTokenizer
+from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _attention_shape(model: object) -> tuple[int, int]:
     return 0, 0
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(TokenizedBackend):
     def __init__(self, source: ModelSource, cache_dir: Path, quantize: str, device: str) -> None:
         import onnxruntime as ort
 
@@ -190,12 +190,6 @@ class OnnxBackend(Backend):
             dtype="int8" if self._quantize == "int8" else "float32",
             details={"onnx_file": str(self.path), "opset": str(OPSET)},
         )
-
-    def tokenize_texts(self, texts: Sequence[str]) -> list[Encoded]:
-        return self.tokenizer.texts(texts)
-
-    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-        return self.tokenizer.pairs(pairs)
 
     def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
         arrays = self.tokenizer.collate(batch)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from reranker.backends.base import Encoded
+from reranker.backends.base import Backend, Encoded
 from reranker.errors import StartupError
 
 
@@ -57,6 +57,18 @@ class TextTokenizer:
             type_ids[row, :n] = item.type_ids
             mask[row, :n] = 1
         return {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask}
+
+
+class TokenizedBackend(Backend):
+    """A backend whose tokenization is a ``TextTokenizer`` (all of ours): the two methods, once."""
+
+    tokenizer: TextTokenizer
+
+    def tokenize_texts(self, texts: Sequence[str]) -> list[Encoded]:
+        return self.tokenizer.texts(texts)
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
+        return self.tokenizer.pairs(pairs)
 
 
 def _to_encoded(encoding: object) -> Encoded:

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
+from reranker.backends.base import Encoded, ModelInfo, ModelKind
 from reranker.backends.source import ModelSource
-from reranker.backends.tokenization import TextTokenizer
+from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
 
@@ -31,7 +31,7 @@ def choose_device(preference: str) -> str:
     return preference
 
 
-class TorchBackend(Backend):
+class TorchBackend(TokenizedBackend):
     def __init__(self, source: ModelSource, device: str) -> None:
         from transformers.utils import logging as hf_logging
 
@@ -84,12 +84,6 @@ class TorchBackend(Backend):
             normalize_embeddings=self._normalizes,
             dtype=str(next(self._model.parameters()).dtype).removeprefix("torch."),
         )
-
-    def tokenize_texts(self, texts: Sequence[str]) -> list[Encoded]:
-        return self.tokenizer.texts(texts)
-
-    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-        return self.tokenizer.pairs(pairs)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
