@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from reranker.ops.instances import is_reranker_process
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,15 +92,12 @@ def pids_serving(port: int) -> list[int]:
     """PIDs of live server processes started with ``--port PORT``."""
     found = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or not is_reranker_process(int(proc.name)):
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            args = [part.decode() for part in (proc / "cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        if b"reranker" in cmdline and state != "Z":
-            args = [part.decode() for part in cmdline]
-            if "--port" in args and args[args.index("--port") + 1] == str(port):
-                found.append(int(proc.name))
+        if "--port" in args and args[args.index("--port") + 1] == str(port):
+            found.append(int(proc.name))
     return found

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.scripts import free_ports
 
 
 def test_cli_serves_the_embedded_model_and_exits_cleanly_on_sigterm() -> None:
-    port = free_port()
+    port = free_ports(1)
     process = subprocess.Popen(
         [sys.executable, "-m", "reranker", "--port", str(port), "--batch-size", "8"],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},

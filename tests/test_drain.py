@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from tests.test_cli import free_port
+from tests.scripts import free_ports
 
 DOCUMENTS = [f"passage {i} about bones, healing, fractures and recovery time " * 3 for i in range(8)]
 
@@ -37,7 +37,7 @@ def admitted_count(url: str) -> int:
 
 
 def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_zero() -> None:
-    port = free_port()
+    port = free_ports(1)
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [
