@@ -19,12 +19,16 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reranker.backends.base import Encoded, ModelInfo
 from reranker.backends.source import ModelSource
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
+
+if TYPE_CHECKING:
+    from reranker.backends.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +63,15 @@ def _use_eager_attention(model: object) -> None:
             config._attn_implementation = "eager"
 
 
-def _export(reference: object, target: Path) -> None:
+def _export(reference: TorchBackend, target: Path) -> None:
     import torch
 
-    _use_eager_attention(reference._model)  # type: ignore[attr-defined]
+    _use_eager_attention(reference.module)
 
     class Exportable(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.layers = torch.nn.ModuleList(reference._layers)  # type: ignore[attr-defined]
+            self.model = reference.module  # registered, so its weights become graph initializers
 
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
@@ -77,9 +81,9 @@ def _export(reference: object, target: Path) -> None:
                 "attention_mask": attention_mask,
                 "token_type_ids": token_type_ids,
             }
-            return reference.run_layers(features)  # type: ignore[attr-defined]
+            return reference.run_layers(features)
 
-    tokenizer: TextTokenizer = reference.tokenizer  # type: ignore[attr-defined]
+    tokenizer: TextTokenizer = reference.tokenizer
     sample = tokenizer.collate(tokenizer.texts(["export me", "a longer sample text"]))
     args = tuple(torch.from_numpy(sample[name]) for name in INPUTS)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS} | {"output": {0: "batch"}}
@@ -155,7 +159,7 @@ class OnnxBackend(TokenizedBackend):
         self._quantize = quantize
         reference = TorchBackend(source, "cpu")  # loading, tokenizer, model facts; export on a miss
         self._info = reference.info()
-        heads, hidden = _attention_shape(reference._model)
+        heads, hidden = _attention_shape(reference.module)
         self.tokenizer = reference.tokenizer
         key = _model_hash(source)
         fp32 = cache_dir / f"{key}-fp32.onnx"

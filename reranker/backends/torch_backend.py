@@ -91,6 +91,11 @@ class TorchBackend(TokenizedBackend):
         features = {name: torch.from_numpy(array).to(self._device) for name, array in arrays.items()}
         return self.run_layers(features).float().cpu().numpy()
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The loaded sentence-transformers model (for exporters)."""
+        return self._model
+
     def run_layers(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model from token ids to its output: logits [n] or pooled vectors [n, dim]."""
         for layer in self._layers:
