@@ -19,7 +19,7 @@ from reranker.errors import StartupError
 ModelKindSetting = Literal["auto", "cross-encoder", "bi-encoder"]
 DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
 BackendSetting = Literal["auto", "torch", "onnx", "mlx"]
-OnnxQuantize = Literal["none", "int8"]
+OnnxQuantize = Literal["auto", "none", "int8"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     use_mlx: bool = False
     backend: BackendSetting = "auto"
     onnx_cache_dir: str | None = None
-    onnx_quantize: OnnxQuantize = "none"
+    onnx_quantize: OnnxQuantize = "auto"
 
     # Concurrency controller
     max_parallel_requests: int = Field(1, ge=1, le=64)

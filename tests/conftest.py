@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,10 +17,52 @@ from reranker.backends.source import embedded_model_path
 from reranker.settings import Settings, load_settings
 from tests.server import ServerThread
 
+RUNTIME_PACKAGE = {"torch": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
+
 
 def make_settings(**values: object) -> Settings:
-    """Settings from explicit values only: the test machine's environment never leaks in."""
-    return load_settings(environ={}, overrides=values)
+    """Settings from explicit values only: the test machine's environment never leaks in.
+
+    The backend is torch unless a test says otherwise: BACKEND=auto would pick ONNX int8
+    on a CPU machine with onnxruntime, whose scores differ from sentence-transformers' by
+    design (tests/test_backend_selection.py covers auto).
+    """
+    return load_settings(environ={}, overrides={"backend": "torch", **values})
+
+
+def backend_param(name: str) -> Any:
+    """A pytest param for BACKEND=name, skipped with the reason when its package is missing."""
+    package = RUNTIME_PACKAGE[name]
+    missing = importlib.util.find_spec(package) is None
+    reason = f"BACKEND={name} needs {package} (pip install -r requirements-backends.txt)"
+    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=reason), id=name)
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ONNX_CACHE_DIR for the session: each model is exported (and quantized) once."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session", params=[backend_param(name) for name in RUNTIME_PACKAGE])
+def serving_backend(request: pytest.FixtureRequest, onnx_cache: Path) -> dict[str, str]:
+    """The settings of one backend; the HTTP suite on the real model runs once per backend.
+
+    ONNX runs in fp32 here (the oracles are sentence-transformers' own numbers); int8 has
+    its own closeness tests in test_onnx_backend.py.
+    """
+    values = {"backend": request.param, "onnx_quantize": "none", "onnx_cache_dir": str(onnx_cache)}
+    if request.param == "mlx" and sys.platform != "darwin":
+        values["request_timeout_s"] = "300"  # mlx-cpu on Linux: ~40x slower than torch (no BLAS)
+    return values
+
+
+@pytest.fixture(scope="session")
+def slow_backend_skip(serving_backend: dict[str, str]) -> None:
+    """For tests that push thousands of texts through the model to check the controller, not the
+    backend: MLX on Linux CPU has no BLAS (about 40x slower than torch), so they skip there."""
+    if serving_backend["backend"] == "mlx" and sys.platform != "darwin":
+        pytest.skip("mlx-cpu on Linux is ~40x slower than torch; the controller check is backend-independent")
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +91,9 @@ def sentence_transformer(embedded_path: Path):
 
 
 @pytest.fixture(scope="session")
-def embedded_server() -> Iterator[ServerThread]:
-    """The real server on the embedded default model, shared by the read-only integration tests."""
-    with ServerThread(create_app(make_settings())) as server:
+def embedded_server(serving_backend: dict[str, str]) -> Iterator[ServerThread]:
+    """The real server on the embedded default model, shared by the read-only integration tests
+    (once per backend)."""
+    with ServerThread(create_app(make_settings(**serving_backend))) as server:
         assert server.runtime.status.value == "healthy", server.runtime.error
         yield server

@@ -36,17 +36,22 @@ def test_kind_is_detected_from_the_files(cross_encoder_path: Path, embedded_path
     assert resolve_model_source(forced).kind is ModelKind.CROSS_ENCODER
 
 
-def test_server_scores_equal_cross_encoder_predict_with_sigmoid(cross_encoder_path: Path) -> None:
+def test_server_scores_equal_cross_encoder_predict_with_sigmoid(
+    cross_encoder_path: Path, serving_backend: dict[str, str]
+) -> None:
     from sentence_transformers import CrossEncoder
 
     reference = CrossEncoder(str(cross_encoder_path), device="cpu")
     expected = reference.predict([(QUERY, d) for d in DOCUMENTS], activation_fn=torch.nn.Sigmoid())
-    app = create_app(make_settings(local_model_path=str(cross_encoder_path)))
+    app = create_app(make_settings(local_model_path=str(cross_encoder_path), **serving_backend))
     with ServerThread(app) as server, server.client() as client:
         health = client.get("/health").json()
         native = client.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS}).json()
         cohere_shape = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}).json()
-    assert health["model"]["kind"] == "cross-encoder"
+    assert (health["model"]["kind"], health["model"]["backend"]) == (
+        "cross-encoder",
+        serving_backend["backend"],
+    )
     assert health["model"]["capabilities"] == ["rerank"]
     assert health["model"]["max_length"] == 512
     served = np.zeros(len(DOCUMENTS))

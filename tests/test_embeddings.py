@@ -90,6 +90,7 @@ def test_base64_is_little_endian_float32(embedded_server: ServerThread, sentence
     np.testing.assert_allclose(decoded, sentence_transformer.encode(["short"])[0], atol=1e-5)
 
 
+@pytest.mark.usefixtures("slow_backend_skip")
 def test_two_thousand_chunks_return_two_thousand_vectors(
     embedded_server: ServerThread, sentence_transformer
 ) -> None:
@@ -103,6 +104,7 @@ def test_two_thousand_chunks_return_two_thousand_vectors(
     np.testing.assert_allclose(got, sentence_transformer.encode([texts[i] for i in sample]), atol=1e-5)
 
 
+@pytest.mark.usefixtures("slow_backend_skip")
 def test_small_request_is_not_starved_by_a_big_one(embedded_server: ServerThread) -> None:
     big = [f"a long ingestion chunk {i} " + "filler words " * 10 for i in range(1500)]
     with embedded_server.client() as client, concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -131,12 +131,14 @@ def test_keys_separate_models_kinds_and_text_boundaries() -> None:
     assert one.key("text", "q") != one.key("pair", "q")
 
 
-def test_real_model_cached_scores_equal_in_process_scores(sentence_transformer) -> None:
+def test_real_model_cached_scores_equal_in_process_scores(
+    sentence_transformer, serving_backend: dict[str, str]
+) -> None:
     query = "how long does a broken bone take to heal"
     documents = ["Bones heal in six to eight weeks.", "Paris is in France.", "Rest helps a fracture heal."]
     vectors = sentence_transformer.encode([query, *documents], normalize_embeddings=True)
     expected = vectors[1:] @ vectors[0]
-    settings = make_settings(enable_prediction_cache=True)
+    settings = make_settings(enable_prediction_cache=True, **serving_backend)
     with ServerThread(create_app(settings)) as server, server.client() as client:
         answers = [client.post("/rerank", json={"query": query, "documents": documents}) for _ in range(2)]
     assert [a.headers["x-cache-hits"] for a in answers] == ["0", "4"]

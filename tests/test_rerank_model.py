@@ -131,7 +131,9 @@ def test_v1_rank_fields_rank_object_documents(embedded_server: ServerThread) -> 
     assert body["meta"]["billed_units"]["search_units"] == 1
 
 
-def test_health_and_metrics_describe_the_server(embedded_server: ServerThread) -> None:
+def test_health_and_metrics_describe_the_server(
+    embedded_server: ServerThread, serving_backend: dict[str, str]
+) -> None:
     with embedded_server.client() as client:
         client.post("/rerank", json={"query": QUERY, "documents": [RELEVANT]})
         health = client.get("/health")
@@ -141,16 +143,21 @@ def test_health_and_metrics_describe_the_server(embedded_server: ServerThread) -
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "healthy"
+    details = body["model"].pop("details")
+    assert body["model"].pop("selected_because") == f"BACKEND={serving_backend['backend']}"
     assert body["model"] == {
         "name": "all-MiniLM-L6-v2",
         "kind": "bi-encoder",
-        "backend": "torch",
+        "backend": serving_backend["backend"],
         "device": "cpu",
         "max_length": 256,
         "dimension": 384,
         "dtype": "float32",
         "capabilities": ["rerank", "embed"],
     }
+    if serving_backend["backend"] == "onnx":
+        assert details["onnx_origin"] == "exported" and details["onnx_file"].endswith("-fp32.onnx")
+        assert details["agreement_with_torch"].startswith("worst cosine 1.0000")
     assert body["controller"]["batch_size"] == 32
     assert metrics["successful_requests"] >= 1
     assert metrics["items_processed"] >= 2

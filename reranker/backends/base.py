@@ -53,6 +53,8 @@ class Encoded:
 class Backend(ABC):
     """Score pairs or embed texts. ``forward`` is called from worker threads."""
 
+    selection: str = "given to create_app"  # why this backend serves: set by the factory
+
     @abstractmethod
     def info(self) -> ModelInfo: ...
 

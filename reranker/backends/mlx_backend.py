@@ -10,7 +10,6 @@ pass, so it is always the model in eval mode.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,45 +19,28 @@ import mlx.core as mx
 import numpy as np
 
 from reranker.backends.base import Encoded, ModelInfo, ModelKind
-from reranker.backends.source import ModelSource
+from reranker.backends.source import ModelSource, pooling_of, read_json
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
 SUPPORTED = ("bert",)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _max_length(root: Path, config: dict[str, Any]) -> int:
-    sentence = _read_json(root / "sentence_bert_config.json").get("max_seq_length")
+    sentence = read_json(root / "sentence_bert_config.json").get("max_seq_length")
     if sentence:
         return int(sentence)
-    declared = _read_json(root / "tokenizer_config.json").get("model_max_length")
+    declared = read_json(root / "tokenizer_config.json").get("model_max_length")
     if isinstance(declared, int) and declared < 100_000:
         return declared
     return int(config.get("max_position_embeddings", 512))
-
-
-def _pooling(root: Path) -> tuple[str, bool]:
-    """(mean | cls, normalises) from the sentence-transformers module list."""
-    modules = json.loads((root / "modules.json").read_text()) if (root / "modules.json").is_file() else []
-    normalises = any(m.get("type", "").endswith("Normalize") for m in modules)
-    pooling_dirs = [m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")]
-    pooling = _read_json(root / pooling_dirs[0] / "config.json") if pooling_dirs else {}
-    if pooling.get("pooling_mode_cls_token"):
-        return "cls", normalises
-    if pooling and not pooling.get("pooling_mode_mean_tokens", True):
-        raise StartupError("MLX backend: only mean or CLS pooling is supported for this model")
-    return "mean", normalises
 
 
 class MlxBackend(TokenizedBackend):
     def __init__(self, source: ModelSource) -> None:
         root = Path(source.path)
         self._source = source
-        self._config = _read_json(root / "config.json")
+        self._config = read_json(root / "config.json")
         if self._config.get("model_type") not in SUPPORTED:
             raise StartupError(
                 f"MLX backend: model type {self._config.get('model_type')!r} is not supported "
@@ -70,7 +52,7 @@ class MlxBackend(TokenizedBackend):
         weights = mx.load(str(weights_file))
         self._w = {name.removeprefix("bert."): value.astype(mx.float32) for name, value in weights.items()}
         self._max_length = _max_length(root, self._config)
-        self._pooling, self._normalizes = _pooling(root)
+        self._pooling, self._normalizes = pooling_of(root, "MLX backend")
         self._heads = int(self._config["num_attention_heads"])
         self._layers = int(self._config["num_hidden_layers"])
         self._eps = float(self._config.get("layer_norm_eps", 1e-12))

@@ -5,10 +5,11 @@ sequence axes) covers the whole path our torch backend runs - transformer, pooli
 and the cross-encoder head - so both backends return the same thing: logits [n] or
 pooled vectors [n, dim] before normalisation. The file is cached in ONNX_CACHE_DIR
 under a hash of the model's files and the export settings; ONNX_QUANTIZE=int8 adds
-onnxruntime's transformer optimizer (fused attention, GELU, LayerNorm) and dynamic
-int8 quantization of the weights, per channel (also cached). The export uses eager
-attention so that the optimizer recognises it. CUDA is used
-when onnxruntime has its execution provider and DEVICE_PREFERENCE allows it.
+onnxruntime's transformer optimizer and dynamic int8 quantization (onnx_quantize.py,
+also cached). A model that ships its own ONNX file (``onnx/model.onnx``) is run as it is.
+The export uses eager attention so that the optimizer recognises it. CUDA is used when
+onnxruntime has its execution provider and DEVICE_PREFERENCE allows it. Every load
+compares the file's answers with torch's on a few probes (``agreement``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reranker.backends.base import Encoded, ModelInfo
-from reranker.backends.source import ModelSource
+from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
+from reranker.backends.onnx_quantize import quantize_int8
+from reranker.backends.source import ModelSource, module_list, pooling_of
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 
 if TYPE_CHECKING:
@@ -36,13 +38,16 @@ OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _model_hash(source: ModelSource) -> str:
-    """Hash of the model's files and the export settings: the cache key of the exported files."""
+def _model_hash(source: ModelSource, shipped: Path | None) -> str:
+    """Hash of the model's files and the export settings: the cache key of the exported files
+    (a shipped ONNX file is part of it, since it is what int8 is made from)."""
     import torch
 
-    digest = hashlib.sha256(f"opset={OPSET}|torch={torch.__version__}|attention=eager|int8=fused".encode())
+    digest = hashlib.sha256(
+        f"opset={OPSET}|torch={torch.__version__}|attention=eager|int8=fused+outliers10".encode()
+    )
     for path in sorted(p for p in Path(source.path).rglob("*") if p.is_file()):
-        if path.suffix in (".onnx", ".md") or ".git" in path.parts:
+        if (path.suffix in (".onnx", ".md") and path != shipped) or ".git" in path.parts:
             continue
         digest.update(str(path.relative_to(source.path)).encode())
         with open(path, "rb") as fh:
@@ -100,32 +105,6 @@ def _export(reference: TorchBackend, target: Path) -> None:
         )
 
 
-def _quantize_int8(fp32: Path, target: Path, heads: int, hidden: int) -> None:
-    """Fuse attention, GELU and LayerNorm (onnxruntime's transformer optimizer), then dynamic int8
-    weights with one scale per output channel (one per tensor loses too much accuracy here)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    source = fp32
-    with tempfile.TemporaryDirectory() as work:
-        try:
-            from onnxruntime.transformers.optimizer import optimize_model
-
-            optimized = Path(work) / "optimized.onnx"
-            fused = optimize_model(str(fp32), model_type="bert", num_heads=heads, hidden_size=hidden)
-            fused.save_model_to_file(str(optimized))
-            source = optimized
-        except Exception as exc:  # noqa: BLE001 - an unfusable architecture is still quantizable
-            log.warning("onnxruntime's optimizer could not fuse this model (%s); quantizing as is", exc)
-        quantize_dynamic(
-            source,
-            target,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},  # fused ops lack shape info
-        )
-
-
 def _atomic(build: object, target: Path) -> None:
     """Write ``target`` through a temporary file in the same folder, so readers never see half a model."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,15 +117,32 @@ def _atomic(build: object, target: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
-def _attention_shape(model: object) -> tuple[int, int]:
-    """(attention heads, hidden size) of the transformer, for the optimizer; (0, 0) lets it guess."""
-    for module in model.modules():  # type: ignore[attr-defined]
-        config = getattr(module, "config", None)
-        heads = getattr(config, "num_attention_heads", None)
-        hidden = getattr(config, "hidden_size", None)
-        if heads and hidden:
-            return int(heads), int(hidden)
-    return 0, 0
+def shipped_onnx(root: Path) -> Path | None:
+    """The model's own ONNX file (``onnx/model.onnx`` as sentence-transformers and Optimum
+    save it, or ``model.onnx``), when its module list is one we can finish in numpy:
+    Transformer, then Pooling (mean or CLS) and Normalize for a bi-encoder."""
+    candidates = [root / "onnx" / "model.onnx", root / "model.onnx"]
+    found = next((path for path in candidates if path.is_file()), None)
+    extra = [m.get("type", "") for m in module_list(root) if not m.get("type", "").endswith(_POOLED)]
+    if found is not None and extra:
+        log.info("not using %s: the model also has %s, exporting the whole model instead", found, extra)
+        return None
+    return found
+
+
+_POOLED = ("Transformer", "Pooling", "Normalize")
+PROBES = (  # agreement check and int8 calibration: short and long, plain and technical
+    "health check",
+    "Most broken bones heal in six to eight weeks.",
+    "Paris is the capital of France, and its museums are open every day of the week.",
+    "A compound fracture needs surgery; recovery takes months of physiotherapy and rest.",
+    "SELECT id, name FROM users WHERE created_at > '2024-01-01' ORDER BY id LIMIT 10;",
+    "The quarterly report shows revenue up 12% year over year, driven by cloud services.",
+    "how do i reset my password if i no longer have access to the recovery email",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+)
+MIN_COSINE = 0.98  # bi-encoder: worst probe vector against torch
+MAX_SCORE_GAP = 0.05  # cross-encoder: largest sigmoid(logit) difference against torch
 
 
 class OnnxBackend(TokenizedBackend):
@@ -159,10 +155,11 @@ class OnnxBackend(TokenizedBackend):
         self._quantize = quantize
         reference = TorchBackend(source, "cpu")  # loading, tokenizer, model facts; export on a miss
         self._info = reference.info()
-        heads, hidden = _attention_shape(reference.module)
         self.tokenizer = reference.tokenizer
-        key = _model_hash(source)
-        fp32 = cache_dir / f"{key}-fp32.onnx"
+        shipped = shipped_onnx(Path(source.path))
+        self.origin = "shipped" if shipped else "exported"
+        key = _model_hash(source, shipped)
+        fp32 = shipped or cache_dir / f"{key}-fp32.onnx"
         self.exported = not fp32.exists()
         if self.exported:
             log.info("exporting %s to ONNX (%s)", source.name, fp32)
@@ -172,14 +169,18 @@ class OnnxBackend(TokenizedBackend):
             path = cache_dir / f"{key}-int8.onnx"
             if not path.exists():
                 log.info("quantizing %s to int8 (%s)", source.name, path)
-                _atomic(lambda out: _quantize_int8(fp32, out, heads, hidden), path)
+                probes = self.tokenizer.collate(self.tokenizer.texts(PROBES))
+                _atomic(lambda out: quantize_int8(fp32, out, reference.module, probes), path)
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         self._session = ort.InferenceSession(str(path), providers=providers)
         self._inputs = [i.name for i in self._session.get_inputs()]  # unused inputs are dropped on export
+        self._output = _output_name(self._session, source.kind)
+        self._pooling = pooling_of(Path(source.path), "ONNX backend")[0] if shipped else None
         self.path = path
         self._device = "cuda" if self._session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.agreement, self.agrees = self._compare_with(reference)
 
     def info(self) -> ModelInfo:
         base = self._info
@@ -192,10 +193,48 @@ class OnnxBackend(TokenizedBackend):
             dimension=base.dimension,
             normalize_embeddings=base.normalize_embeddings,
             dtype="int8" if self._quantize == "int8" else "float32",
-            details={"onnx_file": str(self.path), "opset": str(OPSET)},
+            details={
+                "onnx_file": str(self.path),
+                "onnx_origin": self.origin,
+                "opset": str(OPSET),
+                "agreement_with_torch": self.agreement,
+            },
         )
 
     def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
         arrays = self.tokenizer.collate(batch)
-        (output,) = self._session.run(None, {name: arrays[name] for name in self._inputs})
-        return np.asarray(output, dtype=np.float32)
+        (output,) = self._session.run([self._output], {name: arrays[name] for name in self._inputs})
+        output = np.asarray(output, dtype=np.float32)
+        if self._source.kind is ModelKind.CROSS_ENCODER:
+            return output.reshape(len(batch), -1)[:, 0]
+        if output.ndim == 3:  # a shipped transformer: token embeddings, pooled here
+            if self._pooling == "cls":
+                return output[:, 0]
+            weights = arrays["attention_mask"][:, :, None].astype(np.float32)
+            return (output * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        return output
+
+    def _compare_with(self, reference: Backend) -> tuple[str, bool]:
+        """How close this file's answers are to the torch model's on a few probes (int8 drifts)."""
+        if self._source.kind is ModelKind.CROSS_ENCODER:
+            items = reference.tokenize_pairs([(PROBES[0], text) for text in PROBES])
+            gap = float(np.abs(_sigmoid(self.forward(items)) - _sigmoid(reference.forward(items))).max())
+            return f"largest score difference {gap:.4f} over {len(items)} probes", gap <= MAX_SCORE_GAP
+        items = reference.tokenize_texts(PROBES)
+        got, want = self.forward(items), reference.forward(items)
+        cosine = float(
+            ((got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)).min()
+        )
+        return f"worst cosine {cosine:.4f} over {len(items)} probes", cosine >= MIN_COSINE
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def _output_name(session: object, kind: ModelKind) -> str:
+    """Ours is "output"; shipped files name theirs (logits, sentence_embedding, last_hidden_state)."""
+    names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
+    preferred = ("output", "logits") if kind is ModelKind.CROSS_ENCODER else ("output", "sentence_embedding")
+    preferred += ("last_hidden_state", "token_embeddings")
+    return next((name for name in preferred if name in names), names[0])

@@ -71,18 +71,45 @@ def _from_hub(repo_id: str) -> Path:
 
 def detect_kind(path: Path) -> ModelKind:
     """Cross-encoder when the files say so, bi-encoder otherwise."""
-    st_config = _read_json(path / "config_sentence_transformers.json")
+    st_config = read_json(path / "config_sentence_transformers.json")
     if st_config.get("model_type") == "CrossEncoder":
         return ModelKind.CROSS_ENCODER
     if st_config.get("model_type") == "SentenceTransformer":
         return ModelKind.BI_ENCODER
-    architectures = _read_json(path / "config.json").get("architectures") or []
+    architectures = read_json(path / "config.json").get("architectures") or []
     if any(str(arch).endswith("ForSequenceClassification") for arch in architectures):
         return ModelKind.CROSS_ENCODER
     return ModelKind.BI_ENCODER
 
 
-def _read_json(path: Path) -> dict:
+def pooling_of(root: Path, who: str) -> tuple[str, bool]:
+    """(mean | cls, normalises) from a bi-encoder's sentence-transformers module list.
+
+    For backends that run the transformer themselves (MLX, a shipped ONNX file) and pool
+    its token embeddings; ``who`` names the backend in the error for other poolings.
+    """
+    modules = module_list(root)
+    normalises = any(m.get("type", "").endswith("Normalize") for m in modules)
+    pooling_dirs = [m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")]
+    pooling = read_json(root / pooling_dirs[0] / "config.json") if pooling_dirs else {}
+    if pooling.get("pooling_mode_cls_token"):
+        return "cls", normalises
+    if pooling and not pooling.get("pooling_mode_mean_tokens", True):
+        raise StartupError(f"{who}: only mean or CLS pooling is supported for this model")
+    return "mean", normalises
+
+
+def module_list(root: Path) -> list[dict]:
+    """The sentence-transformers modules.json: [{"type": ..., "path": ...}, ...] ([] if absent)."""
+    path = root / "modules.json"
+    try:
+        modules = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot read {path}: {exc}") from None
+    return [m for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+
+
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:

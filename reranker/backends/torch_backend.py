@@ -18,19 +18,6 @@ from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
 
-def choose_device(preference: str) -> str:
-    """CUDA > MPS > CPU for ``auto``; an unavailable explicit preference is an error."""
-    cuda = torch.cuda.is_available()
-    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    if preference == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    if preference == "cuda" and not cuda:
-        raise StartupError("DEVICE_PREFERENCE=cuda but torch sees no CUDA device")
-    if preference == "mps" and not mps:
-        raise StartupError("DEVICE_PREFERENCE=mps but torch has no MPS (Apple GPU) support here")
-    return preference
-
-
 class TorchBackend(TokenizedBackend):
     def __init__(self, source: ModelSource, device: str) -> None:
         from transformers.utils import logging as hf_logging

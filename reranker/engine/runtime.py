@@ -156,6 +156,8 @@ class Runtime:
                 "max_length": info.max_length if info else None,
                 "dimension": info.dimension if info else None,
                 "dtype": info.dtype if info else None,
+                "selected_because": self.backend.selection if info and self.backend else None,
+                "details": dict(info.details) if info else {},
                 "capabilities": info.capabilities if info else [],
             },
             "controller": {
