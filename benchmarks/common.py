@@ -55,6 +55,13 @@ def free_port() -> int:
 @contextmanager
 def running_server(env: dict[str, str] | None = None) -> Iterator[str]:
     """``python -m reranker`` in a subprocess on a free port; yields its base URL."""
+    with server_process(env) as (url, _):
+        yield url
+
+
+@contextmanager
+def server_process(env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """``python -m reranker`` in a subprocess on a free port; yields its base URL and PID."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "reranker", "--port", str(port), "--log-level", "warning"],
@@ -74,7 +81,7 @@ def running_server(env: dict[str, str] | None = None) -> Iterator[str]:
             time.sleep(0.2)
         else:
             raise RuntimeError("server did not become healthy")
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)

@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reload = args.pop("reload")
     try:
         settings = load_settings(overrides=args)
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         source = preflight(settings)
     except StartupError as exc:
         print(f"reranker: {exc.message}", file=sys.stderr)

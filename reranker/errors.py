@@ -41,6 +41,18 @@ class PayloadTooLargeError(RerankerError):
     error_type = "payload_too_large"
 
 
+class UnauthorizedError(RerankerError):
+    """API keys are configured and the request carries none or a wrong one."""
+
+    error_type = "unauthorized"
+
+
+class BodyTimeoutError(RerankerError):
+    """The client did not finish sending its body within BODY_READ_TIMEOUT_S."""
+
+    error_type = "body_timeout"
+
+
 class UnsupportedOperationError(RerankerError):
     """The loaded model cannot do what was asked (e.g. embed with a cross-encoder)."""
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from reranker.errors import StartupError
@@ -21,6 +21,7 @@ DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
 BackendSetting = Literal["auto", "torch", "onnx", "mlx"]
 OnnxQuantize = Literal["auto", "none", "int8"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["text", "json"]
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 
@@ -56,6 +57,10 @@ class Settings(BaseSettings):
     embedding_adaptive_batching: bool = True
     max_texts_per_embed_request: int = Field(10_000, ge=1)
 
+    # Long documents in /v1/rerank and /v2/rerank
+    max_chunks_per_doc: int = Field(10, ge=1, le=1000)
+    chunk_overlap_tokens: int = Field(32, ge=0, le=256)
+
     # Prediction cache
     enable_prediction_cache: bool = False
     prediction_cache_size: int = Field(10_000, ge=1)
@@ -65,20 +70,34 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    log_request_bodies: bool = False
+
+    # Authentication
+    api_keys: SecretStr | None = None
+    api_keys_file: str | None = None
+    protect_metrics: bool = False
 
     # Request limits
     max_documents_per_request: int = Field(1000, ge=1)
     max_text_chars: int = Field(20_000, ge=1)
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(10.0, gt=0)
 
     @field_validator(
-        "log_level", "model_kind", "device_preference", "backend", "onnx_quantize", mode="before"
+        "log_level",
+        "log_format",
+        "model_kind",
+        "device_preference",
+        "backend",
+        "onnx_quantize",
+        mode="before",
     )
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("local_model_path", "onnx_cache_dir", mode="before")
+    @field_validator("local_model_path", "onnx_cache_dir", "api_keys", "api_keys_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -132,6 +151,6 @@ def _describe(exc: ValidationError, values: Mapping[str, Any]) -> str:
     problems = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
-        shown = values.get(field, "<unset>")
+        shown = "<secret>" if field == "api_keys" else values.get(field, "<unset>")
         problems.append(f"{env_name(field)}={shown!r}: {err['msg']}")
     return "invalid configuration: " + "; ".join(problems)

@@ -24,6 +24,13 @@ def perf(tmp_path: Path, *args: str) -> tuple[int, str, dict | None]:
 
 
 @pytest.fixture(scope="module")
+def model_server() -> Iterator[ServerThread]:
+    """The embedded model on torch: this file tests the script, not the backends."""
+    with ServerThread(create_app(make_settings())) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def tight_server() -> Iterator[ServerThread]:
     """The embedded model behind a queue of 2, so that a stress run is refused most of the time."""
     with ServerThread(create_app(make_settings(max_queue_size=2))) as server:
@@ -31,11 +38,11 @@ def tight_server() -> Iterator[ServerThread]:
 
 
 def test_load_run_reports_every_request_and_writes_locust_reports(
-    embedded_server: ServerThread, tmp_path: Path
+    model_server: ServerThread, tmp_path: Path
 ) -> None:
-    before = httpx.get(f"{embedded_server.url}/metrics").json()["requests_by_endpoint"]
-    code, output, summary = perf(tmp_path, "load", "24", "2", "--url", embedded_server.url)
-    after = httpx.get(f"{embedded_server.url}/metrics").json()["requests_by_endpoint"]
+    before = httpx.get(f"{model_server.url}/metrics").json()["requests_by_endpoint"]
+    code, output, summary = perf(tmp_path, "load", "24", "2", "--url", model_server.url)
+    after = httpx.get(f"{model_server.url}/metrics").json()["requests_by_endpoint"]
     assert code == 0, output
     assert summary is not None and summary["passed"]
     assert (summary["requests"], summary["successful"], summary["success_rate"]) == (24, 24, 1.0)
@@ -47,8 +54,8 @@ def test_load_run_reports_every_request_and_writes_locust_reports(
     assert {"locust_stats.csv", "report.html", "summary.json"} <= {p.name for p in run_dir.iterdir()}
 
 
-def test_p95_threshold_fails_the_run(embedded_server: ServerThread, tmp_path: Path) -> None:
-    code, output, summary = perf(tmp_path, "latency", "5", "--url", embedded_server.url, "--max-p95-ms", "1")
+def test_p95_threshold_fails_the_run(model_server: ServerThread, tmp_path: Path) -> None:
+    code, output, summary = perf(tmp_path, "latency", "5", "--url", model_server.url, "--max-p95-ms", "1")
     assert code == 1
     assert summary is not None and not summary["passed"] and "p95" in summary["failures"][0]
     assert "FAIL: p95" in output

@@ -6,10 +6,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from reranker.api import embed, health, rerank
+from reranker.api.auth import load_api_keys
 from reranker.api.errors import EXCEPTION_HANDLERS
+from reranker.api.middleware import RequestLogMiddleware
+from reranker.api.observe import INFERENCE_ENDPOINTS
+from reranker.api.openapi import openapi_json
+from reranker.api.prometheus import prometheus_registry
 from reranker.backends.base import Backend
 from reranker.engine.runtime import BackendFactory, Runtime, default_backend_factory
 from reranker.settings import Settings, load_settings
@@ -17,12 +23,14 @@ from reranker.settings import Settings, load_settings
 ROUTES = [
     Route("/rerank", rerank.rerank, methods=["POST"]),
     Route("/v1/rerank", rerank.rerank_v1, methods=["POST"]),
+    Route("/v2/rerank", rerank.rerank_v2, methods=["POST"]),
     Route("/embed", embed.embed, methods=["POST"]),
     Route("/v1/embeddings", embed.openai_embeddings, methods=["POST"]),
     Route("/health", health.health, methods=["GET"]),
     Route("/livez", health.livez, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
 ]
 
 
@@ -44,8 +52,14 @@ def create_app(
         finally:
             await runtime.stop()
 
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    middleware = [Middleware(RequestLogMiddleware, log_bodies=settings.log_request_bodies)]
+    app = Starlette(
+        routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware, lifespan=lifespan
+    )
     app.state.runtime = runtime
+    app.state.api_keys = load_api_keys(settings)
+    app.state.prometheus = prometheus_registry(runtime)
+    runtime.metrics.expect_endpoints(INFERENCE_ENDPOINTS)
     return app
 
 

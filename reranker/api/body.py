@@ -15,27 +15,38 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from reranker.errors import (
+    BodyTimeoutError,
     ClientDisconnectedError,
     InvalidInputError,
     MalformedRequestError,
     PayloadTooLargeError,
 )
+from reranker.settings import Settings
 
 Model = TypeVar("Model", bound=BaseModel)
 T = TypeVar("T")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_json(request: Request, max_bytes: int, timeout_s: float) -> Any:
+    """The JSON body: at most ``max_bytes`` (MAX_REQUEST_BYTES), received within ``timeout_s``
+    (BODY_READ_TIMEOUT_S), so a slow or half-sent body cannot hold the server forever."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLargeError(f"request body of {declared} bytes is over the limit of {max_bytes} bytes")
+        raise PayloadTooLargeError(f"request body of {declared} bytes is over MAX_REQUEST_BYTES={max_bytes}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLargeError(f"request body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLargeError(f"request body is over MAX_REQUEST_BYTES={max_bytes}")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeoutError(
+            f"the request body did not arrive within BODY_READ_TIMEOUT_S={timeout_s:g} s "
+            f"({size} bytes received)"
+        ) from None
     body = b"".join(chunks)
     if not body.strip():
         raise MalformedRequestError("request body is empty; expected a JSON object")
@@ -45,9 +56,9 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise MalformedRequestError(f"request body is not valid JSON: {exc}") from None
 
 
-async def read_body(request: Request, model: type[Model], max_bytes: int) -> Model:
-    """The request body, size-limited, parsed and validated against ``model``."""
-    return validate(model, await read_json(request, max_bytes))
+async def read_body(request: Request, model: type[Model], settings: Settings) -> Model:
+    """The request body, size- and time-limited, parsed and validated against ``model``."""
+    return validate(model, await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s))
 
 
 def validate(model: type[Model], data: Any) -> Model:

@@ -32,7 +32,7 @@ async def _embed(
 async def embed(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = await read_body(request, EmbedRequest, runtime.settings.max_request_bytes)
+    body = await read_body(request, EmbedRequest, runtime.settings)
     texts = [chunk.content for chunk in body.chunks]
     labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
     check_embed_limits(runtime.settings, texts, labels)
@@ -55,14 +55,14 @@ async def embed(request: Request) -> Response:
         },
         "timing_ms": timing_ms(outcome.timing, started),
     }
-    return ORJSONResponse(content, headers=timing_headers(outcome.timing, started))
+    return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
 @inference_endpoint("/v1/embeddings")
 async def openai_embeddings(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = await read_body(request, OpenAIEmbeddingRequest, runtime.settings.max_request_bytes)
+    body = await read_body(request, OpenAIEmbeddingRequest, runtime.settings)
     texts = body.texts()
     labels = [f"input.{i}" for i in range(len(texts))]
     check_embed_limits(runtime.settings, texts, labels)
@@ -87,7 +87,7 @@ async def openai_embeddings(request: Request) -> Response:
         "model": body.model or runtime.model_name(),
         "usage": {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens},
     }
-    return ORJSONResponse(content, headers=timing_headers(outcome.timing, started))
+    return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:

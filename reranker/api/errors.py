@@ -11,6 +11,7 @@ from starlette.responses import Response
 from reranker.api.responses import ORJSONResponse, error_body
 from reranker.errors import (
     BackendError,
+    BodyTimeoutError,
     ClientDisconnectedError,
     InvalidInputError,
     MalformedRequestError,
@@ -19,6 +20,7 @@ from reranker.errors import (
     PayloadTooLargeError,
     RequestTimeoutError,
     RerankerError,
+    UnauthorizedError,
     UnsupportedOperationError,
 )
 
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     MalformedRequestError: 400,
     UnsupportedOperationError: 400,
+    UnauthorizedError: 401,
+    BodyTimeoutError: 408,
     PayloadTooLargeError: 413,
     InvalidInputError: 422,
     BackendError: 500,
@@ -47,7 +51,7 @@ def status_for(error: RerankerError) -> int:
 
 
 def error_response(error: RerankerError) -> ORJSONResponse:
-    headers = {}
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else {}
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from reranker.api.auth import authorize
 from reranker.api.observe import runtime_of
+from reranker.api.prometheus import CONTENT_TYPE, exposition
 from reranker.api.responses import ORJSONResponse
 from reranker.engine.runtime import Status
+from reranker.errors import MalformedRequestError
 
 
 async def health(request: Request) -> Response:
@@ -32,7 +35,13 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    """JSON by default; the Prometheus text format for ``?format=prometheus`` or an Accept
+    header that asks for text/plain or OpenMetrics (what Prometheus sends)."""
     runtime = runtime_of(request)
+    if runtime.settings.protect_metrics:
+        authorize(request)
+    if _wants_prometheus(request):
+        return Response(exposition(request.app.state.prometheus), media_type=CONTENT_TYPE)
     snapshot = runtime.metrics.snapshot()
     controller = runtime.controller
     snapshot["queue_depth"] = controller.queued if controller else 0
@@ -41,3 +50,13 @@ async def metrics(request: Request) -> Response:
     snapshot["cache"] = runtime.cache_stats()
     snapshot["status"] = runtime.status.value
     return ORJSONResponse(snapshot)
+
+
+def _wants_prometheus(request: Request) -> bool:
+    requested = request.query_params.get("format")
+    if requested is not None:
+        if requested not in ("json", "prometheus"):
+            raise MalformedRequestError(f"format: {requested!r} is not one of 'json', 'prometheus'")
+        return requested == "prometheus"
+    accept = request.headers.get("accept", "")
+    return "application/json" not in accept and ("text/plain" in accept or "openmetrics" in accept)

@@ -1,4 +1,10 @@
-"""Per-request bookkeeping shared by the inference endpoints: metrics and timing headers."""
+"""Per-request bookkeeping of the inference endpoints: API key, metrics, timing headers.
+
+A handler publishes what the request cost (items, queue and inference time, batch
+size) with ``timing_headers``; the ``inference_endpoint`` wrapper counts the outcome
+in /metrics and the request-log middleware reads the same facts from
+``request.state``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,14 @@ from functools import wraps
 from starlette.requests import Request
 from starlette.responses import Response
 
+from reranker.api.auth import authorize
+from reranker.api.errors import status_for
 from reranker.engine.runtime import Runtime
 from reranker.engine.service import Timing
 from reranker.errors import RerankerError
 
 Handler = Callable[[Request], Awaitable[Response]]
+INFERENCE_ENDPOINTS: list[str] = []  # filled by the decorator: /metrics shows each from the start
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -21,24 +30,26 @@ def runtime_of(request: Request) -> Runtime:
 
 
 def inference_endpoint(name: str) -> Callable[[Handler], Handler]:
-    """Count every request of the endpoint in /metrics, by outcome."""
+    """Require the API key (when keys are set) and count every request of the endpoint."""
 
     def decorate(handler: Handler) -> Handler:
         @wraps(handler)
         async def observed(request: Request) -> Response:
-            metrics = runtime_of(request).metrics
+            runtime = runtime_of(request)
             started = time.perf_counter()
             try:
+                authorize(request)
                 response = await handler(request)
             except RerankerError as exc:
-                metrics.record_request(name, exc.error_type, _ms_since(started))
+                runtime.metrics.record_request(name, exc.error_type, _ms_since(started), status_for(exc))
                 raise
             except Exception:
-                metrics.record_request(name, "internal_error", _ms_since(started))
+                runtime.metrics.record_request(name, "internal_error", _ms_since(started), 500)
                 raise
-            metrics.record_request(name, None, _ms_since(started))
+            runtime.metrics.record_request(name, None, _ms_since(started), response.status_code)
             return response
 
+        INFERENCE_ENDPOINTS.append(name)
         return observed
 
     return decorate
@@ -52,7 +63,12 @@ def timing_ms(timing: Timing, started: float) -> dict[str, float]:
     }
 
 
-def timing_headers(timing: Timing, started: float) -> dict[str, str]:
+def timing_headers(request: Request, timing: Timing, started: float, items: int) -> dict[str, str]:
+    """The x-*-time-ms headers; also records the request's cost for /metrics and the request log."""
+    request.state.items = items
+    request.state.timing = timing
+    if timing.batch_size:  # it reached the model (not only the cache)
+        runtime_of(request).metrics.record_timing(timing.queue_ms, timing.inference_ms)
     return {
         "x-queue-time-ms": f"{timing.queue_ms:.3f}",
         "x-inference-time-ms": f"{timing.inference_ms:.3f}",

@@ -1,7 +1,13 @@
-"""POST /rerank (native shape) and POST /v1/rerank (Cohere v1 / Jina shape)."""
+"""POST /rerank (native shape), /v1/rerank (Cohere v1 / Jina shape) and /v2/rerank (Cohere v2).
+
+/rerank truncates a document at the model window (as sentence-transformers does);
+/v1 and /v2 chunk it by default: the score of a long document is the best score of its
+overlapping windows (``truncate``: ``END`` truncates, ``NONE`` refuses with 422).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -14,7 +20,16 @@ from starlette.responses import Response
 from reranker.api.body import read_body, unless_disconnected
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import ORJSONResponse
-from reranker.api.schemas import CohereRerankRequest, RerankRequest, check_limits
+from reranker.api.schemas import (
+    CohereRerankRequest,
+    CohereV2RerankRequest,
+    LongDocumentOptions,
+    RerankRequest,
+    check_limits,
+)
+from reranker.engine.service import LongDocuments, RerankOutcome, TextTooLongError
+from reranker.errors import InvalidInputError
+from reranker.settings import Settings
 
 
 def ranked(scores: np.ndarray, limit: int | None) -> list[int]:
@@ -27,8 +42,8 @@ def ranked(scores: np.ndarray, limit: int | None) -> list[int]:
 async def rerank(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = await read_body(request, RerankRequest, runtime.settings.max_request_bytes)
-    check_limits(runtime.settings, body.query, body.documents)
+    body = await read_body(request, RerankRequest, runtime.settings)
+    check_limits(runtime.settings, body.query, body.documents, body.top_k, "top_k")
     service = runtime.require_service()
     outcome = await unless_disconnected(request, service.rerank(body.query, body.documents))
     results: list[dict[str, Any]] = []
@@ -47,32 +62,119 @@ async def rerank(request: Request) -> Response:
         },
         "timing_ms": timing_ms(outcome.timing, started),
     }
-    return ORJSONResponse(content, headers=timing_headers(outcome.timing, started))
+    return ORJSONResponse(
+        content, headers=timing_headers(request, outcome.timing, started, len(body.documents))
+    )
+
+
+def long_documents(
+    body: LongDocumentOptions, settings: Settings, max_windows: int | None = None
+) -> LongDocuments:
+    mode = {"END": "truncate", "NONE": "refuse"}.get(body.truncate or "CHUNK", "chunk")
+    windows = max_windows or body.max_chunks_per_doc or settings.max_chunks_per_doc
+    return LongDocuments(mode, windows, settings.chunk_overlap_tokens)
+
+
+async def rerank_long(request: Request, query: str, texts: list[str], long: LongDocuments) -> RerankOutcome:
+    """The service's rerank; a document refused for its length is a 422 naming it."""
+    service = runtime_of(request).require_service()
+    try:
+        return await unless_disconnected(request, service.rerank(query, texts, long))
+    except TextTooLongError as exc:
+        raise InvalidInputError(
+            f"documents.{exc.position}: longer than the model's {exc.max_tokens}-token window "
+            '(query included) and truncate is "NONE"'
+        ) from None
+
+
+def result_details(outcome: RerankOutcome, index: int) -> dict[str, Any]:
+    windows = outcome.windows[index]
+    return {"windows": windows, "chunked": windows > 1, "truncated": index in outcome.truncated_documents}
+
+
+def warnings(outcome: RerankOutcome, long: LongDocuments, window: int) -> list[str]:
+    notes = []
+    chunked = sum(1 for windows in outcome.windows if windows > 1)
+    if chunked:
+        notes.append(
+            f"{chunked} document(s) longer than the model's {window}-token window were scored as the best "
+            f"of their overlapping windows (up to {long.max_windows} each)"
+        )
+    if outcome.truncated_documents:
+        what = "beyond their windows" if long.mode == "chunk" else "beyond the model window"
+        notes.append(
+            f"{len(outcome.truncated_documents)} document(s) were truncated: their text {what} was not scored"
+        )
+    return notes
 
 
 @inference_endpoint("/v1/rerank")
 async def rerank_v1(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = await read_body(request, CohereRerankRequest, runtime.settings.max_request_bytes)
+    body = await read_body(request, CohereRerankRequest, runtime.settings)
     texts = body.texts()
-    check_limits(runtime.settings, body.query, texts)
-    service = runtime.require_service()
-    outcome = await unless_disconnected(request, service.rerank(body.query, texts))
+    check_limits(runtime.settings, body.query, texts, body.top_n)
+    long = long_documents(body, runtime.settings)
+    outcome = await rerank_long(request, body.query, texts, long)
     results: list[dict[str, Any]] = []
     for index in ranked(outcome.scores, body.top_n):
         result: dict[str, Any] = {"index": index, "relevance_score": float(outcome.scores[index])}
         if body.return_documents:
             doc = body.documents[index]
             result["document"] = {"text": doc} if isinstance(doc, str) else doc
+        if body.return_details:
+            result["details"] = result_details(outcome, index)
         results.append(result)
+    meta: dict[str, Any] = {
+        "api_version": {"version": "1"},
+        "billed_units": {"search_units": math.ceil(len(texts) / 100)},
+    }
+    notes = warnings(outcome, long, runtime.model_info().max_length if runtime.model_info() else 0)
+    if notes:
+        meta["warnings"] = notes
     content = {
         "id": str(uuid.uuid4()),
         "results": results,
-        "meta": {
-            "api_version": {"version": "1"},
-            "billed_units": {"search_units": math.ceil(len(texts) / 100)},
-        },
+        "meta": meta,
         "usage": {"total_tokens": outcome.tokens},
     }
-    return ORJSONResponse(content, headers=timing_headers(outcome.timing, started))
+    return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
+
+
+@inference_endpoint("/v2/rerank")
+async def rerank_v2(request: Request) -> Response:
+    """Cohere v2: documents beyond ``max_tokens_per_doc`` tokens are cut; the rest is chunked."""
+    started = time.perf_counter()
+    runtime = runtime_of(request)
+    body = await read_body(request, CohereV2RerankRequest, runtime.settings)
+    check_limits(runtime.settings, body.query, body.documents, body.top_n)
+    service = runtime.require_service()
+    texts = await asyncio.to_thread(service.truncate_texts, body.documents, body.max_tokens_per_doc)
+    cut_by_budget = [
+        i for i, (text, original) in enumerate(zip(texts, body.documents, strict=True)) if text != original
+    ]
+    long = long_documents(body, runtime.settings, max_windows=None if body.max_chunks_per_doc else 1000)
+    outcome = await rerank_long(request, body.query, texts, long)
+    results: list[dict[str, Any]] = []
+    for index in ranked(outcome.scores, body.top_n):
+        result: dict[str, Any] = {"index": index, "relevance_score": float(outcome.scores[index])}
+        if body.return_details:
+            result["details"] = result_details(outcome, index) | {
+                "truncated": index in cut_by_budget or index in outcome.truncated_documents
+            }
+        results.append(result)
+    notes = warnings(outcome, long, runtime.model_info().max_length if runtime.model_info() else 0)
+    if cut_by_budget:
+        notes.append(
+            f"{len(cut_by_budget)} document(s) were cut at max_tokens_per_doc={body.max_tokens_per_doc}"
+        )
+    meta: dict[str, Any] = {
+        "api_version": {"version": "2"},
+        "billed_units": {"search_units": math.ceil(len(texts) / 100)},
+        "tokens": {"input_tokens": outcome.tokens, "output_tokens": 0},
+    }
+    if notes:
+        meta["warnings"] = notes
+    content = {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+    return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))

@@ -45,7 +45,24 @@ class RerankRequest(_Body):
         return value
 
 
-class CohereRerankRequest(_Body):
+class LongDocumentOptions(_Body):
+    """How /v1/rerank and /v2/rerank treat a document longer than the model window."""
+
+    truncate: Literal["CHUNK", "END", "NONE"] | None = Field(
+        None,
+        description="CHUNK (default): the max over overlapping windows; END: score the beginning; "
+        "NONE: 422 on a document over the window.",
+    )
+    max_chunks_per_doc: int | None = Field(None, ge=1, le=1000, description="Windows scored per document.")
+    return_details: bool = Field(False, description="Per result: windows scored, chunked, truncated.")
+
+    @field_validator("truncate", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class CohereRerankRequest(LongDocumentOptions):
     """Cohere v1 / Jina rerank: documents are strings or objects."""
 
     model: str | None = None
@@ -87,7 +104,37 @@ class CohereRerankRequest(_Body):
         return text
 
 
-def check_limits(settings: Settings, query: str, documents: list[str]) -> None:
+class CohereV2RerankRequest(LongDocumentOptions):
+    """Cohere v2 rerank: ``model`` required, documents are strings."""
+
+    model: str = Field(min_length=1)
+    query: str
+    documents: list[str] = Field(min_length=1)
+    top_n: int | None = Field(None, gt=0)
+    max_tokens_per_doc: int = Field(4096, ge=1, description="Document tokens beyond this are not scored.")
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        return _require_text(value, "query")
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, value: list[str]) -> list[str]:
+        for index, doc in enumerate(value):
+            if not doc.strip():
+                raise ValueError(f"document {index} is empty")
+        return value
+
+
+def check_limits(
+    settings: Settings, query: str, documents: list[str], top_n: int | None = None, top_name: str = "top_n"
+) -> None:
+    """Documents per request, characters per text and ``top_n`` against the configured limits."""
+    if top_n is not None and top_n > settings.max_documents_per_request:
+        raise InvalidInputError(
+            f"{top_name}: {top_n} is over MAX_DOCUMENTS_PER_REQUEST={settings.max_documents_per_request}"
+        )
     if len(documents) > settings.max_documents_per_request:
         raise InvalidInputError(
             f"documents: {len(documents)} documents is over MAX_DOCUMENTS_PER_REQUEST="

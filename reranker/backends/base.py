@@ -50,6 +50,18 @@ class Encoded:
         return len(self.ids)
 
 
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """A document's model inputs: one, or several overlapping windows of a long document."""
+
+    items: list[Encoded]
+    truncated: bool  # part of the document is in no window (over max_windows, or cut plainly)
+
+    @property
+    def chunked(self) -> bool:
+        return len(self.items) > 1
+
+
 class Backend(ABC):
     """Score pairs or embed texts. ``forward`` is called from worker threads."""
 
@@ -73,6 +85,18 @@ class Backend(ABC):
         Cross-encoder: raw logits, shape ``[n]`` (no activation: post-processing is ours).
         Bi-encoder: pooled embeddings before any normalisation, shape ``[n, dim]``.
         """
+
+    # Long documents. Backends with a real tokenizer cut overflowing text into overlapping
+    # windows; this default (the fake backend's) makes one window, plainly truncated.
+    def pair_windows(self, pairs: Sequence[tuple[str, str]], overlap: int, max_windows: int) -> list[Windows]:
+        return [Windows([item], item.truncated) for item in self.tokenize_pairs(pairs)]
+
+    def text_windows(self, texts: Sequence[str], overlap: int, max_windows: int) -> list[Windows]:
+        return [Windows([item], item.truncated) for item in self.tokenize_texts(texts)]
+
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """``text`` cut after its first ``max_tokens`` tokens."""
+        return text
 
     def health(self) -> None:
         """Raise if the backend cannot serve; default: a tiny real forward pass."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from reranker.backends.base import Backend, Encoded
+from reranker.backends.base import Backend, Encoded, Windows
 from reranker.errors import StartupError
 
 
@@ -35,9 +35,49 @@ class TextTokenizer:
         return tokenizer
 
     def _setup(self, tokenizer: Tokenizer, max_length: int) -> None:
+        self.max_length = max_length
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
+        self._windowing: dict[tuple[str, int], Tokenizer] = {}  # (pair|text, overlap) -> tokenizer
+        self._unbounded = Tokenizer.from_str(tokenizer.to_str())
+        self._unbounded.no_truncation()
+
+    def _windower(self, kind: str, overlap: int) -> Tokenizer:
+        """A copy of the tokenizer that cuts what overflows the window into overlapping windows."""
+        key = (kind, overlap)
+        if key not in self._windowing:
+            windower = Tokenizer.from_str(self._tokenizer.to_str())
+            windower.no_padding()
+            strategy = "only_second" if kind == "pair" else "longest_first"
+            windower.enable_truncation(max_length=self.max_length, stride=overlap, strategy=strategy)
+            self._windowing[key] = windower
+        return self._windowing[key]
+
+    def pair_windows(self, pairs: Sequence[tuple[str, str]], overlap: int, max_windows: int) -> list[Windows]:
+        """Each (query, document) as windows of query + a slice of the document (``overlap`` tokens
+        shared by neighbours), at most ``max_windows``; a query too long to leave room for the
+        document falls back to plain truncation."""
+        windower = self._windower("pair", overlap)
+        result = []
+        for pair in pairs:
+            try:
+                encoding = windower.encode(*pair)
+            except Exception:  # noqa: BLE001 - tokenizers' truncation error: the query fills the window
+                result.append(Windows([_to_encoded(self._tokenizer.encode(*pair))], truncated=True))
+                continue
+            result.append(_windows(encoding, max_windows))
+        return result
+
+    def text_windows(self, texts: Sequence[str], overlap: int, max_windows: int) -> list[Windows]:
+        """Each text as overlapping windows of the model's length, at most ``max_windows``."""
+        windower = self._windower("text", overlap)
+        return [_windows(encoding, max_windows) for encoding in windower.encode_batch(list(texts))]
+
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """``text`` cut after its first ``max_tokens`` tokens (at a token boundary)."""
+        offsets = self._unbounded.encode(text, add_special_tokens=False).offsets
+        return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
 
     def texts(self, texts: Sequence[str]) -> list[Encoded]:
         return [_to_encoded(e) for e in self._tokenizer.encode_batch(list(texts))]
@@ -59,6 +99,12 @@ class TextTokenizer:
         return {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask}
 
 
+def _windows(encoding: object, max_windows: int) -> Windows:
+    every = [encoding, *encoding.overflowing]  # type: ignore[attr-defined]
+    kept = [Encoded(e.ids, e.type_ids) for e in every[:max_windows]]
+    return Windows(kept, truncated=len(every) > max_windows)
+
+
 class TokenizedBackend(Backend):
     """A backend whose tokenization is a ``TextTokenizer`` (all of ours): the two methods, once."""
 
@@ -69,6 +115,15 @@ class TokenizedBackend(Backend):
 
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
         return self.tokenizer.pairs(pairs)
+
+    def pair_windows(self, pairs: Sequence[tuple[str, str]], overlap: int, max_windows: int) -> list[Windows]:
+        return self.tokenizer.pair_windows(pairs, overlap, max_windows)
+
+    def text_windows(self, texts: Sequence[str], overlap: int, max_windows: int) -> list[Windows]:
+        return self.tokenizer.text_windows(texts, overlap, max_windows)
+
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        return self.tokenizer.truncate_text(text, max_tokens)
 
 
 def _to_encoded(encoding: object) -> Encoded:

@@ -25,7 +25,7 @@ from cachetools import LRUCache, TTLCache
 
 @dataclass(frozen=True, slots=True)
 class CachedOutput:
-    output: np.ndarray  # a scalar logit or one vector
+    output: np.ndarray  # per window of the item: logits [w] or vectors [w, dim]
     tokens: int
     truncated: bool
 

@@ -1,8 +1,9 @@
-"""Counters, a recent-latency window and a latency histogram behind GET /metrics.
+"""Counters, histograms and a recent-latency window: what GET /metrics shows, as JSON or Prometheus.
 
-The window gives this instance's exact recent percentiles; the histogram (fixed
-buckets, counts since start) is what can be summed across instances
-(aggregate_metrics.py), since percentiles themselves cannot be averaged.
+The window gives this instance's exact recent percentiles; the histograms (fixed
+buckets, counts since start) are what can be summed across instances
+(aggregate_metrics.py) and what Prometheus scrapes, since percentiles themselves
+cannot be averaged. Both views of /metrics read these same objects.
 Only touched from the event loop thread, so no locks are needed.
 """
 
@@ -11,15 +12,44 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 
 import numpy as np
 
 LATENCY_WINDOW = 2048
-# Upper bounds (ms) of the latency histogram buckets; one more bucket counts everything slower.
+# Upper bounds of the buckets; one more bucket counts everything above the last.
 LATENCY_BUCKETS_MS = (
     1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500, 750,
     1000, 1500, 2000, 3000, 5000, 7500, 10000, 20000, 30000, 60000,
 )  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+# Every failure reason, so each counter exists (at 0) before the first request.
+FAILURE_REASONS = (
+    "invalid_request", "malformed_request", "payload_too_large", "body_timeout", "unauthorized",
+    "unsupported_operation", "overloaded", "not_ready", "timeout", "backend_error",
+    "client_disconnected", "internal_error",
+)  # fmt: skip
+
+
+class Histogram:
+    """Counts per bucket (``le`` upper bounds, plus one overflow bucket) and the sum."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def snapshot(self) -> dict[str, object]:
+        return {"le": list(self.bounds), "counts": list(self.counts), "sum": round(self.sum, 3)}
 
 
 class Metrics:
@@ -27,38 +57,58 @@ class Metrics:
         self.started_at = time.monotonic()
         self.total_requests = 0
         self.successful_requests = 0
-        self.failed_requests: Counter[str] = Counter()
+        self.failed_requests: Counter[str] = Counter({reason: 0 for reason in FAILURE_REASONS})
         self.rejected_requests = 0
         self.requests_by_endpoint: Counter[str] = Counter()
+        self.responses: Counter[tuple[str, int]] = Counter()  # (endpoint, HTTP status)
         self.items_processed = 0
         self.batches_run = 0
         self.batch_seconds = 0.0
         self.real_tokens = 0
         self.padded_tokens = 0  # longest item x items, summed over batches
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self._latency_sum_ms = 0.0
+        self.latency_ms = Histogram(LATENCY_BUCKETS_MS)  # successful requests, end to end
+        self.queue_wait_ms = Histogram(LATENCY_BUCKETS_MS)  # per model-served request
+        self.inference_ms = Histogram(LATENCY_BUCKETS_MS)
+        self.batch_size = Histogram(BATCH_SIZE_BUCKETS)  # per batch
+        self.batch_tokens = Histogram(BATCH_TOKEN_BUCKETS)  # padded tokens per batch
 
-    def record_request(self, endpoint: str, failure_reason: str | None, latency_ms: float) -> None:
+    def expect_endpoints(self, endpoints: Sequence[str]) -> None:
+        """Create the per-endpoint counters at 0, so they exist before the first request."""
+        for endpoint in endpoints:
+            self.requests_by_endpoint[endpoint] += 0
+            self.responses[(endpoint, 200)] += 0
+
+    def record_request(
+        self, endpoint: str, failure_reason: str | None, latency_ms: float, status: int = 200
+    ) -> None:
         """One finished inference request; ``failure_reason`` is None on success."""
         self.total_requests += 1
         self.requests_by_endpoint[endpoint] += 1
+        self.responses[(endpoint, status)] += 1
         if failure_reason is None:
             self.successful_requests += 1
             self._latencies_ms.append(latency_ms)
-            self._latency_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
-            self._latency_sum_ms += latency_ms
+            self.latency_ms.observe(latency_ms)
         else:
             self.failed_requests[failure_reason] += 1
             if failure_reason == "overloaded":
                 self.rejected_requests += 1
+
+    def record_timing(self, queue_ms: float, inference_ms: float) -> None:
+        """Where a request that reached the model spent its time."""
+        self.queue_wait_ms.observe(queue_ms)
+        self.inference_ms.observe(inference_ms)
 
     def record_batch(self, lengths: list[int], seconds: float) -> None:
         self.batches_run += 1
         self.items_processed += len(lengths)
         self.batch_seconds += seconds
         self.real_tokens += sum(lengths)
-        self.padded_tokens += max(lengths, default=0) * len(lengths)
+        padded = max(lengths, default=0) * len(lengths)
+        self.padded_tokens += padded
+        self.batch_size.observe(len(lengths))
+        self.batch_tokens.observe(padded)
 
     def items_per_second(self) -> float:
         """Model throughput while busy (items per second of batch time)."""
@@ -77,18 +127,21 @@ class Metrics:
         return {
             "total_requests": self.total_requests,
             "successful_requests": self.successful_requests,
-            "failed_requests": dict(self.failed_requests),
+            "failed_requests": {reason: n for reason, n in self.failed_requests.items() if n},
             "rejected_requests": self.rejected_requests,
             "success_rate": (
                 round(self.successful_requests / self.total_requests, 6) if self.total_requests else 1.0
             ),
             "requests_by_endpoint": dict(self.requests_by_endpoint),
-            "latency_ms": {**percentiles, "window": int(latencies.size)},
-            "latency_histogram_ms": {
-                "le": list(LATENCY_BUCKETS_MS),
-                "counts": list(self._latency_counts),  # per bucket; the last is "slower than all"
-                "sum": round(self._latency_sum_ms, 3),
+            "responses_by_status": {
+                f"{endpoint} {status}": n for (endpoint, status), n in sorted(self.responses.items()) if n
             },
+            "latency_ms": {**percentiles, "window": int(latencies.size)},
+            "latency_histogram_ms": self.latency_ms.snapshot(),
+            "queue_wait_histogram_ms": self.queue_wait_ms.snapshot(),
+            "inference_histogram_ms": self.inference_ms.snapshot(),
+            "batch_size_histogram": self.batch_size.snapshot(),
+            "batch_tokens_histogram": self.batch_tokens.snapshot(),
             "items_processed": self.items_processed,
             "batches_run": self.batches_run,
             "mean_batch_size": (

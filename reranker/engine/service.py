@@ -2,8 +2,10 @@
 
 Rerank on a cross-encoder scores (query, document) pairs and applies our own
 sigmoid to the single logit. Rerank on a bi-encoder embeds the query and the
-documents and returns cosine similarities. With a prediction cache, items
-already computed are answered from it and only the rest are tokenized and queued.
+documents and returns cosine similarities. A document longer than the model window
+is scored as the best of its overlapping windows when the request asks for chunking.
+With a prediction cache, items already computed are answered from it and only the rest
+are tokenized and queued.
 """
 
 from __future__ import annotations
@@ -12,18 +14,16 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from reranker.backends.base import Backend, Encoded, ModelKind
+from reranker.backends.base import Backend, ModelKind, Windows
 from reranker.engine.cache import CachedOutput, PredictionCache
 from reranker.engine.controller import InferenceController
 from reranker.errors import InvalidInputError, UnsupportedOperationError
 
 log = logging.getLogger(__name__)
-Input = TypeVar("Input", str, tuple[str, str])
 
 
 class TextTooLongError(InvalidInputError):
@@ -46,12 +46,33 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
+class LongDocuments:
+    """What rerank does with a document longer than the model window.
+
+    ``chunk``: score overlapping windows of it (``overlap`` tokens shared by neighbours, at
+    most ``max_windows``) and keep the best; ``truncate``: score its beginning; ``refuse``:
+    a 422 naming it.
+    """
+
+    mode: str = "truncate"  # chunk | truncate | refuse
+    max_windows: int = 1
+    overlap: int = 0
+
+    @property
+    def cache_tag(self) -> str:
+        return f"w{self.max_windows}o{self.overlap}" if self.mode == "chunk" else ""
+
+
+TRUNCATE = LongDocuments()
+
+
+@dataclass(frozen=True, slots=True)
 class Computed:
     """Model outputs for every item of a request, from the cache or the model."""
 
-    outputs: np.ndarray  # [n] logits or [n, dim] vectors, in request order
+    outputs: list[np.ndarray]  # per item, in request order: [windows] logits or [windows, dim] vectors
     tokens: int
-    truncated: list[int]  # positions cut at the model's max length
+    truncated: list[int]  # positions with text in no window (cut at the window or max_windows)
     timing: Timing
 
 
@@ -61,6 +82,8 @@ class RerankOutcome:
     tokens: int
     truncated: int  # documents whose input was cut at the model's max length
     timing: Timing
+    windows: list[int] = field(default_factory=list)  # windows scored per document
+    truncated_documents: list[int] = field(default_factory=list)  # their positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,56 +119,107 @@ class InferenceService:
 
     async def _compute(
         self,
-        inputs: Sequence[Input],
-        tokenize: Callable[[list[Input]], list[Encoded]],
+        keys: list[tuple[str, ...]],
+        tokenize: Callable[[list[int]], list[Windows]],
         refuse_truncated: Callable[[int], None] | None = None,
     ) -> Computed:
-        """Outputs for ``inputs``: cached ones from the cache, the rest tokenized once and queued.
+        """Outputs for the items whose cache-key parts are ``keys``: cached ones from the cache,
+        the rest tokenized once (``tokenize(positions)``, one or more windows each) and queued
+        together, so the windows of many documents share batches.
 
         ``refuse_truncated(position)`` may raise before any model work when an item is too long.
         """
         cache = self._cache
-        cache_keys = [cache.key(*_texts_of(item)) for item in inputs] if cache is not None else []
+        cache_keys = [cache.key(*parts) for parts in keys] if cache is not None else []
         cached = cache.get_many(cache_keys) if cache is not None else {}
-        missing = [i for i in range(len(inputs)) if i not in cached]
-        encoded = await asyncio.to_thread(tokenize, [inputs[i] for i in missing]) if missing else []
+        missing = [i for i in range(len(keys)) if i not in cached]
+        windows = await asyncio.to_thread(tokenize, missing) if missing else []
         truncated = sorted(
             [i for i, entry in cached.items() if entry.truncated]
-            + [i for i, item in zip(missing, encoded, strict=True) if item.truncated]
+            + [i for i, item in zip(missing, windows, strict=True) if item.truncated]
         )
         if truncated and refuse_truncated is not None:
             refuse_truncated(truncated[0])
         entries: dict[int, CachedOutput] = dict(cached)
         timing = Timing(0.0, 0.0, 0, cache_hits=len(cached))
         if missing:
-            result = await self._controller.run(encoded, self._timeout_s)
+            flat = [encoded for item in windows for encoded in item.items]
+            result = await self._controller.run(flat, self._timeout_s)
             timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, len(cached))
-            for position, item, output in zip(missing, encoded, result.outputs, strict=True):
-                entry = CachedOutput(output.copy(), len(item), item.truncated)
+            offset = 0
+            for position, item in zip(missing, windows, strict=True):
+                count = len(item.items)
+                output = result.outputs[offset : offset + count].copy()
+                offset += count
+                entry = CachedOutput(output, sum(len(e) for e in item.items), item.truncated)
                 entries[position] = entry
                 if cache is not None:
                     cache.put(cache_keys[position], entry)
-        ordered = [entries[i] for i in range(len(inputs))]
+        ordered = [entries[i] for i in range(len(keys))]
         return Computed(
-            outputs=np.stack([entry.output for entry in ordered]),
+            outputs=[entry.output for entry in ordered],
             tokens=sum(entry.tokens for entry in ordered),
             truncated=truncated,
             timing=timing,
         )
 
-    async def rerank(self, query: str, documents: Sequence[str]) -> RerankOutcome:
+    def _windows(self, texts: list[str], positions: list[int], long: LongDocuments) -> list[Windows]:
+        chosen = [texts[i] for i in positions]
+        if long.mode == "chunk":
+            return self._backend.text_windows(chosen, long.overlap, long.max_windows)
+        return [Windows([item], item.truncated) for item in self._backend.tokenize_texts(chosen)]
+
+    def _pair_windows(
+        self, pairs: list[tuple[str, str]], positions: list[int], long: LongDocuments
+    ) -> list[Windows]:
+        chosen = [pairs[i] for i in positions]
+        if long.mode == "chunk":
+            return self._backend.pair_windows(chosen, long.overlap, long.max_windows)
+        return [Windows([item], item.truncated) for item in self._backend.tokenize_pairs(chosen)]
+
+    async def rerank(
+        self, query: str, documents: Sequence[str], long: LongDocuments = TRUNCATE
+    ) -> RerankOutcome:
+        """Scores of ``documents`` for ``query``. A document over the model window is, by
+        ``long``: the max over its windows' scores (Cohere's semantics), its beginning's score,
+        or refused (``TextTooLongError`` naming its position)."""
+        refuse = self._refuse_document if long.mode == "refuse" else None
         if self.kind is ModelKind.CROSS_ENCODER:
             pairs = [(query, doc) for doc in documents]
-            computed = await self._compute(pairs, self._backend.tokenize_pairs)
-            scores = sigmoid(computed.outputs)
-            truncated = len(computed.truncated)
+            keys = [("pair" + long.cache_tag, query, doc) for doc in documents]
+            computed = await self._compute(keys, lambda pos: self._pair_windows(pairs, pos, long), refuse)
+            scores = sigmoid(np.array([logits.max() for logits in computed.outputs], dtype=np.float32))
+            windows = [len(logits) for logits in computed.outputs]
+            cut = computed.truncated
         else:
             texts = [query, *documents]
-            computed = await self._compute(texts, self._backend.tokenize_texts)
-            vectors = l2_normalize(computed.outputs)
-            scores = (vectors[1:] @ vectors[0]).astype(np.float32)
-            truncated = sum(1 for position in computed.truncated if position > 0)  # documents only
-        return RerankOutcome(scores, computed.tokens, truncated, computed.timing)
+            keys = [("text", query)] + [("text" + long.cache_tag, doc) for doc in documents]
+
+            def tokenize(positions: list[int]) -> list[Windows]:
+                query_part = [p for p in positions if p == 0]  # the query: one window, plainly cut
+                head = self._windows(texts, query_part, TRUNCATE)
+                return head + self._windows(texts, [p for p in positions if p > 0], long)
+
+            def refuse_document(position: int) -> None:
+                if position > 0 and refuse is not None:
+                    refuse(position - 1)
+
+            computed = await self._compute(keys, tokenize, refuse_document if refuse else None)
+            query_vector = l2_normalize(computed.outputs[0][0])
+            scores = np.array(
+                [(l2_normalize(vectors) @ query_vector).max() for vectors in computed.outputs[1:]],
+                dtype=np.float32,
+            )
+            windows = [len(vectors) for vectors in computed.outputs[1:]]
+            cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
+        return RerankOutcome(scores, computed.tokens, len(cut), computed.timing, windows, cut)
+
+    def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
+        return [self._backend.truncate_text(text, max_tokens) for text in texts]
+
+    def _refuse_document(self, position: int) -> None:
+        raise TextTooLongError(position, self._backend.info().max_length)
 
     async def embed(
         self, texts: Sequence[str], normalize: bool | None = None, allow_truncation: bool = True
@@ -168,15 +242,13 @@ class InferenceService:
         def refuse(position: int) -> None:
             raise TextTooLongError(position, info.max_length)
 
+        keys = [("text", text) for text in texts]
         computed = await self._compute(
-            texts, self._backend.tokenize_texts, None if allow_truncation else refuse
+            keys,
+            lambda positions: self._windows(list(texts), positions, TRUNCATE),
+            None if allow_truncation else refuse,
         )
-        vectors = computed.outputs.astype(np.float32, copy=False)
+        vectors = np.stack([output[0] for output in computed.outputs]).astype(np.float32, copy=False)
         if info.normalize_embeddings if normalize is None else normalize:
             vectors = l2_normalize(vectors)
         return EmbedOutcome(vectors, computed.tokens, len(computed.truncated), computed.timing)
-
-
-def _texts_of(item: str | tuple[str, str]) -> tuple[str, ...]:
-    """The cache key parts of an input: ("text", text) or ("pair", query, document)."""
-    return ("text", item) if isinstance(item, str) else ("pair", *item)

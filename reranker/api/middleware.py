@@ -1,0 +1,89 @@
+"""The request middleware: a request id for every request, and one log line when it ends.
+
+The id is the caller's ``X-Request-ID`` when it is a sane token (letters, digits,
+``._:-``, at most 128), else a fresh one; it is set for every log line written while
+the request is served (uvicorn's access line included) and returned in the response's
+``X-Request-ID``. The closing line carries endpoint, status, items, queue and
+inference time and batch size (what the handler put in ``request.state``); health and
+metrics probes log at debug. Request bodies are logged only with LOG_REQUEST_BODIES=true
+(they hold the users' documents); headers never are (they hold API keys).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reranker.request_context import current_request_id
+
+log = logging.getLogger("reranker.request")
+
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/health", "/metrics"})
+LOGGED_BODY_CHARS = 4096
+
+
+class RequestLogMiddleware:
+    def __init__(self, app: ASGIApp, log_bodies: bool = False) -> None:
+        self.app = app
+        self.log_bodies = log_bodies
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        token = current_request_id.set(request_id)
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+        body = bytearray()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def receive_and_keep() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and len(body) < LOGGED_BODY_CHARS:
+                body.extend(message.get("body", b"")[: LOGGED_BODY_CHARS - len(body)])
+            return message
+
+        try:
+            await self.app(scope, receive_and_keep if self.log_bodies else receive, send_with_id)
+        finally:
+            self._log(scope, status, (time.perf_counter() - started) * 1000, body)
+            current_request_id.reset(token)
+
+    def _log(self, scope: Scope, status: int, duration_ms: float, body: bytearray) -> None:
+        path = scope.get("path", "")
+        level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        state = scope.get("state") or {}
+        fields: dict[str, object] = {
+            "endpoint": path,
+            "method": scope.get("method"),
+            "status": status,
+            "duration_ms": round(duration_ms, 3),
+        }
+        if "items" in state:
+            fields["items"] = state["items"]
+        timing = state.get("timing")
+        if timing is not None:
+            fields.update(
+                queue_ms=round(timing.queue_ms, 3),
+                inference_ms=round(timing.inference_ms, 3),
+                batch_size=timing.batch_size,
+            )
+        if self.log_bodies:
+            fields["body"] = body.decode("utf-8", errors="replace")
+        log.log(level, "%s %s %d in %.1f ms", fields["method"], path, status, duration_ms, extra=fields)

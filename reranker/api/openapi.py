@@ -1,0 +1,191 @@
+"""GET /openapi.json: every endpoint, its request and response schemas and its errors.
+
+The request schemas are the pydantic models that validate the requests
+(``schemas.py``), with this server's configured limits written in (``maxItems``,
+``maxLength``, ``maximum``), so a client generated from the document knows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from reranker import __version__
+from reranker.api import response_models as out
+from reranker.api.responses import ORJSONResponse
+from reranker.api.schemas import (
+    CohereRerankRequest,
+    CohereV2RerankRequest,
+    EmbedRequest,
+    OpenAIEmbeddingRequest,
+    RerankRequest,
+)
+from reranker.settings import Settings
+
+REF = "#/components/schemas/{model}"
+INFERENCE_ERRORS = {
+    400: "Malformed JSON, or an operation the loaded model cannot do (embed on a cross-encoder).",
+    401: "API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
+    408: "The body did not arrive within BODY_READ_TIMEOUT_S.",
+    413: "The body is over MAX_REQUEST_BYTES, or too many texts for one request.",
+    422: "The body breaks the schema or a limit; the message names the field and the limit.",
+    500: "The model failed while running the batch.",
+    503: "Overloaded (queue full), loading or draining: retry after `Retry-After` seconds.",
+    504: "The request did not finish within REQUEST_TIMEOUT_S.",
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    path: str
+    method: str
+    summary: str
+    response: type[BaseModel]
+    request: type[BaseModel] | None = None
+    errors: tuple[int, ...] = ()
+    text_response: bool = False  # also answers text/plain (Prometheus)
+
+
+ERRORS = tuple(INFERENCE_ERRORS)
+OPERATIONS = (
+    Operation("/rerank", "post", "Rerank documents for a query", out.RerankResponse, RerankRequest, ERRORS),
+    Operation(
+        "/v1/rerank",
+        "post",
+        "Rerank, Cohere v1 / Jina shape",
+        out.CohereRerankResponse,
+        CohereRerankRequest,
+        ERRORS,
+    ),
+    Operation(
+        "/v2/rerank", "post", "Rerank, Cohere v2 shape", out.V2RerankResponse, CohereV2RerankRequest, ERRORS
+    ),
+    Operation(
+        "/embed", "post", "Embed chunks (ingestion-worker shape)", out.EmbedResponse, EmbedRequest, ERRORS
+    ),
+    Operation(
+        "/v1/embeddings",
+        "post",
+        "Embed texts, OpenAI shape",
+        out.OpenAIEmbeddingResponse,
+        OpenAIEmbeddingRequest,
+        ERRORS,
+    ),
+    Operation("/health", "get", "Status, model, controller and cache (503 unless ready)", out.HealthResponse),
+    Operation("/livez", "get", "Liveness: the process answers", out.StatusResponse),
+    Operation("/readyz", "get", "Readiness: 200 only when the model serves", out.StatusResponse),
+    Operation(
+        "/metrics",
+        "get",
+        "Metrics: JSON, or Prometheus text with ?format=prometheus",
+        out.MetricsResponse,
+        errors=(400, 401),
+        text_response=True,
+    ),
+)
+
+
+def openapi_document(settings: Settings, protected: bool) -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    paths: dict[str, Any] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, settings, protected, schemas)
+    schemas["ErrorResponse"] = _schema(out.ErrorResponse, schemas, "serialization")
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "reranker", "version": __version__},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+    if protected:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return document
+
+
+async def openapi_json(request: Request) -> Response:
+    state = request.app.state
+    if getattr(state, "openapi", None) is None:
+        state.openapi = openapi_document(state.runtime.settings, state.api_keys is not None)
+    return ORJSONResponse(state.openapi)
+
+
+def _operation(op: Operation, settings: Settings, protected: bool, schemas: dict[str, Any]) -> dict[str, Any]:
+    ok: dict[str, Any] = {"application/json": {"schema": _schema(op.response, schemas, "serialization")}}
+    if op.text_response:
+        ok["text/plain"] = {"schema": {"type": "string"}}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
+    error = {"application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}}
+    for status in op.errors:
+        if status == 401 and not (protected and (op.request or settings.protect_metrics)):
+            continue
+        responses[str(status)] = {"description": INFERENCE_ERRORS.get(status, "Bad query"), "content": error}
+    if op.path in ("/health", "/readyz"):
+        responses["503"] = {"description": "Not ready (loading, unhealthy or draining)", "content": ok}
+    operation: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": op.path.strip("/").replace("/", "_"),
+        "responses": responses,
+    }
+    if op.path == "/metrics":
+        format_schema = {"type": "string", "enum": ["json", "prometheus"]}
+        operation["parameters"] = [
+            {"name": "format", "in": "query", "required": False, "schema": format_schema}
+        ]
+    if op.request is not None:
+        schema = _schema(op.request, schemas, "validation")
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        _write_limits(schemas, settings)
+    if protected and (op.request is not None or (op.path == "/metrics" and settings.protect_metrics)):
+        operation["security"] = [{"bearer": []}]
+    return operation
+
+
+def _schema(model: type[BaseModel], schemas: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Register ``model`` (and the models it uses) under components; return a $ref to it."""
+    schema = model.model_json_schema(ref_template=REF, mode=mode)  # type: ignore[arg-type]
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _write_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    """The configured limits, on the fields they bound (arrays: count; strings: characters)."""
+    docs, texts, chars = (
+        settings.max_documents_per_request,
+        settings.max_texts_per_embed_request,
+        settings.max_text_chars,
+    )
+    bounds = {  # field: (maxItems, maxLength, maximum)
+        "query": (None, chars, None),
+        "documents": (docs, chars, None),
+        "chunks": (texts, None, None),
+        "content": (None, chars, None),
+        "input": (texts, chars, None),
+        "top_n": (None, None, docs),
+        "top_k": (None, None, docs),
+    }
+    for schema in schemas.values():
+        for name, field in schema.get("properties", {}).items():
+            if name in bounds:
+                _constrain(field, *bounds[name])
+
+
+def _constrain(
+    node: dict[str, Any], max_items: int | None, max_length: int | None, maximum: int | None
+) -> None:
+    for branch in node.get("anyOf", []):
+        _constrain(branch, max_items, max_length, maximum)
+    kind = node.get("type")
+    if kind == "string" and max_length:
+        node["maxLength"] = max_length
+    elif kind == "array":
+        if max_items:
+            node["maxItems"] = max_items
+        if isinstance(node.get("items"), dict):
+            _constrain(node["items"], None, max_length, None)
+    elif kind == "integer" and maximum:
+        node["maximum"] = maximum

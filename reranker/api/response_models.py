@@ -1,0 +1,161 @@
+"""The shapes of the responses, for /openapi.json (the handlers build them as plain dicts,
+for speed; tests/test_openapi_fuzz.py checks every answer against these)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Stable machine-readable kind, e.g. invalid_request, overloaded.")
+    message: str = Field(description="What is wrong, naming the field or the limit.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Timings(BaseModel):
+    queue: float
+    inference: float
+    total: float
+
+
+class RerankResult(BaseModel):
+    index: int
+    score: float
+    document: str | None = None
+
+
+class RerankUsage(BaseModel):
+    documents: int
+    total_tokens: int
+    truncated_documents: int
+
+
+class RerankResponse(BaseModel):
+    results: list[RerankResult]
+    model: str
+    usage: RerankUsage
+    timing_ms: Timings
+
+
+class ResultDetails(BaseModel):
+    windows: int = Field(description="Windows of the document scored (1 unless it was chunked).")
+    chunked: bool
+    truncated: bool = Field(description="Some of the document's text was not scored.")
+
+
+class CohereResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: dict[str, Any] | None = None
+    details: ResultDetails | None = None
+
+
+class ApiVersion(BaseModel):
+    version: str
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+
+
+class CohereMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    warnings: list[str] | None = None
+
+
+class TokenUsage(BaseModel):
+    total_tokens: int
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereResult]
+    meta: CohereMeta
+    usage: TokenUsage
+
+
+class V2Result(BaseModel):
+    index: int
+    relevance_score: float
+    details: ResultDetails | None = None
+
+
+class Tokens(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class V2Meta(CohereMeta):
+    tokens: Tokens
+
+
+class V2RerankResponse(BaseModel):
+    id: str
+    results: list[V2Result]
+    meta: V2Meta
+
+
+class ChunkVector(BaseModel):
+    chunk_id: str
+    vector: list[float]
+
+
+class EmbedUsage(BaseModel):
+    chunks: int
+    total_tokens: int
+    truncated_chunks: int
+
+
+class EmbedResponse(BaseModel):
+    batch_id: str
+    model: str
+    dimension: int
+    vectors: list[ChunkVector]
+    usage: EmbedUsage
+    timing_ms: Timings
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "loading", "unhealthy", "draining"]
+    model: dict[str, Any]
+    controller: dict[str, Any]
+    cache: dict[str, Any]
+    uptime_s: float
+    error: str | None = None
+
+
+class StatusResponse(BaseModel):
+    status: str
+
+
+class MetricsResponse(BaseModel):
+    """Counters, histograms and gauges; see the README. Prometheus text with ?format=prometheus."""
+
+    total_requests: int
+    successful_requests: int
+    status: str
+    model_config = {"extra": "allow"}
