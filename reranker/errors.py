@@ -53,30 +53,42 @@ class BodyTimeoutError(RerankerError):
     error_type = "body_timeout"
 
 
+class NotFoundError(RerankerError):
+    """The thing asked for (a job) does not exist, or no longer."""
+
+    error_type = "not_found"
+
+
+class RetryLaterError(RerankerError):
+    """Refused for now; ``retry_after_s`` becomes the Retry-After header."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyJobsError(RetryLaterError):
+    """MAX_ACTIVE_JOBS jobs are queued or running; the caller should retry later."""
+
+    error_type = "too_many_jobs"
+
+
 class UnsupportedOperationError(RerankerError):
     """The loaded model cannot do what was asked (e.g. embed with a cross-encoder)."""
 
     error_type = "unsupported_operation"
 
 
-class OverloadedError(RerankerError):
+class OverloadedError(RetryLaterError):
     """The admission queue is full; the caller should retry later."""
 
     error_type = "overloaded"
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
-
-class NotReadyError(RerankerError):
+class NotReadyError(RetryLaterError):
     """The model is still loading, failed to load, or the server is draining."""
 
     error_type = "not_ready"
-
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class RequestTimeoutError(RerankerError):

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     max_chunks_per_doc: int = Field(10, ge=1, le=1000)
     chunk_overlap_tokens: int = Field(32, ge=0, le=256)
 
+    # Asynchronous jobs
+    max_active_jobs: int = Field(4, ge=1)
+    job_result_ttl_s: float = Field(3600.0, gt=0)
+    job_store_dir: str | None = None
+    max_job_request_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    max_texts_per_job: int = Field(200_000, ge=1)
+
     # Prediction cache
     enable_prediction_cache: bool = False
     prediction_cache_size: int = Field(10_000, ge=1)
@@ -97,7 +104,9 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("local_model_path", "onnx_cache_dir", "api_keys", "api_keys_file", mode="before")
+    @field_validator(
+        "local_model_path", "onnx_cache_dir", "api_keys", "api_keys_file", "job_store_dir", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

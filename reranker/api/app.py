@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from reranker.api import embed, health, rerank
+from reranker.api import embed, health, jobs, rerank
 from reranker.api.auth import load_api_keys
 from reranker.api.errors import EXCEPTION_HANDLERS
 from reranker.api.middleware import RequestLogMiddleware
@@ -25,6 +25,9 @@ ROUTES = [
     Route("/v1/rerank", rerank.rerank_v1, methods=["POST"]),
     Route("/v2/rerank", rerank.rerank_v2, methods=["POST"]),
     Route("/embed", embed.embed, methods=["POST"]),
+    Route("/v1/jobs", jobs.submit_job, methods=["POST"]),
+    Route("/v1/jobs/{job_id}", jobs.job_status, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", jobs.cancel_job, methods=["DELETE"]),
     Route("/v1/embeddings", embed.openai_embeddings, methods=["POST"]),
     Route("/health", health.health, methods=["GET"]),
     Route("/livez", health.livez, methods=["GET"]),

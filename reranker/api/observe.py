@@ -49,7 +49,8 @@ def inference_endpoint(name: str) -> Callable[[Handler], Handler]:
             runtime.metrics.record_request(name, None, _ms_since(started), response.status_code)
             return response
 
-        INFERENCE_ENDPOINTS.append(name)
+        if name not in INFERENCE_ENDPOINTS:
+            INFERENCE_ENDPOINTS.append(name)
         return observed
 
     return decorate

@@ -7,6 +7,7 @@ The request schemas are the pydantic models that validate the requests
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from reranker.api.schemas import (
     CohereRerankRequest,
     CohereV2RerankRequest,
     EmbedRequest,
+    JobRequest,
     OpenAIEmbeddingRequest,
     RerankRequest,
 )
@@ -30,9 +32,11 @@ REF = "#/components/schemas/{model}"
 INFERENCE_ERRORS = {
     400: "Malformed JSON, or an operation the loaded model cannot do (embed on a cross-encoder).",
     401: "API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
+    404: "No such job (never submitted, or evicted after JOB_RESULT_TTL_S).",
     408: "The body did not arrive within BODY_READ_TIMEOUT_S.",
     413: "The body is over MAX_REQUEST_BYTES, or too many texts for one request.",
     422: "The body breaks the schema or a limit; the message names the field and the limit.",
+    429: "MAX_ACTIVE_JOBS jobs are queued or running: retry after `Retry-After` seconds.",
     500: "The model failed while running the batch.",
     503: "Overloaded (queue full), loading or draining: retry after `Retry-After` seconds.",
     504: "The request did not finish within REQUEST_TIMEOUT_S.",
@@ -48,9 +52,13 @@ class Operation:
     request: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
     text_response: bool = False  # also answers text/plain (Prometheus)
+    ok_status: int = 200
+    keyed: bool = True  # needs the API key when keys are configured (probes and docs do not)
 
 
-ERRORS = tuple(INFERENCE_ERRORS)
+ERRORS = tuple(status for status in INFERENCE_ERRORS if status not in (404, 429))
+JOB_SUBMIT_ERRORS = (400, 401, 408, 413, 422, 429, 503)
+JOB_ERRORS = (401, 404)
 OPERATIONS = (
     Operation("/rerank", "post", "Rerank documents for a query", out.RerankResponse, RerankRequest, ERRORS),
     Operation(
@@ -75,9 +83,34 @@ OPERATIONS = (
         OpenAIEmbeddingRequest,
         ERRORS,
     ),
-    Operation("/health", "get", "Status, model, controller and cache (503 unless ready)", out.HealthResponse),
-    Operation("/livez", "get", "Liveness: the process answers", out.StatusResponse),
-    Operation("/readyz", "get", "Readiness: 200 only when the model serves", out.StatusResponse),
+    Operation(
+        "/health",
+        "get",
+        "Status, model, controller and cache (503 unless ready)",
+        out.HealthResponse,
+        keyed=False,
+    ),
+    Operation("/livez", "get", "Liveness: the process answers", out.StatusResponse, keyed=False),
+    Operation("/readyz", "get", "Readiness: 200 only when the model serves", out.StatusResponse, keyed=False),
+    Operation(
+        "/v1/jobs",
+        "post",
+        "Submit an embed or rerank job (the body of /embed or /v1/rerank as input)",
+        out.JobAccepted,
+        JobRequest,
+        JOB_SUBMIT_ERRORS,
+        ok_status=202,
+    ),
+    Operation(
+        "/v1/jobs/{job_id}", "get", "A job's status, progress and output", out.JobView, errors=JOB_ERRORS
+    ),
+    Operation(
+        "/v1/jobs/{job_id}",
+        "delete",
+        "Cancel a queued or running job; delete a finished one",
+        out.JobView,
+        errors=JOB_ERRORS,
+    ),
     Operation(
         "/metrics",
         "get",
@@ -85,6 +118,7 @@ OPERATIONS = (
         out.MetricsResponse,
         errors=(400, 401),
         text_response=True,
+        keyed=False,
     ),
 )
 
@@ -117,17 +151,17 @@ def _operation(op: Operation, settings: Settings, protected: bool, schemas: dict
     ok: dict[str, Any] = {"application/json": {"schema": _schema(op.response, schemas, "serialization")}}
     if op.text_response:
         ok["text/plain"] = {"schema": {"type": "string"}}
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
+    responses: dict[str, Any] = {str(op.ok_status): {"description": "OK", "content": ok}}
     error = {"application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}}
     for status in op.errors:
-        if status == 401 and not (protected and (op.request or settings.protect_metrics)):
+        if status == 401 and not (protected and (op.keyed or settings.protect_metrics)):
             continue
         responses[str(status)] = {"description": INFERENCE_ERRORS.get(status, "Bad query"), "content": error}
     if op.path in ("/health", "/readyz"):
         responses["503"] = {"description": "Not ready (loading, unhealthy or draining)", "content": ok}
     operation: dict[str, Any] = {
         "summary": op.summary,
-        "operationId": op.path.strip("/").replace("/", "_"),
+        "operationId": op.method + "_" + re.sub(r"[^a-z0-9]+", "_", op.path).strip("_"),
         "responses": responses,
     }
     if op.path == "/metrics":
@@ -135,11 +169,14 @@ def _operation(op: Operation, settings: Settings, protected: bool, schemas: dict
         operation["parameters"] = [
             {"name": "format", "in": "query", "required": False, "schema": format_schema}
         ]
+    if "{job_id}" in op.path:
+        job_id = {"type": "string", "description": "The job_id POST /v1/jobs answered."}
+        operation["parameters"] = [{"name": "job_id", "in": "path", "required": True, "schema": job_id}]
     if op.request is not None:
         schema = _schema(op.request, schemas, "validation")
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         _write_limits(schemas, settings)
-    if protected and (op.request is not None or (op.path == "/metrics" and settings.protect_metrics)):
+    if protected and (op.keyed or (op.path == "/metrics" and settings.protect_metrics)):
         operation["security"] = [{"bearer": []}]
     return operation
 

@@ -159,3 +159,28 @@ class MetricsResponse(BaseModel):
     successful_requests: int
     status: str
     model_config = {"extra": "allow"}
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Literal["QUEUED"]
+    status_url: str
+
+
+class JobProgress(BaseModel):
+    done: int
+    total: int
+
+
+class JobView(BaseModel):
+    job_id: str
+    type: Literal["embed", "rerank"]
+    status: Literal["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+    progress: JobProgress
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    output: dict[str, Any] | None = Field(
+        None, description="COMPLETED: the response /embed or /v1/rerank gives."
+    )
+    error: ErrorDetail | None = None

@@ -25,11 +25,11 @@ def _require_text(value: str, what: str) -> str:
     return value
 
 
-class RerankRequest(_Body):
+class _QueryAndTextDocuments(_Body):
+    """A non-empty query and a non-empty list of non-empty string documents."""
+
     query: str
     documents: list[str] = Field(min_length=1)
-    top_k: int | None = Field(None, gt=0)
-    return_documents: bool = False
 
     @field_validator("query")
     @classmethod
@@ -43,6 +43,11 @@ class RerankRequest(_Body):
             if not doc.strip():
                 raise ValueError(f"document {index} is empty")
         return value
+
+
+class RerankRequest(_QueryAndTextDocuments):
+    top_k: int | None = Field(None, gt=0)
+    return_documents: bool = False
 
 
 class LongDocumentOptions(_Body):
@@ -104,27 +109,12 @@ class CohereRerankRequest(LongDocumentOptions):
         return text
 
 
-class CohereV2RerankRequest(LongDocumentOptions):
+class CohereV2RerankRequest(_QueryAndTextDocuments, LongDocumentOptions):
     """Cohere v2 rerank: ``model`` required, documents are strings."""
 
     model: str = Field(min_length=1)
-    query: str
-    documents: list[str] = Field(min_length=1)
     top_n: int | None = Field(None, gt=0)
     max_tokens_per_doc: int = Field(4096, ge=1, description="Document tokens beyond this are not scored.")
-
-    @field_validator("query")
-    @classmethod
-    def _query(cls, value: str) -> str:
-        return _require_text(value, "query")
-
-    @field_validator("documents")
-    @classmethod
-    def _documents(cls, value: list[str]) -> list[str]:
-        for index, doc in enumerate(value):
-            if not doc.strip():
-                raise ValueError(f"document {index} is empty")
-        return value
 
 
 def check_limits(
@@ -208,7 +198,18 @@ def check_embed_limits(settings: Settings, texts: list[str], labels: list[str]) 
             f"{len(texts)} texts is over MAX_TEXTS_PER_EMBED_REQUEST={settings.max_texts_per_embed_request}; "
             "split the request or submit a job"
         )
+    check_text_chars(settings, texts, labels)
+
+
+def check_text_chars(settings: Settings, texts: list[str], labels: list[str]) -> None:
     limit = settings.max_text_chars
     for label, text in zip(labels, texts, strict=True):
         if len(text) > limit:
             raise InvalidInputError(f"{label}: {len(text)} characters is over MAX_TEXT_CHARS={limit}")
+
+
+class JobRequest(_Body):
+    """POST /v1/jobs: ``input`` is the body of /embed or of /v1/rerank."""
+
+    type: Literal["embed", "rerank"]
+    input: dict[str, Any]

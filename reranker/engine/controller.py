@@ -42,6 +42,7 @@ class _Pending:
     items: Sequence[Encoded]
     future: asyncio.Future[InferenceResult]
     admitted_at: float
+    background: bool = False  # a job's slice: batched only when no interactive item waits
     lengths: np.ndarray = field(init=False)
     remaining: np.ndarray = field(init=False)  # undispatched item indices, shortest first
     completed: int = 0
@@ -154,11 +155,17 @@ class InferenceController:
 
     # ---- admission ------------------------------------------------------------------
 
-    async def run(self, items: Sequence[Encoded], timeout_s: float) -> InferenceResult:
-        """Run ``items`` through the model; raises Overloaded/Timeout/Backend errors."""
+    async def run(
+        self, items: Sequence[Encoded], timeout_s: float, background: bool = False
+    ) -> InferenceResult:
+        """Run ``items`` through the model; raises Overloaded/Timeout/Backend errors.
+
+        ``background`` work (asynchronous jobs) is batched only while no interactive item
+        waits, and is not refused for a full queue (a job has one slice queued at a time).
+        """
         if not self._accepting:
             raise NotReadyError("the server is not accepting work (loading or draining)")
-        if len(self._queue) >= self._max_queue:
+        if not background and len(self._queue) >= self._max_queue:
             raise OverloadedError(
                 f"queue full ({self._max_queue} requests waiting); retry later",
                 retry_after_s=self._retry_after_s(),
@@ -166,7 +173,9 @@ class InferenceController:
         if not items:
             return InferenceResult(np.zeros((0,), dtype=np.float32), 0.0, 0.0, 0)
         loop = asyncio.get_running_loop()
-        pending = _Pending(items=items, future=loop.create_future(), admitted_at=self._clock())
+        pending = _Pending(
+            items=items, future=loop.create_future(), admitted_at=self._clock(), background=background
+        )
         self._queue.append(pending)
         self._idle.clear()
         self._wake.set()
@@ -216,6 +225,8 @@ class InferenceController:
 
     def _next_batch(self) -> _Batch | None:
         live = [p for p in self._queue if not p.cancelled and p.undispatched > 0]
+        interactive = [p for p in live if not p.background]
+        live = interactive or live  # jobs' items only when no request waits
         if not live:
             return None
         if self._group_by_length:

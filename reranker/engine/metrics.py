@@ -28,7 +28,7 @@ BATCH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 
 FAILURE_REASONS = (
     "invalid_request", "malformed_request", "payload_too_large", "body_timeout", "unauthorized",
     "unsupported_operation", "overloaded", "not_ready", "timeout", "backend_error",
-    "client_disconnected", "internal_error",
+    "client_disconnected", "internal_error", "not_found", "too_many_jobs",
 )  # fmt: skip
 
 

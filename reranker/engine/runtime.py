@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,6 +20,7 @@ from reranker.backends.base import Backend, ModelInfo
 from reranker.engine.adaptive import BatchSizer
 from reranker.engine.cache import DISABLED_STATS, PredictionCache
 from reranker.engine.controller import InferenceController
+from reranker.engine.jobs import JobManager, JobStore
 from reranker.engine.metrics import Metrics
 from reranker.engine.service import InferenceService
 from reranker.errors import NotReadyError
@@ -67,8 +69,11 @@ class Runtime:
         self._factory = backend_factory
         self._loader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        store = JobStore(Path(settings.job_store_dir)) if settings.job_store_dir else None
+        self.jobs = JobManager(settings.max_active_jobs, settings.job_result_ttl_s, store)
 
     async def start(self, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self.jobs.start()
         self._loader = asyncio.get_running_loop().create_task(self._load(on_fatal), name="model-loader")
 
     async def _load(self, on_fatal: Callable[[BaseException], None] | None) -> None:
@@ -128,6 +133,7 @@ class Runtime:
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
             await asyncio.gather(self._loader, return_exceptions=True)
+        await self.jobs.close()
         if self.controller is not None:
             await self.controller.close()
 

@@ -26,6 +26,9 @@ from reranker.errors import InvalidInputError, UnsupportedOperationError
 log = logging.getLogger(__name__)
 
 
+BACKGROUND_TIMEOUT_S = 3600.0  # a job's slice may wait while interactive requests go first
+
+
 class TextTooLongError(InvalidInputError):
     """A text exceeds the model window and the request forbade truncation."""
 
@@ -122,6 +125,7 @@ class InferenceService:
         keys: list[tuple[str, ...]],
         tokenize: Callable[[list[int]], list[Windows]],
         refuse_truncated: Callable[[int], None] | None = None,
+        background: bool = False,
     ) -> Computed:
         """Outputs for the items whose cache-key parts are ``keys``: cached ones from the cache,
         the rest tokenized once (``tokenize(positions)``, one or more windows each) and queued
@@ -144,7 +148,8 @@ class InferenceService:
         timing = Timing(0.0, 0.0, 0, cache_hits=len(cached))
         if missing:
             flat = [encoded for item in windows for encoded in item.items]
-            result = await self._controller.run(flat, self._timeout_s)
+            timeout_s = BACKGROUND_TIMEOUT_S if background else self._timeout_s
+            result = await self._controller.run(flat, timeout_s, background)
             timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, len(cached))
             offset = 0
             for position, item in zip(missing, windows, strict=True):
@@ -178,7 +183,7 @@ class InferenceService:
         return [Windows([item], item.truncated) for item in self._backend.tokenize_pairs(chosen)]
 
     async def rerank(
-        self, query: str, documents: Sequence[str], long: LongDocuments = TRUNCATE
+        self, query: str, documents: Sequence[str], long: LongDocuments = TRUNCATE, background: bool = False
     ) -> RerankOutcome:
         """Scores of ``documents`` for ``query``. A document over the model window is, by
         ``long``: the max over its windows' scores (Cohere's semantics), its beginning's score,
@@ -187,7 +192,9 @@ class InferenceService:
         if self.kind is ModelKind.CROSS_ENCODER:
             pairs = [(query, doc) for doc in documents]
             keys = [("pair" + long.cache_tag, query, doc) for doc in documents]
-            computed = await self._compute(keys, lambda pos: self._pair_windows(pairs, pos, long), refuse)
+            computed = await self._compute(
+                keys, lambda pos: self._pair_windows(pairs, pos, long), refuse, background
+            )
             scores = sigmoid(np.array([logits.max() for logits in computed.outputs], dtype=np.float32))
             windows = [len(logits) for logits in computed.outputs]
             cut = computed.truncated
@@ -204,7 +211,7 @@ class InferenceService:
                 if position > 0 and refuse is not None:
                     refuse(position - 1)
 
-            computed = await self._compute(keys, tokenize, refuse_document if refuse else None)
+            computed = await self._compute(keys, tokenize, refuse_document if refuse else None, background)
             query_vector = l2_normalize(computed.outputs[0][0])
             scores = np.array(
                 [(l2_normalize(vectors) @ query_vector).max() for vectors in computed.outputs[1:]],
@@ -214,6 +221,11 @@ class InferenceService:
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
         return RerankOutcome(scores, computed.tokens, len(cut), computed.timing, windows, cut)
 
+    @property
+    def batch_limit(self) -> int:
+        """The most items the controller's next batch may hold."""
+        return self._controller.batch_limit
+
     def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
         return [self._backend.truncate_text(text, max_tokens) for text in texts]
@@ -222,7 +234,11 @@ class InferenceService:
         raise TextTooLongError(position, self._backend.info().max_length)
 
     async def embed(
-        self, texts: Sequence[str], normalize: bool | None = None, allow_truncation: bool = True
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        allow_truncation: bool = True,
+        background: bool = False,
     ) -> EmbedOutcome:
         """Embed ``texts``; ``normalize`` None follows the model's own configuration.
 
@@ -247,6 +263,7 @@ class InferenceService:
             keys,
             lambda positions: self._windows(list(texts), positions, TRUNCATE),
             None if allow_truncation else refuse,
+            background,
         )
         vectors = np.stack([output[0] for output in computed.outputs]).astype(np.float32, copy=False)
         if info.normalize_embeddings if normalize is None else normalize:

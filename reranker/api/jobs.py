@@ -1,0 +1,74 @@
+"""POST /v1/jobs, GET /v1/jobs/{job_id}, DELETE /v1/jobs/{job_id}: asynchronous embed and rerank.
+
+The input is validated as its endpoint would validate it (the same pydantic models and
+character limits) before the job is accepted, so a job fails later only for reasons the
+model gives. Bigger than a request: up to MAX_TEXTS_PER_JOB texts in a body of up to
+MAX_JOB_REQUEST_BYTES.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from reranker.api.body import read_json, validate
+from reranker.api.observe import inference_endpoint, runtime_of
+from reranker.api.rerank import long_documents
+from reranker.api.responses import ORJSONResponse
+from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest, check_text_chars
+from reranker.backends.base import ModelKind
+from reranker.engine.job_work import EmbedJob, RerankJob
+from reranker.errors import PayloadTooLargeError, UnsupportedOperationError
+from reranker.settings import Settings
+
+
+@inference_endpoint("/v1/jobs")
+async def submit_job(request: Request) -> Response:
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    body = validate(
+        JobRequest, await read_json(request, settings.max_job_request_bytes, settings.body_read_timeout_s)
+    )
+    service = runtime.require_service()
+    if body.type == "embed":
+        embed = validate(EmbedRequest, body.input)
+        texts = [chunk.content for chunk in embed.chunks]
+        labels = [f"input.chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(embed.chunks)]
+        _check_size(settings, texts, labels)
+        if service.kind is not ModelKind.BI_ENCODER:
+            raise UnsupportedOperationError("the loaded model is a cross-encoder: it cannot embed")
+        ids = [chunk.chunk_id for chunk in embed.chunks]
+        work = EmbedJob(embed.batch_id, ids, texts, embed.normalize, embed.truncate, runtime.model_name())
+    else:
+        rerank = validate(CohereRerankRequest, body.input)
+        texts = rerank.texts()
+        _check_size(
+            settings,
+            [rerank.query, *texts],
+            ["input.query", *(f"input.documents.{i}" for i in range(len(texts)))],
+        )
+        long = long_documents(rerank, settings)
+        work = RerankJob(rerank.query, texts, rerank.documents, rerank.top_n, rerank.return_documents, long)
+    job = runtime.jobs.submit(body.type, len(texts), lambda job: work(job, service))
+    status_url = f"/v1/jobs/{job.id}"
+    content = {"job_id": job.id, "status": job.status.value, "status_url": status_url}
+    return ORJSONResponse(content, status_code=202, headers={"Location": status_url})
+
+
+@inference_endpoint("/v1/jobs/{job_id}")
+async def job_status(request: Request) -> Response:
+    return ORJSONResponse(runtime_of(request).jobs.get(request.path_params["job_id"]).view())
+
+
+@inference_endpoint("/v1/jobs/{job_id}")
+async def cancel_job(request: Request) -> Response:
+    """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
+    return ORJSONResponse(runtime_of(request).jobs.cancel(request.path_params["job_id"]).view())
+
+
+def _check_size(settings: Settings, texts: list[str], labels: list[str]) -> None:
+    if len(texts) > settings.max_texts_per_job:
+        raise PayloadTooLargeError(
+            f"{len(texts)} texts is over MAX_TEXTS_PER_JOB={settings.max_texts_per_job}"
+        )
+    check_text_chars(settings, texts, labels)

@@ -1,0 +1,203 @@
+"""Asynchronous jobs: a 3,000-chunk embed job on the real model, priority, cancel, TTL, restart."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from reranker.api.app import create_app
+from reranker.backends.base import ModelKind
+from reranker.backends.fake import FakeBackend
+from tests.conftest import make_settings
+from tests.server import ServerThread
+
+RERANK = {
+    "query": "how long does a broken bone take to heal",
+    "documents": [f"document {i}: bones heal in weeks, calcium and rest help recovery" for i in range(8)],
+}
+
+
+def chunks(count: int, prefix: str = "chunk") -> list[dict[str, str]]:
+    return [
+        {"chunk_id": f"c{i}", "content": f"{prefix} {i} about topic {i % 23} and its details"}
+        for i in range(count)
+    ]
+
+
+def follow(client: httpx.Client, job_id: str, timeout_s: float = 300) -> list[dict]:
+    """Every status read until the job is finished (polling the observable state)."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        seen.append(view)
+        if view["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            return seen
+        time.sleep(0.02)
+    raise TimeoutError(f"job {job_id} never finished")
+
+
+def median_rerank_ms(client: httpx.Client, count: int = 10) -> float:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        assert client.post("/rerank", json=RERANK).status_code == 200
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[ServerThread]:
+    with ServerThread(create_app(make_settings(request_timeout_s=300))) as server:
+        yield server
+
+
+def test_a_3000_chunk_embed_job_completes_with_direct_vectors_and_interactive_latency_holds(
+    model_server: ServerThread,
+) -> None:
+    body = {"batch_id": "repo", "chunks": chunks(3000)}
+    with model_server.client() as client:
+        direct = client.post("/embed", json=body)
+        assert direct.status_code == 200, direct.text
+        direct = direct.json()
+        idle_ms = median_rerank_ms(client)
+        accepted = client.post("/v1/jobs", json={"type": "embed", "input": body})
+        assert accepted.status_code == 202
+        job = accepted.json()
+        assert job["status"] == "QUEUED" and accepted.headers["location"] == job["status_url"]
+        model_server.wait_until(
+            lambda: client.get(job["status_url"]).json()["progress"]["done"] > 0, "job started", 60
+        )
+        busy_ms = median_rerank_ms(client)
+        still_running = client.get(job["status_url"]).json()["status"] == "IN_PROGRESS"
+        history = follow(client, job["job_id"])
+    print(f"/rerank (8 documents) median latency: idle {idle_ms:.0f} ms, while the job runs {busy_ms:.0f} ms")
+    assert still_running, "the latency was measured while the job ran"
+    assert busy_ms <= 2 * idle_ms
+    statuses = [view["status"] for view in history]
+    done = [view["progress"]["done"] for view in history]
+    assert statuses[-1] == "COMPLETED" and "IN_PROGRESS" in statuses
+    assert done == sorted(done) and len(set(done)) > 2  # progress rose batch by batch
+    assert history[-1]["progress"] == {"done": 3000, "total": 3000}
+    output = history[-1]["output"]
+    assert [v["chunk_id"] for v in output["vectors"]] == [v["chunk_id"] for v in direct["vectors"]]
+    np.testing.assert_allclose(
+        np.array([v["vector"] for v in output["vectors"]]),
+        np.array([v["vector"] for v in direct["vectors"]]),
+        atol=1e-6,
+    )
+
+
+def gated_server(**settings: object) -> tuple[ServerThread, FakeBackend]:
+    backend = FakeBackend(ModelKind.BI_ENCODER)
+    return ServerThread(create_app(make_settings(batch_size=8, **settings), backend=backend)), backend
+
+
+def test_cancel_stops_a_running_job_before_its_next_slice() -> None:
+    server, backend = gated_server()
+    with server, server.client() as client:
+        backend.gate.clear()
+        backend.batch_started.clear()
+        batches_before = len(backend.batches)
+        job = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(400)}}
+        ).json()
+        assert backend.batch_started.wait(30)
+        assert client.delete(job["status_url"]).json()["status"] == "IN_PROGRESS"  # stops at the slice's end
+        backend.gate.set()
+        final = follow(client, job["job_id"])[-1]
+        assert final["status"] == "CANCELLED" and "output" not in final
+        assert final["progress"] == {"done": 2, "total": 400}  # one slice: a quarter of a batch
+        assert client.get("/health").json()["controller"]["queued"] == 0
+        assert len(backend.batches) == batches_before + 1  # no model work after the cancel
+        assert client.delete(job["status_url"]).status_code == 200  # a finished job is deleted
+        assert client.get(job["status_url"]).status_code == 404
+
+
+def test_max_active_jobs_is_a_429_with_retry_after() -> None:
+    server, backend = gated_server(max_active_jobs=1)
+    with server, server.client() as client:
+        backend.gate.clear()
+        first = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(20)}}
+        )
+        refused = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(2)}}
+        )
+        backend.gate.set()
+        assert first.status_code == 202
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "10"
+        assert "MAX_ACTIVE_JOBS=1" in refused.json()["error"]["message"]
+        assert follow(client, first.json()["job_id"])[-1]["status"] == "COMPLETED"
+
+
+def test_bad_job_input_is_refused_at_submission() -> None:
+    server, _ = gated_server()
+    with server, server.client() as client:
+        no_type = client.post("/v1/jobs", json={"input": {}})
+        bad_embed = client.post("/v1/jobs", json={"type": "embed", "input": {"chunks": []}})
+        bad_rerank = client.post(
+            "/v1/jobs", json={"type": "rerank", "input": {"query": "q", "documents": []}}
+        )
+    assert [r.status_code for r in (no_type, bad_embed, bad_rerank)] == [422, 422, 422]
+    assert "type" in no_type.json()["error"]["message"] and "batch_id" in bad_embed.json()["error"]["message"]
+
+
+def test_a_rerank_job_answers_like_v1_rerank() -> None:
+    backend = FakeBackend(ModelKind.CROSS_ENCODER)
+    body = {
+        "query": "apple pie",
+        "documents": [f"apple {i} pie" if i % 3 else f"car {i}" for i in range(50)],
+        "top_n": 5,
+    }
+    with (
+        ServerThread(create_app(make_settings(batch_size=8), backend=backend)) as server,
+        server.client() as client,
+    ):
+        direct = client.post("/v1/rerank", json=body).json()
+        job = client.post("/v1/jobs", json={"type": "rerank", "input": body}).json()
+        output = follow(client, job["job_id"])[-1]["output"]
+    assert output["results"] == direct["results"]
+
+
+def test_finished_jobs_are_evicted_after_the_ttl() -> None:
+    server, _ = gated_server(job_result_ttl_s=0.5)
+    with server, server.client() as client:
+        job = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(3)}}
+        ).json()
+        assert follow(client, job["job_id"])[-1]["status"] == "COMPLETED"
+        server.wait_until(lambda: client.get(job["status_url"]).status_code == 404, "eviction", 10)
+        assert "JOB_RESULT_TTL_S" in client.get(job["status_url"]).json()["error"]["message"]
+
+
+def test_job_store_keeps_completed_results_and_fails_interrupted_jobs(tmp_path: Path) -> None:
+    store = {"job_store_dir": str(tmp_path / "jobs")}
+    server, backend = gated_server(**store)
+    with server, server.client() as client:
+        done = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(5)}}
+        ).json()
+        completed = follow(client, done["job_id"])[-1]
+        backend.gate.clear()
+        backend.batch_started.clear()
+        running = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "r", "chunks": chunks(50)}}
+        ).json()
+        assert backend.batch_started.wait(30)
+        # What a crash leaves behind: a new process reads the store while the job is IN_PROGRESS.
+        restarted, _ = gated_server(**store)
+        with restarted, restarted.client() as other:
+            kept = other.get(done["status_url"]).json()
+            interrupted = other.get(running["status_url"]).json()
+        backend.gate.set()
+    assert kept == completed  # the result, vectors and all, survived the restart
+    assert interrupted["status"] == "FAILED"
+    assert interrupted["error"]["type"] == "interrupted" and "IN_PROGRESS" in interrupted["error"]["message"]
+    assert not list((tmp_path / "jobs").glob("*.tmp"))  # written atomically: no partial files left
