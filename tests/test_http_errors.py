@@ -95,7 +95,9 @@ def test_chunked_body_over_the_limit_is_413(fake_server: ServerThread) -> None:
         yield b'"z"]}'
 
     with fake_server.client() as client:
-        assert_error(client.post("/rerank", content=chunks()), 413, "payload_too_large", "MAX_REQUEST_BYTES=4096")
+        assert_error(
+            client.post("/rerank", content=chunks()), 413, "payload_too_large", "MAX_REQUEST_BYTES=4096"
+        )
 
 
 def test_unknown_route_is_404_and_wrong_method_405(fake_server: ServerThread) -> None:
