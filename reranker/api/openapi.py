@@ -128,6 +128,7 @@ def openapi_document(settings: Settings, protected: bool) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(op, settings, protected, schemas)
+    _write_limits(schemas, settings)
     schemas["ErrorResponse"] = _schema(out.ErrorResponse, schemas, "serialization")
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -175,7 +176,6 @@ def _operation(op: Operation, settings: Settings, protected: bool, schemas: dict
     if op.request is not None:
         schema = _schema(op.request, schemas, "validation")
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
-        _write_limits(schemas, settings)
     if protected and (op.keyed or (op.path == "/metrics" and settings.protect_metrics)):
         operation["security"] = [{"bearer": []}]
     return operation

@@ -27,6 +27,7 @@ from reranker.api.schemas import (
     RerankRequest,
     check_limits,
 )
+from reranker.engine.runtime import Runtime
 from reranker.engine.service import LongDocuments, RerankOutcome, TextTooLongError
 from reranker.errors import InvalidInputError
 from reranker.settings import Settings
@@ -92,6 +93,11 @@ def result_details(outcome: RerankOutcome, index: int) -> dict[str, Any]:
     return {"windows": windows, "chunked": windows > 1, "truncated": index in outcome.truncated_documents}
 
 
+def model_window(runtime: Runtime) -> int:
+    info = runtime.model_info()
+    return info.max_length if info else 0
+
+
 def warnings(outcome: RerankOutcome, long: LongDocuments, window: int) -> list[str]:
     notes = []
     chunked = sum(1 for windows in outcome.windows if windows > 1)
@@ -130,7 +136,7 @@ async def rerank_v1(request: Request) -> Response:
         "api_version": {"version": "1"},
         "billed_units": {"search_units": math.ceil(len(texts) / 100)},
     }
-    notes = warnings(outcome, long, runtime.model_info().max_length if runtime.model_info() else 0)
+    notes = warnings(outcome, long, model_window(runtime))
     if notes:
         meta["warnings"] = notes
     content = {
@@ -164,7 +170,7 @@ async def rerank_v2(request: Request) -> Response:
                 "truncated": index in cut_by_budget or index in outcome.truncated_documents
             }
         results.append(result)
-    notes = warnings(outcome, long, runtime.model_info().max_length if runtime.model_info() else 0)
+    notes = warnings(outcome, long, model_window(runtime))
     if cut_by_budget:
         notes.append(
             f"{len(cut_by_budget)} document(s) were cut at max_tokens_per_doc={body.max_tokens_per_doc}"
