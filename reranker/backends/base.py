@@ -57,10 +57,6 @@ class Windows:
     items: list[Encoded]
     truncated: bool  # part of the document is in no window (over max_windows, or cut plainly)
 
-    @property
-    def chunked(self) -> bool:
-        return len(self.items) > 1
-
 
 class Backend(ABC):
     """Score pairs or embed texts. ``forward`` is called from worker threads."""

@@ -69,14 +69,11 @@ def _automatic(settings: Settings, machine: Machine) -> Choice:
         return Choice("mlx", "mlx", "none", "USE_MLX=true", True)
     if machine.cuda and preference in ("auto", "cuda"):
         return Choice("torch", "cuda", "none", "auto: a CUDA GPU is available, torch runs on it", True)
-    if preference == "cuda":
-        raise StartupError("DEVICE_PREFERENCE=cuda but torch sees no CUDA device")
+    _torch_device(preference, machine)  # an explicit device the machine lacks is an error here too
     if preference == "auto" and machine.apple_silicon and machine.mlx:
         return Choice("mlx", "mlx", "none", "auto: Apple Silicon with mlx installed", True)
     if machine.mps and preference in ("auto", "mps"):
         return Choice("torch", "mps", "none", "auto: Apple GPU (MPS) available, mlx is not installed", True)
-    if preference == "mps":
-        raise StartupError("DEVICE_PREFERENCE=mps but torch has no MPS (Apple GPU) support here")
     if machine.onnxruntime:
         quantize = _quantize(settings, "cpu")
         return Choice(

@@ -8,7 +8,7 @@ advances and cancellation is checked between slices.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,15 @@ from reranker.engine.service import InferenceService, LongDocuments, TextTooLong
 from reranker.errors import InvalidInputError
 
 
-def slice_size(service: InferenceService) -> int:
-    return max(1, service.batch_limit // 4)
+def slices(job: Job, texts: list[str], service: InferenceService) -> Iterator[tuple[int, list[str]]]:
+    """(start, slice) of a quarter batch each; cancellation is checked before each slice and
+    progress advanced after the caller has processed it."""
+    step = max(1, service.batch_limit // 4)
+    for start in range(0, len(texts), step):
+        job.check_cancelled()
+        piece = texts[start : start + step]
+        yield start, piece
+        job.advance(len(piece))
 
 
 @dataclass(frozen=True)
@@ -33,12 +40,9 @@ class EmbedJob:
     model: str
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
-        step = slice_size(service)
         parts: list[np.ndarray] = []
         tokens = truncated = 0
-        for start in range(0, len(self.texts), step):
-            job.check_cancelled()
-            piece = self.texts[start : start + step]
+        for start, piece in slices(job, self.texts, service):
             try:
                 outcome = await service.embed(piece, self.normalize, self.truncate, background=True)
             except TextTooLongError as exc:
@@ -49,7 +53,6 @@ class EmbedJob:
                 ) from None
             parts.append(outcome.vectors)
             tokens, truncated = tokens + outcome.tokens, truncated + outcome.truncated
-            job.advance(len(piece))
         vectors = np.concatenate(parts)
         return {
             "batch_id": self.batch_id,
@@ -70,12 +73,9 @@ class RerankJob:
     long: LongDocuments
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
-        step = slice_size(service)
         scores: list[np.ndarray] = []
         tokens = 0
-        for start in range(0, len(self.texts), step):
-            job.check_cancelled()
-            piece = self.texts[start : start + step]
+        for start, piece in slices(job, self.texts, service):
             try:
                 outcome = await service.rerank(self.query, piece, self.long, background=True)
             except TextTooLongError as exc:
@@ -85,7 +85,6 @@ class RerankJob:
                 ) from None
             scores.append(outcome.scores)
             tokens += outcome.tokens
-            job.advance(len(piece))
         every = np.concatenate(scores)
         order = np.argsort(-every, kind="stable")[: self.top_n or len(every)]
         results = []

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -83,10 +83,13 @@ class Computed:
 class RerankOutcome:
     scores: np.ndarray  # one per document, in request order
     tokens: int
-    truncated: int  # documents whose input was cut at the model's max length
     timing: Timing
-    windows: list[int] = field(default_factory=list)  # windows scored per document
-    truncated_documents: list[int] = field(default_factory=list)  # their positions
+    windows: list[int]  # windows scored per document
+    truncated_documents: list[int]  # positions of documents with text that was not scored
+
+    @property
+    def truncated(self) -> int:
+        return len(self.truncated_documents)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +222,7 @@ class InferenceService:
             )
             windows = [len(vectors) for vectors in computed.outputs[1:]]
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
-        return RerankOutcome(scores, computed.tokens, len(cut), computed.timing, windows, cut)
+        return RerankOutcome(scores, computed.tokens, computed.timing, windows, cut)
 
     @property
     def batch_limit(self) -> int:
