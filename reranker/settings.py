@@ -19,7 +19,7 @@ from reranker.errors import StartupError
 ModelKindSetting = Literal["auto", "cross-encoder", "bi-encoder"]
 DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
 BackendSetting = Literal["auto", "torch", "onnx", "mlx"]
-OnnxQuantize = Literal["auto", "none", "int8"]
+OnnxQuantize = Literal["none", "int8"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 
@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     use_mlx: bool = False
     backend: BackendSetting = "auto"
     onnx_cache_dir: str | None = None
-    onnx_quantize: OnnxQuantize = "auto"
+    onnx_quantize: OnnxQuantize = "none"
+    onnx_int8_min_agreement: float = Field(0.98, gt=0, le=1)
 
     # Concurrency controller
     max_parallel_requests: int = Field(1, ge=1, le=64)
@@ -49,6 +50,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=1000)
     batch_length_grouping: bool = True
     request_timeout_s: float = Field(30.0, gt=0)
+    inference_threads: int = Field(0, ge=0, le=1024)  # 0: from the CPUs this process may use
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
     # Embeddings and adaptive batching

@@ -1,4 +1,4 @@
-"""The batch planner: budget, length grouping and fairness, on plain numbers."""
+"""The batch planner: budget, length grouping, full batches and fairness, on plain numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from reranker.engine.batching import plan_batch, plan_batch_in_arrival_order
+from reranker.engine.batching import BatchCost, BatchCostModel, plan_batch, plan_batch_in_arrival_order
+
+CPU = BatchCost(overhead=64.0)  # a CPU: a batch costs about 64 padded tokens' worth of time
+FLAT = BatchCost()  # a GPU, or no timings yet: padding costs next to nothing next to a batch
 
 
 @dataclass
@@ -38,10 +41,10 @@ def test_items_of_similar_length_share_a_batch_across_requests() -> None:
 
 def test_a_batch_stops_growing_where_padding_costs_more_than_a_new_batch() -> None:
     queue = waiting([10] * 8 + [200])
-    picks = plan_batch(queue, anchor=0, max_items=32, overhead_tokens=64)
+    picks = plan_batch(queue, anchor=0, max_items=32, cost=CPU)
     assert chosen_lengths(queue, picks) == [10] * 8
     many = waiting([10] * 8 + [12])
-    assert len(chosen_lengths(many, plan_batch(many, anchor=0, max_items=32))) == 9
+    assert len(chosen_lengths(many, plan_batch(many, anchor=0, max_items=32, cost=CPU))) == 9
 
 
 def test_anchor_item_is_always_included() -> None:
@@ -59,12 +62,33 @@ def test_padded_token_budget_is_respected() -> None:
 
 
 def test_cost_model_learns_the_fixed_cost_of_a_batch() -> None:
-    from reranker.engine.batching import BatchCostModel
-
     model = BatchCostModel()
-    for padded in range(100, 3300, 100):
-        model.observe(padded, 0.005 + 0.0001 * padded)  # 5 ms + 0.1 ms per token
+    assert model.cost() == FLAT  # no timings: never split a batch to save padding
+    for items in (1, 4, 8, 16, 32):
+        for longest in (16, 64, 128):
+            model.observe(items, longest, 0.005 + 0.0001 * items * longest)  # 5 ms + 0.1 ms per token
     assert model.overhead_tokens() == pytest.approx(50, rel=0.01)
+    assert model.cost().quadratic == pytest.approx(0, abs=1e-6)
+
+
+def test_cost_model_learns_attention_s_quadratic_term() -> None:
+    model = BatchCostModel()
+    for items in (1, 4, 8, 16, 32):
+        for longest in (16, 64, 128, 256, 512):
+            padded = items * longest
+            model.observe(items, longest, 0.002 + 1e-5 * padded + 2e-8 * padded * longest)
+    assert model.overhead_tokens() == pytest.approx(200, rel=0.01)
+    assert model.cost().quadratic == pytest.approx(2e-3, rel=0.01)
+
+
+def test_cost_model_on_a_flat_device_never_splits_for_padding() -> None:
+    """A GPU: the time of a batch barely depends on its tokens (and jitters)."""
+    model = BatchCostModel()
+    rng = np.random.default_rng(3)
+    for items in (1, 4, 8, 16, 32):
+        for longest in (16, 64, 128, 256):
+            model.observe(items, longest, 0.005 + rng.normal(0, 2e-5))
+    assert model.cost() == FLAT
 
 
 def test_an_item_longer_than_the_budget_rides_alone() -> None:
@@ -81,3 +105,71 @@ def test_arrival_order_planner_takes_items_as_they_came_within_the_budget() -> N
     assert [(p.request_position, list(p.item_indices)) for p in budget] == [(0, [0, 1])]
     long_one = waiting([900, 10])
     assert chosen_lengths(long_one, plan_batch_in_arrival_order(long_one, 4, max_tokens=100)) == [900]
+
+
+def drain(queue: list[Waiting], max_items: int, cost: BatchCost, max_tokens: int | None = None):
+    """Plan batches until nothing waits (anchors round-robin, as the controller does)."""
+    batches: list[list[int]] = []
+    turn = 0
+    while True:
+        live = [w for w in queue if len(w.remaining)]
+        if not live:
+            return batches
+        picks = plan_batch(live, turn % len(live), max_items, max_tokens, cost)
+        turn += 1
+        batch = []
+        for pick in picks:
+            request = live[pick.request_position]
+            batch.extend(int(request.lengths[i]) for i in pick.item_indices)
+            request.remaining = request.remaining[~np.isin(request.remaining, pick.item_indices)]
+        batches.append(batch)
+
+
+@pytest.mark.parametrize("cost", [CPU, FLAT], ids=["cpu", "flat"])
+def test_equal_length_items_run_in_full_batches(cost: BatchCost) -> None:
+    """Ingestion chunks and documents cut at the window: 1,000 items of one length."""
+    batches = drain(waiting([40] * 1000), max_items=32, cost=cost)
+    assert len(batches) == 32  # ceil(1000 / 32): 31 full batches and the rest
+    assert sorted(len(b) for b in batches)[1:] == [32] * 31
+    assert sum(len(b) for b in batches) == 1000
+
+
+@pytest.mark.parametrize("cost", [CPU, FLAT], ids=["cpu", "flat"])
+def test_many_requests_of_equal_lengths_fill_every_batch(cost: BatchCost) -> None:
+    queue = waiting(*([128] * 1000 for _ in range(16)))
+    batches = drain(queue, max_items=64, cost=cost)
+    assert sum(len(b) for b in batches) == 16_000
+    assert len(batches) <= 16_000 // 64 + 16  # at most one partial batch per request
+    assert np.mean([len(b) for b in batches]) >= 0.9 * 64
+
+
+def test_bimodal_lengths_never_share_a_batch_and_fill_them() -> None:
+    rng = np.random.default_rng(11)
+    lengths = rng.permutation([12] * 500 + [300] * 500)
+    batches = drain(waiting(list(lengths)), max_items=32, cost=CPU)
+    assert all(len(set(b)) == 1 for b in batches)  # short and long items apart
+    assert len(batches) <= 2 * 16  # 500 of each: 16 batches each at most
+    assert sum(len(b) for b in batches) == 1000
+
+
+def test_long_tail_lengths_pad_less_than_arrival_order_and_fill_batches_on_a_flat_device() -> None:
+    rng = np.random.default_rng(5)
+    lengths = list(np.clip(rng.lognormal(4.0, 0.8, size=3000).astype(int), 4, 512))
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(max(b) * len(b) for b in batches)
+
+    cpu = drain(waiting(lengths), max_items=32, cost=CPU)
+    arrival = [lengths[i : i + 32] for i in range(0, len(lengths), 32)]
+    cpu_cost = padded(cpu) + CPU.overhead * len(cpu)
+    assert cpu_cost < 0.6 * (padded(arrival) + CPU.overhead * len(arrival))
+    flat = drain(waiting(lengths), max_items=32, cost=FLAT)
+    assert len(flat) == -(-3000 // 32)  # the fewest batches possible
+    assert padded(flat) < 0.6 * padded(arrival)  # and still grouped by length
+
+
+def test_a_lone_request_is_not_split_without_measurements() -> None:
+    rng = np.random.default_rng(2)
+    request = list(rng.integers(60, 170, size=50))  # 50 RAG passages of 40-120 words
+    assert len(drain(waiting(request), max_items=64, cost=FLAT)) == 1
+    assert len(drain(waiting(request), max_items=32, cost=FLAT)) == 2

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from reranker.backends.base import Encoded
-from reranker.backends.fake import FakeBackend
+from reranker.backends.fake import FakeBackend, SimulatedClock, cpu_like, gpu_like
 from reranker.engine.controller import InferenceController
 from reranker.engine.metrics import Metrics
-from reranker.errors import BackendError, OverloadedError, RequestTimeoutError
+from reranker.engine.runtime import calibration_batches
+from reranker.errors import BackendError, NotReadyError, OverloadedError, RequestTimeoutError
 
 
 def texts(prefix: str, count: int) -> list[str]:
@@ -185,26 +186,37 @@ def test_small_request_is_not_starved_by_a_big_one() -> None:
     asyncio.run(with_controller(backend, body))
 
 
-def run_mixed_traffic(grouping: bool, budget: int | None = None) -> list[list[int]]:
-    """12 requests of 6 texts of 2-59 tokens admitted behind a held batch; the batches that ran."""
-    backend = FakeBackend()
-    backend.gate.clear()
+def run_mixed_traffic(
+    grouping: bool,
+    budget: int | None = None,
+    device=cpu_like,
+    requests: int = 12,
+    texts_each: int = 6,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Requests of texts of 2-59 tokens admitted behind a held batch, on a device whose batch
+    cost follows ``device`` (the controller calibrates on it first); the batches that ran."""
+    clock = SimulatedClock()
+    backend = FakeBackend(cost=device, clock=clock)
     rng = np.random.default_rng(7)
-    requests = [
-        backend.tokenize_texts([" ".join(["w"] * int(n)) for n in rng.integers(2, 60, size=6)])
-        for _ in range(12)
+    waiting = [
+        backend.tokenize_texts([" ".join(["w"] * int(n)) for n in rng.integers(2, 60, size=texts_each)])
+        for _ in range(requests)
     ]
 
     async def body(controller: InferenceController) -> None:
-        tasks = [asyncio.create_task(controller.run(items, 10)) for items in requests]
+        controller.calibrate(calibration_batches(backend, batch_size))
+        del backend.batches[:]
+        backend.gate.clear()
+        tasks = [asyncio.create_task(controller.run(items, 10)) for items in waiting]
         try:  # every request is admitted while the first batch is held
             await until(backend.batch_started.is_set)
         finally:
             backend.gate.set()
         await asyncio.gather(*tasks)
 
-    options = {"max_batch_tokens": budget, "group_by_length": grouping}
-    asyncio.run(with_controller(backend, body, batch_size=16, max_queue=16, **options))
+    options = {"max_batch_tokens": budget, "group_by_length": grouping, "clock": clock}
+    asyncio.run(with_controller(backend, body, batch_size=batch_size, max_queue=requests, **options))
     return backend.batches
 
 
@@ -225,3 +237,136 @@ def test_length_grouping_pads_less_than_arrival_order() -> None:
         real = sum(sum(b) for b in queued_batches)
         efficiency[grouping] = real / sum(max(b) * len(b) for b in queued_batches)
     assert efficiency[True] > 0.85 > 0.7 > efficiency[False], efficiency
+
+
+def test_gpu_like_device_runs_full_batches_at_saturation() -> None:
+    """On a flat-cost device the learned overhead is unbounded: batches fill whatever the lengths."""
+    first, *batches = run_mixed_traffic(True, device=gpu_like, requests=16, texts_each=40)
+    assert sum(len(b) for b in batches) == 16 * 40 - len(first)
+    assert np.mean([len(b) for b in batches]) >= 0.9 * 16, [len(b) for b in batches]
+
+
+def test_cpu_like_device_splits_by_length_where_padding_costs_more_than_a_batch() -> None:
+    batches = run_mixed_traffic(True, device=cpu_like, requests=16, texts_each=40)[1:]
+    gpu = run_mixed_traffic(True, device=gpu_like, requests=16, texts_each=40)[1:]
+    padded = {name: sum(max(b) * len(b) for b in ran) for name, ran in (("cpu", batches), ("gpu", gpu))}
+    assert len(batches) > len(gpu) and padded["cpu"] < padded["gpu"]
+
+
+def test_a_thousand_equal_length_items_run_in_full_batches() -> None:
+    for device in (cpu_like, gpu_like):
+        clock = SimulatedClock()
+        backend = FakeBackend(cost=device, clock=clock)
+        items = backend.tokenize_texts([f"chunk {i} of the same length" for i in range(1000)])
+
+        async def body(controller: InferenceController, backend=backend, items=items) -> None:
+            controller.calibrate(calibration_batches(backend, 32))
+            del backend.batches[:]
+            result = await controller.run(items, 10)
+            assert result.batches == len(backend.batches)
+
+        asyncio.run(with_controller(backend, body, batch_size=32, clock=clock))
+        assert len(backend.batches) == 32, [len(b) for b in backend.batches]
+        assert sorted(len(b) for b in backend.batches)[1:] == [32] * 31
+
+
+def test_a_request_making_progress_outlives_the_timeout_and_a_stalled_one_does_not() -> None:
+    """REQUEST_TIMEOUT_S bounds waiting, not computing: 0.3 s of timeout, 40 batches of 0.02 s."""
+    slow = threading_gate_delay(0.02)
+    backend = FakeBackend(fail_when=slow)
+
+    async def body(controller: InferenceController) -> None:
+        items = backend.tokenize_texts(texts("long job", 160))
+        result = await controller.run(items, timeout_s=0.3)
+        assert result.outputs.shape == (160, 8) and result.batches == 40
+        backend.gate.clear()  # the model hangs from now on
+        try:
+            with pytest.raises(RequestTimeoutError) as stuck:
+                await controller.run(backend.tokenize_texts(["stuck"]), 0.2)
+        finally:
+            backend.gate.set()
+        assert "made no progress" in stuck.value.message
+
+    asyncio.run(with_controller(backend, body, batch_size=4))
+
+
+def threading_gate_delay(seconds: float):
+    """A fail_when hook that makes each batch take ``seconds`` of real time (a slow model)."""
+    import time as real_time
+
+    def delay(batch: Sequence[Encoded]) -> None:
+        real_time.sleep(seconds)
+        return None
+
+    return delay
+
+
+def test_timeout_messages_say_what_waited_and_which_variable_to_change() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        running = asyncio.create_task(controller.run(backend.tokenize_texts(["first"]), 0.1))
+        await until(lambda: controller.in_flight == 1)
+        try:
+            with pytest.raises(RequestTimeoutError) as waited:
+                await controller.run(backend.tokenize_texts(["second", "third"]), timeout_s=0.1)
+            with pytest.raises(RequestTimeoutError) as stalled:
+                await running
+        finally:
+            backend.gate.set()
+        assert "none of its 2 items could start within REQUEST_TIMEOUT_S=0.1 s" in waited.value.message
+        assert "no progress on it for REQUEST_TIMEOUT_S=0.1 s (0/1 items done)" in stalled.value.message
+        assert "/v1/jobs" in waited.value.message and "/v1/jobs" in stalled.value.message
+
+    asyncio.run(with_controller(backend, body))
+
+
+def test_queue_full_message_names_the_variable_and_points_to_jobs() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        first = asyncio.create_task(controller.run(backend.tokenize_texts(["a"]), 10))
+        await until(lambda: controller.in_flight == 1)
+        second = asyncio.create_task(controller.run(backend.tokenize_texts(["b"]), 10))
+        await until(lambda: controller.queued == 1)
+        with pytest.raises(OverloadedError) as refused:
+            await controller.run(backend.tokenize_texts(["c"]), 10)
+        backend.gate.set()
+        await asyncio.gather(first, second)
+        assert "MAX_QUEUE_SIZE=1" in refused.value.message and "/v1/jobs" in refused.value.message
+
+    asyncio.run(with_controller(backend, body, max_queue=1))
+
+
+def test_a_dead_batcher_fails_waiting_requests_at_once_and_refuses_new_ones() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+
+    async def body(controller: InferenceController) -> None:
+        first = asyncio.create_task(controller.run(backend.tokenize_texts(["a"]), 60))
+        await until(lambda: controller.in_flight == 1)
+        waiting = asyncio.create_task(controller.run(backend.tokenize_texts(["b"]), 60))
+        await until(lambda: controller.queued == 1)
+        controller._batcher.cancel()  # the task dies (as it would on a bug)
+        with pytest.raises(BackendError) as failed:
+            await waiting  # at once, not after its 60 s timeout
+        assert "batcher" in failed.value.message and controller.failure
+        with pytest.raises(BackendError):
+            await controller.run(backend.tokenize_texts(["c"]), 60)
+        backend.gate.set()
+        await first  # the batch that was running still delivers
+
+    asyncio.run(with_controller(backend, body))
+
+
+def test_stop_admitting_refuses_with_not_ready() -> None:
+    backend = FakeBackend()
+
+    async def body(controller: InferenceController) -> None:
+        controller.stop_admitting()
+        with pytest.raises(NotReadyError):
+            await controller.run(backend.tokenize_texts(["a"]), 1)
+
+    asyncio.run(with_controller(backend, body))

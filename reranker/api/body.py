@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from reranker.errors import (
     BodyTimeoutError,
@@ -25,6 +25,7 @@ from reranker.settings import Settings
 
 Model = TypeVar("Model", bound=BaseModel)
 T = TypeVar("T")
+PARSE_IN_THREAD_BYTES = 1024 * 1024  # bigger bodies are parsed in a worker thread
 
 
 async def read_json(request: Request, max_bytes: int, timeout_s: float) -> Any:
@@ -47,10 +48,16 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float) -> Any:
             f"the request body did not arrive within BODY_READ_TIMEOUT_S={timeout_s:g} s "
             f"({size} bytes received)"
         ) from None
+    except ClientDisconnect:
+        raise ClientDisconnectedError(
+            f"the client disconnected while sending its body ({size} bytes received)"
+        ) from None
     body = b"".join(chunks)
     if not body.strip():
         raise MalformedRequestError("request body is empty; expected a JSON object")
     try:
+        if len(body) > PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(orjson.loads, body)
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedRequestError(f"request body is not valid JSON: {exc}") from None

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from reranker.api.body import read_body, unless_disconnected
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
-from reranker.api.responses import ORJSONResponse
+from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
 from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
@@ -55,7 +55,7 @@ async def embed(request: Request) -> Response:
         },
         "timing_ms": timing_ms(outcome.timing, started),
     }
-    return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
+    return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
 @inference_endpoint("/v1/embeddings")
@@ -87,7 +87,7 @@ async def openai_embeddings(request: Request) -> Response:
         "model": body.model or runtime.model_name(),
         "usage": {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens},
     }
-    return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
+    return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:

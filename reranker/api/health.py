@@ -20,6 +20,11 @@ async def health(request: Request) -> Response:
 
 
 async def livez(request: Request) -> Response:
+    """200 while the process can serve; 503 once a task it cannot work without has died (the
+    batcher, the job worker), so systemd or Kubernetes restarts it."""
+    failure = runtime_of(request).task_failure()
+    if failure:
+        return ORJSONResponse({"status": "broken", "error": failure}, status_code=503)
     return ORJSONResponse({"status": "alive"})
 
 
@@ -46,7 +51,9 @@ async def metrics(request: Request) -> Response:
     controller = runtime.controller
     snapshot["queue_depth"] = controller.queued if controller else 0
     snapshot["in_flight_batches"] = controller.in_flight if controller else 0
-    snapshot["batch_overhead_tokens"] = round(controller.batch_overhead_tokens, 1) if controller else None
+    cost = controller.batch_cost if controller else None
+    snapshot["batch_overhead_tokens"] = round(cost.overhead, 1) if cost else None
+    snapshot["batch_quadratic_per_token"] = cost.quadratic if cost else None
     snapshot["cache"] = runtime.cache_stats()
     snapshot["status"] = runtime.status.value
     return ORJSONResponse(snapshot)

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from reranker.api.body import read_json, validate
 from reranker.api.observe import inference_endpoint, runtime_of
 from reranker.api.rerank import long_documents
-from reranker.api.responses import ORJSONResponse
+from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest, check_text_chars
 from reranker.backends.base import ModelKind
 from reranker.engine.job_work import EmbedJob, RerankJob
@@ -49,7 +49,7 @@ async def submit_job(request: Request) -> Response:
         )
         long = long_documents(rerank, settings)
         work = RerankJob(rerank.query, texts, rerank.documents, rerank.top_n, rerank.return_documents, long)
-    job = runtime.jobs.submit(body.type, len(texts), lambda job: work(job, service))
+    job = await runtime.jobs.submit(body.type, len(texts), lambda job: work(job, service))
     status_url = f"/v1/jobs/{job.id}"
     content = {"job_id": job.id, "status": job.status.value, "status_url": status_url}
     return ORJSONResponse(content, status_code=202, headers={"Location": status_url})
@@ -57,13 +57,14 @@ async def submit_job(request: Request) -> Response:
 
 @inference_endpoint("/v1/jobs/{job_id}")
 async def job_status(request: Request) -> Response:
-    return ORJSONResponse(runtime_of(request).jobs.get(request.path_params["job_id"]).view())
+    return await json_response(runtime_of(request).jobs.get(request.path_params["job_id"]).view())
 
 
 @inference_endpoint("/v1/jobs/{job_id}")
 async def cancel_job(request: Request) -> Response:
     """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
-    return ORJSONResponse(runtime_of(request).jobs.cancel(request.path_params["job_id"]).view())
+    job = await runtime_of(request).jobs.cancel(request.path_params["job_id"])
+    return await json_response(job.view())
 
 
 def _check_size(settings: Settings, texts: list[str], labels: list[str]) -> None:

@@ -51,6 +51,11 @@ class RuntimeCollector:
         for reason, count in sorted(metrics.failed_requests.items()):
             failures.add_metric([reason], count)
         yield failures
+        yield CounterMetricFamily(
+            "reranker_client_disconnects",
+            "Requests whose client went away before the answer (not failures of the server).",
+            value=metrics.client_disconnects,
+        )
         yield _histogram(
             "reranker_request_duration_seconds", "Successful requests, end to end.", metrics.latency_ms, 1e-3
         )

@@ -33,9 +33,10 @@ from reranker.errors import InvalidInputError
 from reranker.settings import Settings
 
 
-def ranked(scores: np.ndarray, limit: int | None) -> list[int]:
-    """Indices best first; ties keep request order (stable), so rankings are deterministic."""
-    order = np.argsort(-scores, kind="stable")
+def ranked(outcome: RerankOutcome, limit: int | None) -> list[int]:
+    """Indices best first by the raw logit or cosine (sigmoid scores of large logits tie at 1.0);
+    exact ties keep request order (stable), so rankings are deterministic."""
+    order = np.argsort(-outcome.ranking, kind="stable")
     return [int(i) for i in order[: limit or len(order)]]
 
 
@@ -48,7 +49,7 @@ async def rerank(request: Request) -> Response:
     service = runtime.require_service()
     outcome = await unless_disconnected(request, service.rerank(body.query, body.documents))
     results: list[dict[str, Any]] = []
-    for index in ranked(outcome.scores, body.top_k):
+    for index in ranked(outcome, body.top_k):
         result: dict[str, Any] = {"index": index, "score": float(outcome.scores[index])}
         if body.return_documents:
             result["document"] = body.documents[index]
@@ -124,7 +125,7 @@ async def rerank_v1(request: Request) -> Response:
     long = long_documents(body, runtime.settings)
     outcome = await rerank_long(request, body.query, texts, long)
     results: list[dict[str, Any]] = []
-    for index in ranked(outcome.scores, body.top_n):
+    for index in ranked(outcome, body.top_n):
         result: dict[str, Any] = {"index": index, "relevance_score": float(outcome.scores[index])}
         if body.return_documents:
             doc = body.documents[index]
@@ -163,7 +164,7 @@ async def rerank_v2(request: Request) -> Response:
     long = long_documents(body, runtime.settings, max_windows=None if body.max_chunks_per_doc else 1000)
     outcome = await rerank_long(request, body.query, texts, long)
     results: list[dict[str, Any]] = []
-    for index in ranked(outcome.scores, body.top_n):
+    for index in ranked(outcome, body.top_n):
         result: dict[str, Any] = {"index": index, "relevance_score": float(outcome.scores[index])}
         if body.return_details:
             result["details"] = result_details(outcome, index) | {

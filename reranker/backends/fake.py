@@ -2,7 +2,10 @@
 
 Scores and vectors are pure functions of the input tokens, so batch invariance
 holds exactly. A test can make it slow without sleeping (``gate``: every batch
-waits until the test opens it), make it fail, and read every batch it ran.
+waits until the test opens it), make it fail, and read every batch it ran. Given a
+``cost`` curve and a ``SimulatedClock``, each batch advances the clock by what it
+would cost on that device (CPU-like: per padded token; GPU-like: flat), so a
+controller timing batches with that clock sees the device's behaviour exactly.
 """
 
 from __future__ import annotations
@@ -18,16 +21,47 @@ from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
 DIMENSION = 8
 
 
+class SimulatedClock:
+    """A clock that moves only when a fake batch 'runs' (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+def cpu_like(batch: Sequence[Encoded]) -> float:
+    """About a small model on a few CPU cores: 1 ms a batch + 15 us per padded token."""
+    return 0.001 + 1.5e-5 * len(batch) * max(len(item) for item in batch)
+
+
+def gpu_like(batch: Sequence[Encoded]) -> float:
+    """A launch-bound GPU: 4 ms a batch, padding next to free."""
+    return 0.004 + 1e-9 * len(batch) * max(len(item) for item in batch)
+
+
 class FakeBackend(Backend):
     def __init__(
         self,
         kind: ModelKind = ModelKind.BI_ENCODER,
         max_length: int = 64,
         fail_when: Callable[[Sequence[Encoded]], Exception | None] | None = None,
+        dimension: int = DIMENSION,
+        cost: Callable[[Sequence[Encoded]], float] | None = None,
+        clock: SimulatedClock | None = None,
     ) -> None:
         self.kind = kind
         self.max_length = max_length
         self.fail_when = fail_when
+        self.dimension = dimension
+        self.cost = cost
+        self.clock = clock
         self.gate = threading.Event()
         self.gate.set()
         self.batch_started = threading.Event()
@@ -41,7 +75,7 @@ class FakeBackend(Backend):
             backend="fake",
             device="cpu",
             max_length=self.max_length,
-            dimension=DIMENSION if self.kind is ModelKind.BI_ENCODER else None,
+            dimension=self.dimension if self.kind is ModelKind.BI_ENCODER else None,
         )
 
     def _encode(self, text: str, type_id: int) -> list[tuple[int, int]]:
@@ -64,11 +98,13 @@ class FakeBackend(Backend):
             self.batches.append([len(item) for item in batch])
         self.batch_started.set()
         self.gate.wait()
+        if self.cost is not None and self.clock is not None:
+            self.clock.advance(self.cost(batch))
         if self.fail_when is not None and (error := self.fail_when(batch)) is not None:
             raise error
         if self.kind is ModelKind.CROSS_ENCODER:
             return np.array([self._logit(item) for item in batch], dtype=np.float32)
-        return np.stack([self._vector(item) for item in batch]).astype(np.float32)
+        return np.stack([self._vector(item, self.dimension) for item in batch]).astype(np.float32)
 
     @staticmethod
     def _logit(item: Encoded) -> float:
@@ -78,8 +114,8 @@ class FakeBackend(Backend):
         return 4.0 * overlap / (1 + len(doc)) - 1.0
 
     @staticmethod
-    def _vector(item: Encoded) -> np.ndarray:
-        vector = np.zeros(DIMENSION, dtype=np.float64)
+    def _vector(item: Encoded, dimension: int = DIMENSION) -> np.ndarray:
+        vector = np.zeros(dimension, dtype=np.float64)
         for token in item.ids:
-            vector[token % DIMENSION] += 1.0
+            vector[token % dimension] += 1.0
         return vector + 0.01

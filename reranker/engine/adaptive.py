@@ -47,6 +47,7 @@ class BatchSizer:
         self.memory_limit_bytes = memory_limit_bytes
         self._probe = memory_probe
         self._full_streak = 0
+        self._failed_at: int | None = None  # the smallest batch that ran out of memory
         log.info(
             "Memory limit set to %.1f GB; batch size %d (%s, max %d)",
             memory_limit_bytes / GIB,
@@ -67,13 +68,14 @@ class BatchSizer:
             )
             return
         self._full_streak = self._full_streak + 1 if items >= self.limit else 0
+        ceiling = self.maximum if self._failed_at is None else min(self.maximum, self._failed_at - 1)
         if (
             self._full_streak >= GROW_AFTER_FULL_BATCHES
-            and self.limit < self.maximum
+            and self.limit < ceiling
             and used < GROW_BELOW_FRACTION * self.memory_limit_bytes
         ):
             self._set(
-                min(self.maximum, self.limit + max(1, self.limit // 2)),
+                min(ceiling, self.limit + max(1, self.limit // 2)),
                 f"{GROW_AFTER_FULL_BATCHES} full batches in a row with memory at {used / GIB:.2f} GB",
             )
 
@@ -81,6 +83,7 @@ class BatchSizer:
         """A batch of ``items`` ran out of memory; True if a smaller retry makes sense."""
         if not self.adaptive or items <= 1:
             return False
+        self._failed_at = min(items, self._failed_at or items)  # never grow back to it
         self._set(max(1, min(self.limit, items) // 2), f"out of memory on a batch of {items}: {error!r}")
         return True
 

@@ -1,8 +1,9 @@
 """Choosing the next model batch from the items waiting in the queue.
 
 Two goals pull against each other: pad little (items of similar token length in
-one batch, which is where CPU throughput comes from) and be fair (no request
-waits behind another's thousands of items, no item waits forever).
+one batch, which is where CPU throughput comes from) and keep batches full (which
+is where GPU throughput comes from), and all of it fairly (no request waits behind
+another's thousands of items, no item waits forever).
 
 The rule, per batch:
 
@@ -11,17 +12,21 @@ The rule, per batch:
    every request makes progress within ``len(waiting)`` batches: a one-text
    request behind a 5,000-text request rides in one of the next two batches,
    and nothing starves.
-2. **Fill by length** - all waiting items, of every request, are ordered by
-   token length; the batch is the run of consecutive items in that order which
-   the waiting items near the anchor's shortest item are cut into the cheapest
-   set of batches (a batch costing a fixed overhead plus its padded size;
-   ``BatchCostModel`` learns the overhead from timings), and the batch holding
-   the anchor item runs. Items of similar length share a batch, whichever
-   request they came from, and a batch stops growing where the padding it
-   would add costs more than another batch.
+2. **Fill by length** - the waiting items near the anchor item, of every request, are
+   ordered by token length. Every run of consecutive items holding the anchor item is a
+   candidate batch; each is priced as itself plus the cheapest way to batch the items
+   below it and above it (two dynamic programmes over the cut points, a batch costing
+   a fixed overhead plus its padded size). The cheapest candidate runs; among equally
+   cheap ones, the largest. So equal-length items always run in full batches (the
+   leftover batch is never the anchor's), and a batch stops growing only where the
+   padding it would add costs more than another batch would.
 3. **Budget** - at most ``max_items`` items, and padded cost (longest item x
    items) within ``max_tokens``. An item longer than the budget rides alone
    (it is never refused for being long).
+
+The fixed overhead and the per-token cost come from ``BatchCostModel``, fitted on
+timed batches. Until it has measurements the overhead is unbounded: a request is
+never split to save padding unless splitting was measured to be cheaper.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from typing import Protocol
 
 import numpy as np
 
-DEFAULT_OVERHEAD_TOKENS = 64.0  # until timings say otherwise: about 5 ms of a small model on a CPU
+UNMEASURED_OVERHEAD_TOKENS = 1e9  # no timings yet: only the budget splits a batch
+REACH_BATCHES = 1  # items considered on each side of the anchor, in batches
 
 
 class Waiting(Protocol):
@@ -48,22 +54,55 @@ class Pick:
     item_indices: np.ndarray  # indices into that request's items
 
 
+@dataclass(frozen=True, slots=True)
+class BatchCost:
+    """A batch of ``n`` items padded to ``L`` tokens costs ``overhead + n * L * (1 + quadratic * L)``
+    token-equivalents (the last term is attention's cost growing with the square of the length)."""
+
+    overhead: float = UNMEASURED_OVERHEAD_TOKENS
+    quadratic: float = 0.0
+
+    def per_item(self, lengths: np.ndarray) -> np.ndarray:
+        return lengths * (1.0 + self.quadratic * lengths)
+
+
 def plan_batch(
     waiting: Sequence[Waiting],
     anchor: int,
     max_items: int,
     max_tokens: int | None = None,
-    overhead_tokens: float = DEFAULT_OVERHEAD_TOKENS,
+    cost: BatchCost | None = None,
 ) -> list[Pick]:
     """Choose the next batch; ``anchor`` indexes ``waiting`` (which must be non-empty)."""
-    owners = np.concatenate([np.full(len(w.remaining), pos) for pos, w in enumerate(waiting)])
-    items = np.concatenate([w.remaining for w in waiting])
-    lengths = np.concatenate([w.lengths[w.remaining] for w in waiting])
+    cost = cost or BatchCost()
+    reach = REACH_BATCHES * max_items
+    anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
+    owners_parts, items_parts = [], []
+    left_below = left_above = False  # items of some request outside the window
+    for pos, request in enumerate(waiting):
+        # Only items that can be within ``reach`` ranks of the anchor item in the merged order.
+        sorted_lengths = request.lengths[request.remaining]
+        middle = int(np.searchsorted(sorted_lengths, anchor_length, side="left"))
+        if pos == anchor:
+            middle = 0
+        chosen = request.remaining[max(0, middle - reach) : middle + reach + 1]
+        left_below |= middle - reach > 0
+        left_above |= middle + reach + 1 < len(request.remaining)
+        owners_parts.append(np.full(len(chosen), pos))
+        items_parts.append(chosen)
+    owners = np.concatenate(owners_parts)
+    items = np.concatenate(items_parts)
+    lengths = np.concatenate([w.lengths[i] for w, i in zip(waiting, items_parts, strict=True)])
     order = np.lexsort((owners, lengths))  # by length, ties by arrival
     sorted_lengths = lengths[order]
     position = int(np.flatnonzero(owners[order] == anchor)[0])  # the anchor's shortest item
-    start, stop = _cheapest_segment(sorted_lengths, position, max_items, max_tokens, overhead_tokens)
-    chosen = order[start:stop]
+    low = max(0, position - reach)
+    high = min(len(order), position + reach + 1)
+    more_below, more_above = low > 0 or left_below, high < len(order) or left_above
+    start, stop = anchor_batch(
+        sorted_lengths[low:high], position - low, max_items, max_tokens, cost, more_below, more_above
+    )
+    chosen = order[low + start : low + stop]
 
     picks = []
     for pos in np.unique(owners[chosen]):
@@ -100,74 +139,146 @@ def plan_batch_in_arrival_order(
     return picks
 
 
-def _cheapest_segment(
+def anchor_batch(
     sorted_lengths: np.ndarray,
     position: int,
     max_items: int,
     max_tokens: int | None,
-    overhead_tokens: float,
+    cost: BatchCost,
+    more_below: bool = False,
+    more_above: bool = False,
 ) -> tuple[int, int]:
-    """Cut the items near ``position`` (in length order) into the cheapest set of batches
-    and return the one holding ``position``.
+    """The batch ``[start, stop)`` of consecutive items (in length order) holding ``position``
+    that is part of the cheapest way to batch them all; the largest such batch on a tie.
 
-    A batch of consecutive items ``k..j-1`` costs ``overhead + (j - k) x length[j-1]``; a
-    dynamic programme over the cut points finds the partition of least total cost.
-    Only a neighbourhood of the anchor is cut, so a queue of thousands stays cheap to plan.
+    ``more_below``/``more_above``: these items are a window of a longer queue, so a batch at
+    that edge would be filled from beyond it: it pays its share of the overhead only.
     """
-    reach = 4 * max_items
-    low = max(0, position - reach)
-    high = min(len(sorted_lengths), position + reach + 1)
-    window = sorted_lengths[low:high].astype(np.float64)
-    n = len(window)
-    best = np.full(n + 1, np.inf)
-    best[0] = 0.0
-    cut = np.zeros(n + 1, dtype=np.int64)
+    lengths = sorted_lengths.astype(np.float64)
+    n = len(lengths)
+    per_item = cost.per_item(lengths)
+    limit = _size_limits(lengths, max_items, max_tokens)
+    below = _cheapest_prefixes(per_item[: position + 1], limit[: position + 1], cost.overhead, more_below)
+    above = _cheapest_suffixes(
+        lengths[position:], per_item[position:], max_items, max_tokens, cost, more_above
+    )
+    # Candidate (start k, stop j) with k <= position < j: a batch ending at j may hold limit[j-1] items.
+    starts = np.arange(max(0, position - max_items + 1), position + 1)
+    stops = np.arange(position + 1, min(n, position + max_items) + 1)
+    size = stops[None, :] - starts[:, None]
+    allowed = size <= limit[stops - 1][None, :]
+    total = (
+        below[starts][:, None]
+        + cost.overhead
+        + size * per_item[stops - 1][None, :]
+        + above[stops - position][None, :]
+    )
+    total = np.where(allowed, total, np.inf)
+    best = total.min()
+    ties = np.flatnonzero((total <= best + 1e-9 * max(1.0, abs(best))).ravel())
+    k, j = np.unravel_index(ties[np.argmax(size.ravel()[ties])], total.shape)
+    return int(starts[k]), int(stops[j])
+
+
+def _size_limits(lengths: np.ndarray, max_items: int, max_tokens: int | None) -> np.ndarray:
+    """The most items a batch whose longest item is ``lengths[i]`` may hold (at least one)."""
+    limit = np.full(len(lengths), max_items, dtype=np.int64)
+    if max_tokens is not None:
+        limit = np.minimum(limit, np.maximum(1, max_tokens // np.maximum(lengths, 1)).astype(np.int64))
+    return limit
+
+
+def _cheapest_prefixes(
+    per_item: np.ndarray, limit: np.ndarray, overhead: float, open_start: bool
+) -> np.ndarray:
+    """``best[i]``: the least cost of batching the first ``i`` of these items (``i`` up to
+    ``len - 1``: the last item is the anchor, batched by the caller)."""
+    n = len(per_item) - 1
+    best = np.zeros(n + 1)
+    descending = np.arange(int(limit.max(initial=1)), 0, -1, dtype=np.float64)
     for j in range(1, n + 1):
-        starts = np.arange(max(0, j - max_items), j)
-        sizes = j - starts
-        padded = sizes * window[j - 1]
-        cost = best[starts] + overhead_tokens + padded
+        first = max(0, j - int(limit[j - 1]))
+        sizes = descending[-(j - first) :]
+        candidate = best[first:j] + sizes * per_item[j - 1] + overhead
+        if open_start and first == 0:  # the batch from the window's edge is shared with items below
+            candidate[0] -= overhead * (1.0 - sizes[0] / limit[j - 1])
+        best[j] = candidate.min()
+    return best
+
+
+def _cheapest_suffixes(
+    lengths: np.ndarray,
+    per_item: np.ndarray,
+    max_items: int,
+    max_tokens: int | None,
+    cost: BatchCost,
+    open_end: bool,
+) -> np.ndarray:
+    """``best[i]``: the least cost of batching these items from ``i`` to the end (``i`` from 1:
+    item 0 is the anchor); a batch's price is set by its last (longest) item."""
+    n = len(lengths)
+    best = np.zeros(n + 1)
+    for i in range(n - 1, 0, -1):
+        stop = min(n, i + max_items)
+        stops = np.arange(i + 1, stop + 1)
+        sizes = stops - i
+        padded = sizes * lengths[stops - 1]
+        candidate = best[stops] + cost.overhead + sizes * per_item[stops - 1]
+        if open_end and stop == n:  # the batch to the window's edge is shared with items above
+            candidate[-1] -= cost.overhead * (1.0 - sizes[-1] / max_items)
         if max_tokens is not None:
-            cost[(padded > max_tokens) & (sizes > 1)] = np.inf
-        k = int(np.argmin(cost))
-        best[j], cut[j] = cost[k], starts[k]
-    j = n
-    while cut[j] > position - low:
-        j = int(cut[j])
-    return low + int(cut[j]), low + j
+            candidate = np.where((padded > max_tokens) & (sizes > 1), np.inf, candidate)
+        best[i] = candidate.min()
+    return best
 
 
 class BatchCostModel:
-    """Estimates a batch's fixed cost in token-equivalents from observed batch timings.
+    """Fits a batch's cost from timed batches: ``seconds = a + b * padded + c * padded * length``.
 
-    A batch costs about ``a + b x padded_tokens`` seconds; ``a / b`` says how many padded
-    tokens a batch may waste before splitting it in two costs more than the waste. It is
-    small on a CPU (small, well-packed batches win) and large on a GPU (big batches win).
+    ``a / b`` is the fixed cost of a batch in padded tokens (how many padded tokens a batch may
+    waste before splitting it in two costs more), ``c / b`` the weight of attention's quadratic
+    term. On a CPU the overhead is small (small, well-packed batches win); on a GPU the time
+    barely depends on the tokens, the fitted per-token cost is about zero, and the overhead is
+    unbounded (full batches win). Calibration batches of chosen shapes run at start-up, so
+    the fit does not rest only on batches it chose itself.
     """
 
-    def __init__(self, decay: float = 0.98, min_batches: int = 16) -> None:
-        self._decay = decay
+    def __init__(self, window: int = 256, min_batches: int = 8) -> None:
+        self._window = window
         self._min_batches = min_batches
-        self._n = self._x = self._y = self._xx = self._xy = 0.0
-        self._seen = 0
+        self._rows: list[tuple[float, float, float]] = []
+        self._fitted: BatchCost | None = None
 
-    def observe(self, padded_tokens: int, seconds: float) -> None:
-        d = self._decay
-        self._n = self._n * d + 1.0
-        self._x = self._x * d + padded_tokens
-        self._y = self._y * d + seconds
-        self._xx = self._xx * d + padded_tokens * padded_tokens
-        self._xy = self._xy * d + padded_tokens * seconds
-        self._seen += 1
+    def observe(self, items: int, longest: int, seconds: float) -> None:
+        padded = float(items * longest)
+        self._rows.append((padded, padded * longest, seconds))
+        if len(self._rows) > self._window:
+            del self._rows[0]
+        self._fitted = None
+
+    def cost(self) -> BatchCost:
+        if self._fitted is None:
+            self._fitted = self._fit()
+        return self._fitted
 
     def overhead_tokens(self) -> float:
-        if self._seen < self._min_batches:
-            return DEFAULT_OVERHEAD_TOKENS
-        spread = self._n * self._xx - self._x * self._x
-        if spread <= 1e-9:
-            return DEFAULT_OVERHEAD_TOKENS
-        slope = (self._n * self._xy - self._x * self._y) / spread
-        intercept = (self._y - slope * self._x) / self._n
-        if slope <= 0:
-            return DEFAULT_OVERHEAD_TOKENS
-        return float(min(max(intercept / slope, 8.0), 1_000_000.0))
+        return self.cost().overhead
+
+    def _fit(self) -> BatchCost:
+        if len(self._rows) < self._min_batches:
+            return BatchCost()
+        rows = np.array(self._rows)
+        padded, quadratic, seconds = rows[:, 0], rows[:, 1], rows[:, 2]
+        scale = max(float(padded.max()), 1.0)
+        if float(padded.max() - padded.min()) <= 1e-9 * scale:
+            return BatchCost()  # every batch had the same size: nothing to learn from
+        design = np.column_stack([np.ones_like(padded), padded, quadratic])
+        (a, b, c), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+        if c < 0 or not np.isfinite(c):  # no measurable quadratic term: fit the line alone
+            (a, b), *_ = np.linalg.lstsq(design[:, :2], seconds, rcond=None)
+            c = 0.0
+        typical = float(np.median(seconds))
+        if b <= 0 or b * float(np.median(padded)) < 0.01 * typical:
+            return BatchCost(UNMEASURED_OVERHEAD_TOKENS, 0.0)  # flat: tokens cost next to nothing
+        overhead = min(max(a / b, 1.0), UNMEASURED_OVERHEAD_TOKENS)
+        return BatchCost(float(overhead), float(c / b))

@@ -2,15 +2,23 @@
 
 Requests are admitted into a bounded queue (full: refused at once). One batcher
 task cuts model batches from whatever is waiting (``batching.plan_batch``: fair
-across requests, items of similar length together, within an item count and a
-padded-token budget), and at most ``max_parallel`` batches run at once in worker
-threads so the event loop never blocks. Each request awaits its own future; a
-batch's failure reaches every request that had items in it.
+across requests, items of similar length together, full batches whenever enough
+waits, within an item count and a padded-token budget), and at most
+``max_parallel`` batches run at once in worker threads so the event loop never
+blocks. Each request awaits its own future; a batch's failure reaches every
+request that had items in it.
+
+A request times out for waiting, not for computing: it gets 504 when none of its
+batches started or finished for ``timeout_s`` (so a 10,000-item request that keeps
+moving completes, and one stuck behind a hung model does not wait forever). If the
+batcher task itself dies, the controller is broken: waiting requests fail at once
+and ``failure`` says why (the runtime reports unhealthy so a supervisor restarts us).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -22,11 +30,17 @@ import numpy as np
 
 from reranker.backends.base import Backend, Encoded
 from reranker.engine.adaptive import BatchSizer, is_out_of_memory
-from reranker.engine.batching import BatchCostModel, plan_batch, plan_batch_in_arrival_order
+from reranker.engine.batching import BatchCost, BatchCostModel, plan_batch, plan_batch_in_arrival_order
 from reranker.engine.metrics import Metrics
 from reranker.errors import BackendError, NotReadyError, OverloadedError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
+
+# Set by a job's slice runner: background work whose job no longer wants it is dropped when the
+# next batch is planned, so a cancelled job's queued slice never reaches the model.
+background_wanted: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "background_wanted", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +49,7 @@ class InferenceResult:
     queue_ms: float  # admission until the request's first batch started
     inference_ms: float  # model time of the batches the request rode in
     batch_size: int  # the largest batch the request rode in
+    batches: int = 0  # how many model batches the request's items rode in
 
 
 @dataclass(eq=False)
@@ -43,14 +58,17 @@ class _Pending:
     future: asyncio.Future[InferenceResult]
     admitted_at: float
     background: bool = False  # a job's slice: batched only when no interactive item waits
+    wanted: Callable[[], bool] | None = None  # background work: False once its job is cancelled
     lengths: np.ndarray = field(init=False)
     remaining: np.ndarray = field(init=False)  # undispatched item indices, shortest first
     completed: int = 0
     cancelled: bool = False
     outputs: np.ndarray | None = None
     first_batch_at: float | None = None
+    last_progress: float = 0.0  # event-loop time of admission or of its last batch start/finish
     inference_s: float = 0.0
     largest_batch: int = 0
+    batches: int = 0
 
     def __post_init__(self) -> None:
         self.lengths = np.fromiter((len(item) for item in self.items), dtype=np.int64, count=len(self.items))
@@ -86,6 +104,7 @@ class InferenceController:
         batch_wait_s: float = 0.0,
         group_by_length: bool = True,
         sizer: BatchSizer | None = None,
+        interactive_recent_s: float = 2.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._backend = backend
@@ -94,6 +113,8 @@ class InferenceController:
         self._batch_wait_s = batch_wait_s
         self._group_by_length = group_by_length
         self._turn = 0  # round-robin cursor over waiting requests (the batch anchor)
+        self._interactive_recent_s = interactive_recent_s
+        self._last_interactive = -math.inf  # event-loop time an interactive request last arrived
         self._cost = BatchCostModel()
         self._max_parallel = max_parallel
         self._max_queue = max_queue
@@ -107,14 +128,34 @@ class InferenceController:
         self._slots = asyncio.Semaphore(max_parallel)
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: asyncio.Task[None] | None = None
+        self.failure: str | None = None  # set when the batcher died: the controller is broken
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         self._executor = ThreadPoolExecutor(self._max_parallel, thread_name_prefix="inference")
         self._batcher = asyncio.get_running_loop().create_task(self._batch_loop(), name="batcher")
+        self._batcher.add_done_callback(self._batcher_ended)
         self._accepting = True
         self._idle.set()
+
+    def calibrate(self, batches: Sequence[Sequence[Encoded]], rounds: int = 2) -> None:
+        """Time batches of chosen shapes so the cost model starts from measurements, not from
+        its own choices. Blocking: call before ``start`` or off the event loop."""
+        for _ in range(rounds):
+            for batch in batches:
+                _, seconds = self._forward(list(batch))
+                self._cost.observe(len(batch), max(len(item) for item in batch), seconds)
+
+    def _batcher_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and not self._accepting:
+            return  # closed on purpose
+        error = None if task.cancelled() else task.exception()
+        self.failure = f"the batcher task stopped: {error!r}" if error else "the batcher task was cancelled"
+        log.error("%s; the controller fails every request from now on", self.failure)
+        self._accepting = False
+        for pending in list(self._queue):
+            self._fail(pending, BackendError(f"internal error: {self.failure}"))
 
     def stop_admitting(self) -> None:
         self._accepting = False
@@ -149,44 +190,78 @@ class InferenceController:
         return self._sizer.limit
 
     @property
-    def batch_overhead_tokens(self) -> float:
-        """The learned fixed cost of a batch, in padded-token equivalents (what the planner uses)."""
-        return self._cost.overhead_tokens()
+    def batch_cost(self) -> BatchCost:
+        """The learned cost of a batch, in padded-token equivalents (what the planner uses)."""
+        return self._cost.cost()
 
     # ---- admission ------------------------------------------------------------------
 
     async def run(
-        self, items: Sequence[Encoded], timeout_s: float, background: bool = False
+        self,
+        items: Sequence[Encoded],
+        timeout_s: float,
+        background: bool = False,
+        timeout_name: str = "REQUEST_TIMEOUT_S",
     ) -> InferenceResult:
         """Run ``items`` through the model; raises Overloaded/Timeout/Backend errors.
 
-        ``background`` work (asynchronous jobs) is batched only while no interactive item
-        waits, and is not refused for a full queue (a job has one slice queued at a time).
+        ``timeout_s`` bounds waiting: the request ends with 504 once none of its batches
+        started or finished for that long. ``background`` work (asynchronous jobs) is batched
+        only while no interactive item waits, and is not refused for a full queue (a job has
+        at most two slices queued at a time).
         """
+        if self.failure is not None:
+            raise BackendError(f"internal error: {self.failure}")
         if not self._accepting:
             raise NotReadyError("the server is not accepting work (loading or draining)")
         if not background and len(self._queue) >= self._max_queue:
+            retry_after = self._retry_after_s()
             raise OverloadedError(
-                f"queue full ({self._max_queue} requests waiting); retry later",
-                retry_after_s=self._retry_after_s(),
+                f"queue full: MAX_QUEUE_SIZE={self._max_queue} requests are waiting; retry after "
+                f"{retry_after} s, raise MAX_QUEUE_SIZE, or submit big batches to /v1/jobs",
+                retry_after_s=retry_after,
             )
         if not items:
             return InferenceResult(np.zeros((0,), dtype=np.float32), 0.0, 0.0, 0)
         loop = asyncio.get_running_loop()
         pending = _Pending(
-            items=items, future=loop.create_future(), admitted_at=self._clock(), background=background
+            items=items,
+            future=loop.create_future(),
+            admitted_at=self._clock(),
+            background=background,
+            wanted=background_wanted.get() if background else None,
         )
+        pending.last_progress = loop.time()
+        if not background:
+            self._last_interactive = pending.last_progress
         self._queue.append(pending)
         self._idle.clear()
         self._wake.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+            while True:
+                remaining = pending.last_progress + timeout_s - loop.time()
+                try:
+                    return await asyncio.wait_for(asyncio.shield(pending.future), max(remaining, 0.0))
+                except TimeoutError:
+                    if pending.last_progress + timeout_s <= loop.time():
+                        raise
         except TimeoutError:
             self._abandon(pending)
-            raise RequestTimeoutError(f"request did not finish within {timeout_s:g} s") from None
+            raise RequestTimeoutError(self._timeout_message(pending, timeout_s, timeout_name)) from None
         except asyncio.CancelledError:  # the client went away
             self._abandon(pending)
             raise
+
+    def _timeout_message(self, pending: _Pending, timeout_s: float, name: str) -> str:
+        done, total = pending.completed, len(pending.items)
+        if pending.first_batch_at is None:
+            ahead = sum(p.undispatched for p in self._queue if p is not pending)
+            what = f"none of its {total} items could start within {name}={timeout_s:g} s"
+            what += f" ({ahead} items ahead)"
+        else:
+            what = f"the model made no progress on it for {name}={timeout_s:g} s"
+            what += f" ({done}/{total} items done)"
+        return f"{what}; raise {name}, add capacity, or submit big batches to /v1/jobs"
 
     def _retry_after_s(self) -> int:
         waiting = sum(p.undispatched for p in self._queue)
@@ -213,8 +288,9 @@ class InferenceController:
                 self._slots.release()
                 continue
             self._in_flight += 1
-            started = self._clock()
+            started, now = self._clock(), loop.time()
             for piece in batch.slices:
+                piece.pending.last_progress = now
                 if piece.pending.first_batch_at is None:
                     piece.pending.first_batch_at = started
             work = loop.run_in_executor(self._executor, self._forward, batch.items)
@@ -224,19 +300,27 @@ class InferenceController:
         return sum(p.undispatched for p in self._queue if not p.cancelled)
 
     def _next_batch(self) -> _Batch | None:
+        for pending in list(self._queue):
+            if pending.wanted is not None and not pending.wanted():
+                self._fail(pending, None)  # its job was cancelled: the waiter sees CancelledError
         live = [p for p in self._queue if not p.cancelled and p.undispatched > 0]
         interactive = [p for p in live if not p.background]
         live = interactive or live  # jobs' items only when no request waits
         if not live:
             return None
+        limit = self._sizer.limit
+        if not interactive and asyncio.get_running_loop().time() - self._last_interactive < (
+            self._interactive_recent_s
+        ):
+            # Job work while requests keep coming: short batches, so the next request waits
+            # at most for a quarter batch. On an idle server job batches are full.
+            limit = max(1, limit // 4)
         if self._group_by_length:
             anchor = self._turn % len(live)
             self._turn += 1
-            picks = plan_batch(
-                live, anchor, self._sizer.limit, self._max_batch_tokens, self._cost.overhead_tokens()
-            )
+            picks = plan_batch(live, anchor, limit, self._max_batch_tokens, self._cost.cost())
         else:
-            picks = plan_batch_in_arrival_order(live, self._sizer.limit, self._max_batch_tokens)
+            picks = plan_batch_in_arrival_order(live, limit, self._max_batch_tokens)
         batch = _Batch(slices=[], items=[])
         for pick in picks:
             pending = live[pick.request_position]
@@ -247,9 +331,9 @@ class InferenceController:
         return batch
 
     def _forward(self, items: list[Encoded]) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
+        started = self._clock()
         outputs = self._backend.forward(items)
-        return outputs, time.perf_counter() - started
+        return outputs, self._clock() - started
 
     def _finish(self, batch: _Batch, done: asyncio.Future[tuple[np.ndarray, float]]) -> None:
         self._in_flight -= 1
@@ -272,7 +356,7 @@ class InferenceController:
             outputs, seconds = done.result()
             lengths = [len(item) for item in batch.items]
             self._metrics.record_batch(lengths, seconds)
-            self._cost.observe(max(lengths) * len(lengths), seconds)
+            self._cost.observe(len(lengths), max(lengths), seconds)
             self._sizer.after_batch(len(lengths))
             offset = 0
             for piece in batch.slices:
@@ -308,6 +392,8 @@ class InferenceController:
         pending.completed += len(piece.indices)
         pending.inference_s += seconds
         pending.largest_batch = max(pending.largest_batch, batch_size)
+        pending.batches += 1
+        pending.last_progress = pending.future.get_loop().time()
         if pending.completed == len(pending.items) and not pending.future.done():
             first = pending.first_batch_at if pending.first_batch_at is not None else pending.admitted_at
             pending.future.set_result(
@@ -316,6 +402,7 @@ class InferenceController:
                     queue_ms=(first - pending.admitted_at) * 1000.0,
                     inference_ms=pending.inference_s * 1000.0,
                     batch_size=pending.largest_batch,
+                    batches=pending.batches,
                 )
             )
 

@@ -1,33 +1,79 @@
 """What an embed or rerank job does: the request's work, slice by slice, at background priority.
 
-Each slice is a quarter of a batch, so the job batch an interactive request may find
-running is short (on 2 CPU cores half a batch doubled a small request's latency); progress
-advances and cancellation is checked between slices.
+Each slice is one full batch, and two slices are in the controller at a time: while one
+runs, the next is tokenized and queued, so the model never waits between slices. The
+controller batches a job's items only while no interactive request waits, so a small
+request waits at most for the job batch already running. Progress advances as slices
+complete; a cancel drops the queued slice before it reaches the model, and the job stops
+once the running one completes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from reranker.engine.jobs import Job
-from reranker.engine.service import InferenceService, LongDocuments, TextTooLongError
+from reranker.backends.base import ModelKind
+from reranker.engine.controller import background_wanted
+from reranker.engine.jobs import Job, JobCancelledError
+from reranker.engine.service import (
+    EmbedOutcome,
+    InferenceService,
+    LongDocuments,
+    RerankOutcome,
+    TextTooLongError,
+)
 from reranker.errors import InvalidInputError
 
+T = TypeVar("T")
+SLICES_IN_FLIGHT = 2
 
-def slices(job: Job, texts: list[str], service: InferenceService) -> Iterator[tuple[int, list[str]]]:
-    """(start, slice) of a quarter batch each; cancellation is checked before each slice and
-    progress advanced after the caller has processed it."""
-    step = max(1, service.batch_limit // 4)
-    for start in range(0, len(texts), step):
-        job.check_cancelled()
-        piece = texts[start : start + step]
-        yield start, piece
-        job.advance(len(piece))
+
+async def in_slices(
+    job: Job, count: int, service: InferenceService, work: Callable[[int, int], Awaitable[T]]
+) -> list[T]:
+    """``work(start, stop)`` over ``range(count)`` in slices of one batch, in order, two at a time."""
+    step = max(1, service.batch_limit)
+    background_wanted.set(lambda: not job.cancel_requested)  # inherited by the slices' tasks
+    outstanding: deque[tuple[int, asyncio.Task[T]]] = deque()
+    results: list[T] = []
+    try:
+        for start in range(0, count, step):
+            job.check_cancelled()
+            stop = min(count, start + step)
+            outstanding.append((stop - start, asyncio.ensure_future(work(start, stop))))
+            if len(outstanding) >= SLICES_IN_FLIGHT:
+                results.append(await _completed(job, *outstanding.popleft()))
+        while outstanding:
+            results.append(await _completed(job, *outstanding.popleft()))
+    finally:
+        for _, task in outstanding:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in outstanding), return_exceptions=True)
+    return results
+
+
+async def _completed(job: Job, size: int, task: asyncio.Task[T]) -> T:
+    try:
+        result = await task
+    except asyncio.CancelledError:
+        if job.cancel_requested and not _current_task_cancelling():
+            raise JobCancelledError from None  # its slice was dropped for the cancel
+        raise
+    job.advance(size)
+    job.check_cancelled()
+    return result
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass(frozen=True)
@@ -40,20 +86,21 @@ class EmbedJob:
     model: str
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
-        parts: list[np.ndarray] = []
-        tokens = truncated = 0
-        for start, piece in slices(job, self.texts, service):
+        async def piece(start: int, stop: int) -> EmbedOutcome:
             try:
-                outcome = await service.embed(piece, self.normalize, self.truncate, background=True)
+                texts = self.texts[start:stop]
+                return await service.embed(texts, self.normalize, self.truncate, background=True)
             except TextTooLongError as exc:
                 position = start + exc.position
                 raise InvalidInputError(
                     f"chunks.{position} (chunk_id {self.chunk_ids[position]!r}): longer than the model's "
                     f"{exc.max_tokens} tokens and truncate is false"
                 ) from None
-            parts.append(outcome.vectors)
-            tokens, truncated = tokens + outcome.tokens, truncated + outcome.truncated
-        vectors = np.concatenate(parts)
+
+        outcomes = await in_slices(job, len(self.texts), service, piece)
+        vectors = np.concatenate([outcome.vectors for outcome in outcomes])
+        tokens = sum(outcome.tokens for outcome in outcomes)
+        truncated = sum(outcome.truncated for outcome in outcomes)
         return {
             "batch_id": self.batch_id,
             "model": self.model,
@@ -73,20 +120,25 @@ class RerankJob:
     long: LongDocuments
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
-        scores: list[np.ndarray] = []
-        tokens = 0
-        for start, piece in slices(job, self.texts, service):
+        query_vector = None
+        if service.kind is ModelKind.BI_ENCODER:  # embedded once, not once per slice
+            query_vector = await service.query_vector_of(self.query, background=True)
+
+        async def piece(start: int, stop: int) -> RerankOutcome:
             try:
-                outcome = await service.rerank(self.query, piece, self.long, background=True)
+                texts = self.texts[start:stop]
+                return await service.rerank(self.query, texts, self.long, True, query_vector)
             except TextTooLongError as exc:
                 raise InvalidInputError(
                     f"documents.{start + exc.position}: longer than the model's window "
                     'and truncate is "NONE"'
                 ) from None
-            scores.append(outcome.scores)
-            tokens += outcome.tokens
-        every = np.concatenate(scores)
-        order = np.argsort(-every, kind="stable")[: self.top_n or len(every)]
+
+        outcomes = await in_slices(job, len(self.texts), service, piece)
+        every = np.concatenate([outcome.scores for outcome in outcomes])
+        ranking = np.concatenate([outcome.ranking for outcome in outcomes])
+        tokens = sum(outcome.tokens for outcome in outcomes)
+        order = np.argsort(-ranking, kind="stable")[: self.top_n or len(every)]
         results = []
         for index in order:
             result: dict[str, Any] = {"index": int(index), "relevance_score": float(every[index])}

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from reranker.errors import NotFoundError, RerankerError, TooManyJobsError
+from reranker.errors import NotFoundError, NotReadyError, RerankerError, TooManyJobsError
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self.failure: str | None = None  # set when the worker task died: jobs can no longer run
 
     def start(self) -> None:
         if self._store is not None:
@@ -165,8 +167,20 @@ class JobManager:
                 self._jobs[job.id] = job
             log.info("job store %s: %d jobs kept", self._store.directory, len(self._jobs))
         self._worker = asyncio.get_running_loop().create_task(self._work_loop(), name="jobs")
+        self._worker.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        if self._closing:
+            return
+        error = None if task.cancelled() else task.exception()
+        self.failure = f"the job worker stopped: {error!r}" if error else "the job worker was cancelled"
+        log.error("%s; queued jobs fail", self.failure)
+        for job in self._jobs.values():
+            if job.status not in FINISHED:
+                self._finish(job, JobStatus.FAILED, error={"type": "internal_error", "message": self.failure})
 
     async def close(self) -> None:
+        self._closing = True
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -180,7 +194,11 @@ class JobManager:
     def active(self) -> int:
         return sum(1 for job in self._jobs.values() if job.status not in FINISHED)
 
-    def submit(self, job_type: str, total: int, work: Callable[[Job], Awaitable[dict[str, Any]]]) -> Job:
+    async def submit(
+        self, job_type: str, total: int, work: Callable[[Job], Awaitable[dict[str, Any]]]
+    ) -> Job:
+        if self.failure is not None:
+            raise NotReadyError(f"jobs cannot run: {self.failure}", retry_after_s=30)
         self._evict_expired()
         if self.active >= self._max_active:
             raise TooManyJobsError(
@@ -189,7 +207,7 @@ class JobManager:
             )
         job = Job(id=uuid.uuid4().hex, type=job_type, total=total, work=work)
         self._jobs[job.id] = job
-        self._save(job)
+        await self._save_async(job)
         self._queue.put_nowait(job)
         return job
 
@@ -200,17 +218,18 @@ class JobManager:
             raise NotFoundError(f"no job {job_id!r} (never submitted, or evicted after JOB_RESULT_TTL_S)")
         return job
 
-    def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job; a finished one is deleted with its result."""
         job = self.get(job_id)
         if job.status is JobStatus.QUEUED:
-            self._finish(job, JobStatus.CANCELLED)
+            self._finish(job, JobStatus.CANCELLED, persist=False)
+            await self._save_async(job)
         elif job.status is JobStatus.IN_PROGRESS:
             job.cancel_requested = True  # the worker stops before the next slice
         else:
             del self._jobs[job_id]
             if self._store is not None:
-                self._store.delete(job_id)
+                await asyncio.to_thread(self._store.delete, job_id)
         return job
 
     async def _work_loop(self) -> None:
@@ -222,20 +241,21 @@ class JobManager:
     async def _run(self, job: Job) -> None:
         assert job.work is not None
         job.status, job.started_at = JobStatus.IN_PROGRESS, self._clock()
-        self._save(job)
+        await self._save_async(job)
         try:
             output = await job.work(job)
         except JobCancelledError:
-            self._finish(job, JobStatus.CANCELLED)
+            self._finish(job, JobStatus.CANCELLED, persist=False)
         except RerankerError as exc:
-            self._finish(job, JobStatus.FAILED, error={"type": exc.error_type, "message": exc.message})
+            error = {"type": exc.error_type, "message": exc.message}
+            self._finish(job, JobStatus.FAILED, error=error, persist=False)
         except Exception as exc:  # a job's failure is its own, never the worker's
             log.exception("job %s failed", job.id)
-            self._finish(
-                job, JobStatus.FAILED, error={"type": "internal_error", "message": type(exc).__name__}
-            )
+            error = {"type": "internal_error", "message": type(exc).__name__}
+            self._finish(job, JobStatus.FAILED, error=error, persist=False)
         else:
-            self._finish(job, JobStatus.COMPLETED, output=output)
+            self._finish(job, JobStatus.COMPLETED, output=output, persist=False)
+        await self._save_async(job)
 
     def _finish(
         self,
@@ -243,15 +263,23 @@ class JobManager:
         status: JobStatus,
         output: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
+        persist: bool = True,
     ) -> None:
         job.status, job.output, job.error = status, output, error
         job.finished_at, job.work = self._clock(), None  # the input is no longer needed
-        self._save(job)
+        if persist:
+            self._save(job)
         log.info("job %s %s: %d/%d items", job.id, status.value, job.done, job.total)
 
     def _save(self, job: Job) -> None:
+        """Blocking store write: only where no event loop is serving (start-up, shutdown)."""
         if self._store is not None:
             self._store.save(job)
+
+    async def _save_async(self, job: Job) -> None:
+        """Serialise and fsync the job in a worker thread, off the event loop."""
+        if self._store is not None:
+            await asyncio.to_thread(self._store.save, job)
 
     def _evict_expired(self) -> None:
         now = self._clock()

@@ -28,8 +28,9 @@ BATCH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 
 FAILURE_REASONS = (
     "invalid_request", "malformed_request", "payload_too_large", "body_timeout", "unauthorized",
     "unsupported_operation", "overloaded", "not_ready", "timeout", "backend_error",
-    "client_disconnected", "internal_error", "not_found", "too_many_jobs",
+    "internal_error", "not_found", "too_many_jobs",
 )  # fmt: skip
+CLIENT_DISCONNECTED = "client_disconnected"  # the client's doing, not ours: counted apart
 
 
 class Histogram:
@@ -59,6 +60,7 @@ class Metrics:
         self.successful_requests = 0
         self.failed_requests: Counter[str] = Counter({reason: 0 for reason in FAILURE_REASONS})
         self.rejected_requests = 0
+        self.client_disconnects = 0
         self.requests_by_endpoint: Counter[str] = Counter()
         self.responses: Counter[tuple[str, int]] = Counter()  # (endpoint, HTTP status)
         self.items_processed = 0
@@ -86,7 +88,9 @@ class Metrics:
         self.total_requests += 1
         self.requests_by_endpoint[endpoint] += 1
         self.responses[(endpoint, status)] += 1
-        if failure_reason is None:
+        if failure_reason == CLIENT_DISCONNECTED:
+            self.client_disconnects += 1
+        elif failure_reason is None:
             self.successful_requests += 1
             self._latencies_ms.append(latency_ms)
             self.latency_ms.observe(latency_ms)
@@ -129,6 +133,7 @@ class Metrics:
             "successful_requests": self.successful_requests,
             "failed_requests": {reason: n for reason, n in self.failed_requests.items() if n},
             "rejected_requests": self.rejected_requests,
+            "client_disconnects": self.client_disconnects,
             "success_rate": (
                 round(self.successful_requests / self.total_requests, 6) if self.total_requests else 1.0
             ),

@@ -14,9 +14,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from reranker.backends.base import Backend, ModelInfo
+from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
+from reranker.engine import resources
 from reranker.engine.adaptive import BatchSizer
 from reranker.engine.cache import DISABLED_STATS, PredictionCache
 from reranker.engine.controller import InferenceController
@@ -44,6 +43,21 @@ def default_backend_factory(settings: Settings) -> Backend:
     return create_backend(settings)
 
 
+def calibration_batches(backend: Backend, batch_size: int) -> list[list[Encoded]]:
+    """Batches of a few sizes and lengths (cheap: at most 8 x 128 tokens) to time at start-up."""
+    info = backend.info()
+    words = " ".join(f"calibration{i % 50}" for i in range(400))
+    if info.kind is ModelKind.BI_ENCODER:
+        (longest,) = backend.tokenize_texts([words])
+    else:
+        (longest,) = backend.tokenize_pairs([("calibration query", words)])
+    batches = []
+    for length in sorted({min(n, len(longest)) for n in (16, 64, 128)}):
+        item = Encoded(ids=list(longest.ids[:length]), type_ids=list(longest.type_ids[:length]))
+        batches.extend([[item] * size for size in sorted({1, min(8, batch_size)})])
+    return batches
+
+
 def prediction_cache(settings: Settings, info: ModelInfo) -> PredictionCache | None:
     if not settings.enable_prediction_cache:
         return None
@@ -60,8 +74,8 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.status = Status.LOADING
-        self.error: str | None = None
+        self._status = Status.LOADING
+        self._error: str | None = None
         self.backend = backend
         self.controller: InferenceController | None = None
         self.service: InferenceService | None = None
@@ -69,8 +83,32 @@ class Runtime:
         self._factory = backend_factory
         self._loader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self.resources = resources.detect(settings.max_parallel_requests, settings.inference_threads)
         store = JobStore(Path(settings.job_store_dir)) if settings.job_store_dir else None
         self.jobs = JobManager(settings.max_active_jobs, settings.job_result_ttl_s, store)
+
+    @property
+    def status(self) -> Status:
+        """UNHEALTHY as soon as a supervised task (batcher, job worker) has died."""
+        return Status.UNHEALTHY if self.task_failure() else self._status
+
+    @status.setter
+    def status(self, value: Status) -> None:
+        self._status = value
+
+    @property
+    def error(self) -> str | None:
+        return self.task_failure() or self._error
+
+    @error.setter
+    def error(self, value: str | None) -> None:
+        self._error = value
+
+    def task_failure(self) -> str | None:
+        """Why a task the server cannot work without stopped, or None while all run."""
+        if self.controller is not None and self.controller.failure:
+            return self.controller.failure
+        return self.jobs.failure
 
     async def start(self, on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.jobs.start()
@@ -78,15 +116,20 @@ class Runtime:
 
     async def _load(self, on_fatal: Callable[[BaseException], None] | None) -> None:
         try:
+            settings = self.settings
+            loaded_here = self.backend is None
+            if loaded_here:
+                from reranker.backends import threads
+
+                await asyncio.to_thread(threads.configure, self.resources.threads_per_batch)
             backend = self.backend or await asyncio.to_thread(self._factory, self.settings)
             await asyncio.to_thread(backend.warmup)
-            settings = self.settings
             sizer = BatchSizer(
                 initial=settings.batch_size,
                 maximum=max(settings.embedding_max_batch_size, settings.batch_size),
                 adaptive=settings.embedding_adaptive_batching,
                 memory_limit_bytes=int(
-                    psutil.virtual_memory().total * settings.embedding_max_memory_percent / 100
+                    self.resources.memory_bytes * settings.embedding_max_memory_percent / 100
                 ),
             )
             controller = InferenceController(
@@ -100,6 +143,10 @@ class Runtime:
                 group_by_length=settings.batch_length_grouping,
                 sizer=sizer,
             )
+            if loaded_here:  # an injected backend (tests) starts with an unmeasured cost model
+                await asyncio.to_thread(
+                    controller.calibrate, calibration_batches(backend, settings.batch_size)
+                )
             controller.start()
             self.backend, self.controller = backend, controller
             info = backend.info()
@@ -176,6 +223,7 @@ class Runtime:
                 "queued": self.controller.queued if self.controller else 0,
                 "in_flight": self.controller.in_flight if self.controller else 0,
             },
+            "resources": self.resources.view(),
             "cache": self.cache_stats(),
             "uptime_s": round(self.metrics.uptime_s(), 3),
         }

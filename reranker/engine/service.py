@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +45,7 @@ class Timing:
     inference_ms: float
     batch_size: int  # largest batch the request's items rode in; 0 when all came from the cache
     cache_hits: int = 0
+    batches: int = 0  # model batches the request's items rode in
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +82,7 @@ class Computed:
 @dataclass(frozen=True, slots=True)
 class RerankOutcome:
     scores: np.ndarray  # one per document, in request order
+    ranking: np.ndarray  # what orders them (float64): the raw logit, or the cosine; no ties at 1.0
     tokens: int
     timing: Timing
     windows: list[int]  # windows scored per document
@@ -129,16 +130,22 @@ class InferenceService:
         tokenize: Callable[[list[int]], list[Windows]],
         refuse_truncated: Callable[[int], None] | None = None,
         background: bool = False,
+        skip_first: bool = False,
     ) -> Computed:
         """Outputs for the items whose cache-key parts are ``keys``: cached ones from the cache,
         the rest tokenized once (``tokenize(positions)``, one or more windows each) and queued
         together, so the windows of many documents share batches.
 
         ``refuse_truncated(position)`` may raise before any model work when an item is too long.
+        ``skip_first``: item 0 is answered by the caller (an empty output, no tokens).
         """
         cache = self._cache
         cache_keys = [cache.key(*parts) for parts in keys] if cache is not None else []
         cached = cache.get_many(cache_keys) if cache is not None else {}
+        hits = len(cached)
+        if skip_first:
+            hits -= int(0 in cached)
+            cached[0] = CachedOutput(np.zeros((0,), dtype=np.float32), 0, False)
         missing = [i for i in range(len(keys)) if i not in cached]
         windows = await asyncio.to_thread(tokenize, missing) if missing else []
         truncated = sorted(
@@ -148,12 +155,13 @@ class InferenceService:
         if truncated and refuse_truncated is not None:
             refuse_truncated(truncated[0])
         entries: dict[int, CachedOutput] = dict(cached)
-        timing = Timing(0.0, 0.0, 0, cache_hits=len(cached))
+        timing = Timing(0.0, 0.0, 0, cache_hits=hits)
         if missing:
             flat = [encoded for item in windows for encoded in item.items]
             timeout_s = BACKGROUND_TIMEOUT_S if background else self._timeout_s
-            result = await self._controller.run(flat, timeout_s, background)
-            timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, len(cached))
+            timeout_name = "the job slice timeout" if background else "REQUEST_TIMEOUT_S"
+            result = await self._controller.run(flat, timeout_s, background, timeout_name)
+            timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, hits, result.batches)
             offset = 0
             for position, item in zip(missing, windows, strict=True):
                 count = len(item.items)
@@ -186,11 +194,17 @@ class InferenceService:
         return [Windows([item], item.truncated) for item in self._backend.tokenize_pairs(chosen)]
 
     async def rerank(
-        self, query: str, documents: Sequence[str], long: LongDocuments = TRUNCATE, background: bool = False
+        self,
+        query: str,
+        documents: Sequence[str],
+        long: LongDocuments = TRUNCATE,
+        background: bool = False,
+        query_vector: np.ndarray | None = None,
     ) -> RerankOutcome:
         """Scores of ``documents`` for ``query``. A document over the model window is, by
         ``long``: the max over its windows' scores (Cohere's semantics), its beginning's score,
-        or refused (``TextTooLongError`` naming its position)."""
+        or refused (``TextTooLongError`` naming its position). A bi-encoder may be given the
+        query's normalised vector (``query_vector_of``), so a job's slices embed it once."""
         refuse = self._refuse_document if long.mode == "refuse" else None
         if self.kind is ModelKind.CROSS_ENCODER:
             pairs = [(query, doc) for doc in documents]
@@ -198,12 +212,16 @@ class InferenceService:
             computed = await self._compute(
                 keys, lambda pos: self._pair_windows(pairs, pos, long), refuse, background
             )
-            scores = sigmoid(np.array([logits.max() for logits in computed.outputs], dtype=np.float32))
+            ranking = np.array([logits.max() for logits in computed.outputs], dtype=np.float64)
+            scores = sigmoid(ranking)
             windows = [len(logits) for logits in computed.outputs]
             cut = computed.truncated
         else:
             texts = [query, *documents]
             keys = [("text", query)] + [("text" + long.cache_tag, doc) for doc in documents]
+            given = query_vector is not None
+            if given:  # position 0 (the query) is answered already: nothing to compute for it
+                texts[0], keys[0] = "", ("given-query",)
 
             def tokenize(positions: list[int]) -> list[Windows]:
                 query_part = [p for p in positions if p == 0]  # the query: one window, plainly cut
@@ -214,15 +232,24 @@ class InferenceService:
                 if position > 0 and refuse is not None:
                     refuse(position - 1)
 
-            computed = await self._compute(keys, tokenize, refuse_document if refuse else None, background)
-            query_vector = l2_normalize(computed.outputs[0][0])
-            scores = np.array(
-                [(l2_normalize(vectors) @ query_vector).max() for vectors in computed.outputs[1:]],
-                dtype=np.float32,
+            computed = await self._compute(
+                keys, tokenize, refuse_document if refuse else None, background, skip_first=given
             )
+            if query_vector is None:
+                query_vector = l2_normalize(computed.outputs[0][0])
+            ranking = np.array(
+                [(l2_normalize(vectors) @ query_vector).max() for vectors in computed.outputs[1:]],
+                dtype=np.float64,
+            )
+            scores = ranking.astype(np.float32)
             windows = [len(vectors) for vectors in computed.outputs[1:]]
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
-        return RerankOutcome(scores, computed.tokens, computed.timing, windows, cut)
+        return RerankOutcome(scores, ranking, computed.tokens, computed.timing, windows, cut)
+
+    async def query_vector_of(self, query: str, background: bool = False) -> np.ndarray:
+        """The normalised embedding a bi-encoder rerank compares documents with."""
+        outcome = await self.embed([query], normalize=True, background=background)
+        return outcome.vectors[0]
 
     @property
     def batch_limit(self) -> int:
@@ -254,9 +281,6 @@ class InferenceService:
                 f"the loaded model {info.name} is a cross-encoder: it scores pairs and cannot embed; "
                 "use /rerank, or serve a bi-encoder"
             )
-        if len(texts) > self._controller.batch_limit:
-            batches = math.ceil(len(texts) / self._controller.batch_limit)
-            log.info("Processing %d texts in %d batches", len(texts), batches)
 
         def refuse(position: int) -> None:
             raise TextTooLongError(position, info.max_length)
@@ -268,6 +292,8 @@ class InferenceService:
             None if allow_truncation else refuse,
             background,
         )
+        if computed.timing.batches > 1:
+            log.info("Processed %d texts in %d model batches", len(texts), computed.timing.batches)
         vectors = np.stack([output[0] for output in computed.outputs]).astype(np.float32, copy=False)
         if info.normalize_embeddings if normalize is None else normalize:
             vectors = l2_normalize(vectors)

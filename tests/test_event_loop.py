@@ -1,0 +1,58 @@
+"""The event loop only does I/O: a big response is rendered off it, so small requests go on."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import orjson
+
+from reranker.api.app import create_app
+from reranker.api.responses import ORJSON_OPTIONS, render_in_pieces
+from reranker.backends.base import ModelKind
+from reranker.backends.fake import FakeBackend
+from tests.conftest import make_settings
+from tests.server import ServerThread
+
+BIG = 10_000
+
+
+def test_pieces_render_the_same_bytes_as_one_call() -> None:
+    rng = np.random.default_rng(0)
+    content = {
+        "batch_id": "b",
+        "vectors": [{"chunk_id": f"c{i}", "vector": rng.random(8, dtype=np.float32)} for i in range(3000)],
+        "usage": {"chunks": 3000, "nested": {"data": list(range(5000))}},
+        "empty": [],
+    }
+    assert render_in_pieces(content) == orjson.dumps(content, option=ORJSON_OPTIONS)
+
+
+def test_a_small_request_is_answered_while_a_10000_vector_response_renders() -> None:
+    backend = FakeBackend(ModelKind.BI_ENCODER, dimension=2048)  # ~170 MB of JSON to render
+    app = create_app(make_settings(batch_size=256, max_request_bytes=50 * 1024 * 1024), backend=backend)
+    big = {"batch_id": "big", "chunks": [{"chunk_id": str(i), "content": f"text {i}"} for i in range(BIG)]}
+    small = {"batch_id": "small", "chunks": [{"chunk_id": "s", "content": "tiny"}]}
+    finished: dict[str, float] = {}
+
+    def post_big(client: httpx.Client) -> int:
+        with client.stream("POST", "/embed", json=big) as response:
+            finished["big headers"] = time.monotonic()  # sent only once the body is rendered
+            body = response.read()
+        assert len(orjson.loads(body)["vectors"]) == BIG
+        return response.status_code
+
+    with ServerThread(app) as server, server.client() as big_client, server.client() as small_client:
+        warm = len(backend.batches)
+        with ThreadPoolExecutor(1) as pool:
+            big_status = pool.submit(post_big, big_client)
+            server.wait_until(
+                lambda: sum(len(b) for b in backend.batches[warm:]) == BIG, "every big batch ran", 60
+            )
+            answer = small_client.post("/embed", json=small)
+            finished["small"] = time.monotonic()
+            assert big_status.result() == 200
+    assert answer.status_code == 200
+    assert finished["small"] < finished["big headers"], finished
