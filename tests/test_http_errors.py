@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import socket
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
 from reranker.api.app import create_app
@@ -168,3 +170,48 @@ def test_client_that_disconnects_while_queued_costs_no_compute() -> None:
     assert backend.batches == [[2]]  # only the first request's pair reached the model
     assert metrics["failed_requests"] == {}  # the client's doing, not a failure of the server
     assert metrics["client_disconnects"] == 1
+
+
+def test_a_client_that_abandons_its_upload_is_a_disconnect_not_a_server_error(
+    fake_server: ServerThread,
+) -> None:
+    with fake_server.client() as client:
+        before = client.get("/metrics").json()
+        raw = socket.create_connection(("127.0.0.1", fake_server.port))
+        raw.sendall(
+            b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"query": "half a body'
+        )
+        raw.close()
+        fake_server.wait_until(
+            lambda: client.get("/metrics").json()["client_disconnects"] > before["client_disconnects"],
+            "disconnect counted",
+            10,
+        )
+        after = client.get("/metrics").json()
+    assert after["failed_requests"].get("internal_error", 0) == before["failed_requests"].get(
+        "internal_error", 0
+    )
+    assert after["client_disconnects"] == before["client_disconnects"] + 1
+
+
+class LargeLogits(FakeBackend):
+    """A cross-encoder whose logits are 18, 25 and 30: float32 sigmoid rounds all to 1.0."""
+
+    def forward(self, batch):  # type: ignore[override]
+        return np.array([{"low": 18.0, "mid": 25.0, "high": 30.0}[word] for word in self._words(batch)], "f4")
+
+    def _words(self, batch):
+        ids = {self._encode(word, 1)[0][0]: word for word in ("low", "mid", "high")}
+        return [ids.get(item.ids[-1], "low") for item in batch]  # "low" for the warm-up probe
+
+
+def test_ranking_uses_raw_logits_where_sigmoid_scores_tie_at_one() -> None:
+    backend = LargeLogits(ModelKind.CROSS_ENCODER)
+    with ServerThread(create_app(make_settings(), backend=backend)) as server, server.client() as client:
+        body = {"query": "q", "documents": ["low", "mid", "high"]}
+        native = client.post("/rerank", json=body).json()["results"]
+        cohere = client.post("/v1/rerank", json=body).json()["results"]
+    assert [r["score"] for r in native] == [1.0, 1.0, 1.0]
+    assert [r["index"] for r in native] == [2, 1, 0]  # by logit, not request order
+    assert [r["index"] for r in cohere] == [2, 1, 0]

@@ -8,6 +8,8 @@ MAX_JOB_REQUEST_BYTES.
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,6 +20,7 @@ from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest, check_text_chars
 from reranker.backends.base import ModelKind
 from reranker.engine.job_work import EmbedJob, RerankJob
+from reranker.engine.service import InferenceService
 from reranker.errors import PayloadTooLargeError, UnsupportedOperationError
 from reranker.settings import Settings
 
@@ -26,10 +29,21 @@ from reranker.settings import Settings
 async def submit_job(request: Request) -> Response:
     runtime = runtime_of(request)
     settings = runtime.settings
-    body = validate(
-        JobRequest, await read_json(request, settings.max_job_request_bytes, settings.body_read_timeout_s)
-    )
+    data = await read_json(request, settings.max_job_request_bytes, settings.body_read_timeout_s)
     service = runtime.require_service()
+    # Validating 200,000 chunks is work: done in a worker thread, off the event loop.
+    job_type, total, work = await asyncio.to_thread(_job_work, data, settings, service, runtime.model_name())
+    job = await runtime.jobs.submit(job_type, total, lambda job: work(job, service))
+    status_url = f"/v1/jobs/{job.id}"
+    content = {"job_id": job.id, "status": job.status.value, "status_url": status_url}
+    return ORJSONResponse(content, status_code=202, headers={"Location": status_url})
+
+
+def _job_work(
+    data: object, settings: Settings, service: InferenceService, model_name: str
+) -> tuple[str, int, EmbedJob | RerankJob]:
+    """The job's type, item count and work, from a body validated as its endpoint would."""
+    body = validate(JobRequest, data)
     if body.type == "embed":
         embed = validate(EmbedRequest, body.input)
         texts = [chunk.content for chunk in embed.chunks]
@@ -38,21 +52,21 @@ async def submit_job(request: Request) -> Response:
         if service.kind is not ModelKind.BI_ENCODER:
             raise UnsupportedOperationError("the loaded model is a cross-encoder: it cannot embed")
         ids = [chunk.chunk_id for chunk in embed.chunks]
-        work = EmbedJob(embed.batch_id, ids, texts, embed.normalize, embed.truncate, runtime.model_name())
-    else:
-        rerank = validate(CohereRerankRequest, body.input)
-        texts = rerank.texts()
-        _check_size(
-            settings,
-            [rerank.query, *texts],
-            ["input.query", *(f"input.documents.{i}" for i in range(len(texts)))],
+        return (
+            "embed",
+            len(texts),
+            EmbedJob(embed.batch_id, ids, texts, embed.normalize, embed.truncate, model_name),
         )
-        long = long_documents(rerank, settings)
-        work = RerankJob(rerank.query, texts, rerank.documents, rerank.top_n, rerank.return_documents, long)
-    job = await runtime.jobs.submit(body.type, len(texts), lambda job: work(job, service))
-    status_url = f"/v1/jobs/{job.id}"
-    content = {"job_id": job.id, "status": job.status.value, "status_url": status_url}
-    return ORJSONResponse(content, status_code=202, headers={"Location": status_url})
+    rerank = validate(CohereRerankRequest, body.input)
+    texts = rerank.texts()
+    _check_size(
+        settings,
+        [rerank.query, *texts],
+        ["input.query", *(f"input.documents.{i}" for i in range(len(texts)))],
+    )
+    long = long_documents(rerank, settings)
+    reranking = RerankJob(rerank.query, texts, rerank.documents, rerank.top_n, rerank.return_documents, long)
+    return "rerank", len(texts), reranking
 
 
 @inference_endpoint("/v1/jobs/{job_id}")
