@@ -37,4 +37,5 @@ for server in "${servers[@]}"; do
     echo "    server $server max_fails=${MAX_FAILS:-3} fail_timeout=${FAIL_TIMEOUT:-10s};"
 done
 echo "    keepalive ${KEEPALIVE:-32};"
+echo "    keepalive_timeout 4s;  # under the instances' KEEPALIVE_TIMEOUT_S (5 s): nginx never reuses a closed one"
 echo "}"

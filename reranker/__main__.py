@@ -19,6 +19,7 @@ from reranker.api.app import create_app
 from reranker.backends.factory import preflight
 from reranker.errors import StartupError
 from reranker.logging_setup import configure_logging
+from reranker.protocol import uvicorn_config
 from reranker.serve import DrainingServer
 from reranker.settings import Settings, env_name, load_settings
 
@@ -76,14 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep the logging configured above
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.runtime, settings.shutdown_timeout_s)
     server.run()
     if fatal:

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=1000)
     batch_length_grouping: bool = True
     request_timeout_s: float = Field(30.0, gt=0)
+    max_request_seconds: float = Field(300.0, ge=0)  # 0: no estimate-based refusal
     inference_threads: int = Field(0, ge=0, le=1024)  # 0: from the CPUs this process may use
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
@@ -78,6 +79,10 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)
+    header_read_timeout_s: float = Field(10.0, gt=0)
+    keepalive_timeout_s: float = Field(5.0, gt=0)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    max_connections: int = Field(1024, ge=1)
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     log_request_bodies: bool = False

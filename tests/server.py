@@ -11,6 +11,8 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
+from reranker.protocol import uvicorn_config
+
 READY_TIMEOUT_S = 120.0
 
 
@@ -22,7 +24,9 @@ class ServerThread:
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        # The server's own configuration (connection bounds included), on this socket.
+        config = uvicorn_config(app, app.state.runtime.settings, log_level="warning", lifespan="on")
+        config.timeout_graceful_shutdown = 5
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True

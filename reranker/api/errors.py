@@ -56,6 +56,8 @@ def status_for(error: RerankerError) -> int:
 
 def error_response(error: RerankerError) -> ORJSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else {}
+    if isinstance(error, PayloadTooLargeError):
+        headers["Connection"] = "close"  # its body may be unread: the connection cannot be reused
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)

@@ -32,7 +32,13 @@ from reranker.backends.base import Backend, Encoded
 from reranker.engine.adaptive import BatchSizer, is_out_of_memory
 from reranker.engine.batching import BatchCost, BatchCostModel, plan_batch, plan_batch_in_arrival_order
 from reranker.engine.metrics import Metrics
-from reranker.errors import BackendError, NotReadyError, OverloadedError, RequestTimeoutError
+from reranker.errors import (
+    BackendError,
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +111,8 @@ class InferenceController:
         group_by_length: bool = True,
         sizer: BatchSizer | None = None,
         interactive_recent_s: float = 2.0,
+        max_request_s: float | None = None,
+        on_idle: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._backend = backend
@@ -114,6 +122,9 @@ class InferenceController:
         self._group_by_length = group_by_length
         self._turn = 0  # round-robin cursor over waiting requests (the batch anchor)
         self._interactive_recent_s = interactive_recent_s
+        self._max_request_s = max_request_s
+        self._on_idle = on_idle  # told how many items ran since the last idle moment
+        self._items_since_idle = 0
         self._last_interactive = -math.inf  # event-loop time an interactive request last arrived
         self._cost = BatchCostModel()
         self._max_parallel = max_parallel
@@ -202,11 +213,13 @@ class InferenceController:
         timeout_s: float,
         background: bool = False,
         timeout_name: str = "REQUEST_TIMEOUT_S",
+        arrived_at: float | None = None,
     ) -> InferenceResult:
         """Run ``items`` through the model; raises Overloaded/Timeout/Backend errors.
 
         ``timeout_s`` bounds waiting: the request ends with 504 once none of its batches
-        started or finished for that long. ``background`` work (asynchronous jobs) is batched
+        started or finished for that long, counted from ``arrived_at`` (event-loop time; default:
+        now) so the time its tokenization took counts too. ``background`` work (asynchronous jobs) is batched
         only while no interactive item waits, and is not refused for a full queue (a job has
         at most two slices queued at a time).
         """
@@ -223,6 +236,8 @@ class InferenceController:
             )
         if not items:
             return InferenceResult(np.zeros((0,), dtype=np.float32), 0.0, 0.0, 0)
+        if not background:
+            self._refuse_if_too_long(len(items))
         loop = asyncio.get_running_loop()
         pending = _Pending(
             items=items,
@@ -231,7 +246,7 @@ class InferenceController:
             background=background,
             wanted=background_wanted.get() if background else None,
         )
-        pending.last_progress = loop.time()
+        pending.last_progress = loop.time() if arrived_at is None else arrived_at
         if not background:
             self._last_interactive = pending.last_progress
         self._queue.append(pending)
@@ -262,6 +277,27 @@ class InferenceController:
             what = f"the model made no progress on it for {name}={timeout_s:g} s"
             what += f" ({done}/{total} items done)"
         return f"{what}; raise {name}, add capacity, or submit big batches to /v1/jobs"
+
+    def _refuse_if_too_long(self, count: int) -> None:
+        """Refuse at once a request whose model time, at the measured rate, would pass
+        ``max_request_s``: 413 if it alone would, 503 + Retry-After if the work ahead makes it."""
+        rate = self._metrics.items_per_second()
+        if self._max_request_s is None or rate <= 0:
+            return
+        ahead = sum(p.undispatched for p in self._queue if not p.background)
+        alone_s, total_s = count / rate, (count + ahead) / rate
+        jobs = "submit it to /v1/jobs, which has no such limit"
+        if alone_s > self._max_request_s:
+            raise PayloadTooLargeError(
+                f"{count} items would take about {alone_s:.0f} s of model time at the measured "
+                f"{rate:.0f} items/s, over MAX_REQUEST_SECONDS={self._max_request_s:g}; split it or {jobs}"
+            )
+        if total_s > self._max_request_s:
+            raise OverloadedError(
+                f"{ahead} items are waiting ahead: this request would take about {total_s:.0f} s, over "
+                f"MAX_REQUEST_SECONDS={self._max_request_s:g}; retry later or {jobs}",
+                retry_after_s=max(1, min(60, math.ceil(ahead / rate))),
+            )
 
     def _retry_after_s(self) -> int:
         waiting = sum(p.undispatched for p in self._queue)
@@ -316,7 +352,13 @@ class InferenceController:
             # at most for a quarter batch. On an idle server job batches are full.
             limit = max(1, limit // 4)
         if self._group_by_length:
-            anchor = self._turn % len(live)
+            # Every other batch is anchored on the request with the fewest items left, so a
+            # small request waits for at most the running batch and one more, whatever big work
+            # is queued; the others go round-robin, so no request starves.
+            if self._turn % 2 == 0:
+                anchor = min(range(len(live)), key=lambda i: live[i].undispatched)
+            else:
+                anchor = (self._turn // 2) % len(live)
             self._turn += 1
             picks = plan_batch(live, anchor, limit, self._max_batch_tokens, self._cost.cost())
         else:
@@ -355,6 +397,7 @@ class InferenceController:
                 return
             outputs, seconds = done.result()
             lengths = [len(item) for item in batch.items]
+            self._items_since_idle += len(lengths)
             self._metrics.record_batch(lengths, seconds)
             self._cost.observe(len(lengths), max(lengths), seconds)
             self._sizer.after_batch(len(lengths))
@@ -421,3 +464,6 @@ class InferenceController:
     def _update_idle(self) -> None:
         if not self._queue and self._in_flight == 0:
             self._idle.set()
+            if self._on_idle is not None and self._items_since_idle:
+                self._on_idle(self._items_since_idle)
+                self._items_since_idle = 0

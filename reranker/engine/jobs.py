@@ -43,6 +43,12 @@ class JobStatus(StrEnum):
 FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
+INTERRUPTED_BY_SHUTDOWN = {
+    "type": "interrupted",
+    "message": "the server shut down (restart or deploy) while the job ran; submit it again",
+}
+
+
 class JobCancelledError(Exception):
     """Raised inside a job's work at a slice boundary once a cancel was asked for."""
 
@@ -159,6 +165,7 @@ class JobManager:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self.draining = False  # the server is shutting down: a job refused for it is interrupted
         self.failure: str | None = None  # set when the worker task died: jobs can no longer run
 
     def start(self) -> None:
@@ -186,9 +193,7 @@ class JobManager:
             await asyncio.gather(self._worker, return_exceptions=True)
         for job in self._jobs.values():
             if job.status not in FINISHED:
-                self._finish(
-                    job, JobStatus.FAILED, error={"type": "shutdown", "message": "the server shut down"}
-                )
+                self._finish(job, JobStatus.FAILED, error=INTERRUPTED_BY_SHUTDOWN)
 
     @property
     def active(self) -> int:
@@ -248,6 +253,8 @@ class JobManager:
             self._finish(job, JobStatus.CANCELLED, persist=False)
         except RerankerError as exc:
             error = {"type": exc.error_type, "message": exc.message}
+            if self.draining and isinstance(exc, NotReadyError):
+                error = INTERRUPTED_BY_SHUTDOWN
             self._finish(job, JobStatus.FAILED, error=error, persist=False)
         except Exception as exc:  # a job's failure is its own, never the worker's
             log.exception("job %s failed", job.id)

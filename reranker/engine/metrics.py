@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from reranker.engine.adaptive import process_rss_bytes
+
 LATENCY_WINDOW = 2048
 # Upper bounds of the buckets; one more bucket counts everything above the last.
 LATENCY_BUCKETS_MS = (
@@ -61,6 +63,7 @@ class Metrics:
         self.failed_requests: Counter[str] = Counter({reason: 0 for reason in FAILURE_REASONS})
         self.rejected_requests = 0
         self.client_disconnects = 0
+        self.memory_trims = 0  # times freed memory was handed back after a burst of work
         self.requests_by_endpoint: Counter[str] = Counter()
         self.responses: Counter[tuple[str, int]] = Counter()  # (endpoint, HTTP status)
         self.items_processed = 0
@@ -159,5 +162,7 @@ class Metrics:
             "padding_efficiency": (
                 round(self.real_tokens / self.padded_tokens, 4) if self.padded_tokens else 1.0
             ),
+            "rss_bytes": process_rss_bytes(),
+            "memory_trims": self.memory_trims,
             "uptime_s": round(self.uptime_s(), 3),
         }

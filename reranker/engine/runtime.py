@@ -28,6 +28,7 @@ from reranker.settings import Settings
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[Settings], Backend]
+RELEASE_MEMORY_AFTER_ITEMS = 256  # idle after this much work: trim the allocator's arenas
 
 
 class Status(StrEnum):
@@ -142,6 +143,8 @@ class Runtime:
                 batch_wait_s=self.settings.batch_wait_ms / 1000.0,
                 group_by_length=settings.batch_length_grouping,
                 sizer=sizer,
+                max_request_s=settings.max_request_seconds or None,
+                on_idle=self._after_burst,
             )
             if loaded_here:  # an injected backend (tests) starts with an unmeasured cost model
                 await asyncio.to_thread(
@@ -163,10 +166,17 @@ class Runtime:
         finally:
             self.ready.set()
 
+    def _after_burst(self, items: int) -> None:
+        """The model went idle after ``items`` items: after big work, give freed memory back."""
+        if items >= RELEASE_MEMORY_AFTER_ITEMS:
+            self.metrics.memory_trims += 1
+            asyncio.get_running_loop().run_in_executor(None, resources.trim_allocator)
+
     def begin_drain(self) -> int:
         """Refuse new work from now on; returns how many admitted requests are unfinished."""
         if self.status is Status.HEALTHY:
             self.status = Status.DRAINING
+        self.jobs.draining = True
         if self.controller is None:
             return 0
         self.controller.stop_admitting()

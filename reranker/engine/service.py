@@ -139,6 +139,7 @@ class InferenceService:
         ``refuse_truncated(position)`` may raise before any model work when an item is too long.
         ``skip_first``: item 0 is answered by the caller (an empty output, no tokens).
         """
+        arrived_at = asyncio.get_running_loop().time()  # waiting counts from here, tokenizing included
         cache = self._cache
         cache_keys = [cache.key(*parts) for parts in keys] if cache is not None else []
         cached = cache.get_many(cache_keys) if cache is not None else {}
@@ -160,7 +161,7 @@ class InferenceService:
             flat = [encoded for item in windows for encoded in item.items]
             timeout_s = BACKGROUND_TIMEOUT_S if background else self._timeout_s
             timeout_name = "the job slice timeout" if background else "REQUEST_TIMEOUT_S"
-            result = await self._controller.run(flat, timeout_s, background, timeout_name)
+            result = await self._controller.run(flat, timeout_s, background, timeout_name, arrived_at)
             timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, hits, result.batches)
             offset = 0
             for position, item in zip(missing, windows, strict=True):
