@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from reranker.api import embed, health, jobs, rerank
+from reranker.api import embed, health, infinity, jobs, rerank, tei
 from reranker.api.auth import load_api_keys
 from reranker.api.errors import EXCEPTION_HANDLERS
 from reranker.api.middleware import RequestLogMiddleware
@@ -34,6 +34,16 @@ ROUTES = [
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/models", infinity.models, methods=["GET"]),
+    Route("/v1/models", infinity.models, methods=["GET"]),
+    # Text-embeddings-inference's routes (its /rerank and /embed share ours: see tei.py).
+    Route("/", tei.root, methods=["POST"]),
+    Route("/info", tei.info, methods=["GET"]),
+    Route("/tokenize", tei.tokenize, methods=["POST"]),
+    # Infinity's routes, under a prefix: its /rerank body is ours (see infinity.py).
+    Route(infinity.PREFIX + "/rerank", infinity.rerank, methods=["POST"]),
+    Route(infinity.PREFIX + "/embeddings", infinity.embeddings, methods=["POST"]),
+    Route(infinity.PREFIX + "/models", infinity.infinity_models, methods=["GET"]),
 ]
 
 

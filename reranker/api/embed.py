@@ -9,7 +9,8 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from reranker.api.body import read_body, unless_disconnected
+from reranker.api import tei
+from reranker.api.body import read_body, read_json, unless_disconnected, validate
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
@@ -32,7 +33,11 @@ async def _embed(
 async def embed(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = await read_body(request, EmbedRequest, runtime.settings)
+    settings = runtime.settings
+    data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
+    if tei.is_tei_embed(data):
+        return await tei.embed(request, data, started)
+    body = validate(EmbedRequest, data)
     texts = [chunk.content for chunk in body.chunks]
     labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
     check_embed_limits(runtime.settings, texts, labels)

@@ -8,6 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from reranker.api.dialects import error_content
 from reranker.api.responses import ORJSONResponse, error_body
 from reranker.errors import (
     BackendError,
@@ -54,33 +55,37 @@ def status_for(error: RerankerError) -> int:
     return 500
 
 
-def error_response(error: RerankerError) -> ORJSONResponse:
+def error_response(error: RerankerError, request: Request | None = None) -> ORJSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else {}
     if isinstance(error, PayloadTooLargeError):
         headers["Connection"] = "close"  # its body may be unread: the connection cannot be reused
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return ORJSONResponse(
-        error_body(error.error_type, error.message), status_code=status_for(error), headers=headers
+    content = (
+        error_content(request, error.error_type, error.message)
+        if request is not None
+        else error_body(error.error_type, error.message)
     )
+    return ORJSONResponse(content, status_code=status_for(error), headers=headers)
 
 
 async def handle_reranker_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RerankerError)
-    return error_response(exc)
+    return error_response(exc, request)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error_type = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    return ORJSONResponse(error_body(error_type, message), status_code=exc.status_code, headers=exc.headers)
+    content = error_content(request, error_type, message)
+    return ORJSONResponse(content, status_code=exc.status_code, headers=exc.headers)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return ORJSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+    return ORJSONResponse(error_content(request, "internal_error", "internal server error"), status_code=500)
 
 
 EXCEPTION_HANDLERS = {

@@ -111,6 +111,9 @@ OPERATIONS = (
         out.JobView,
         errors=JOB_ERRORS,
     ),
+    Operation("/models", "get", "The served model, its kind and limits", out.ModelList, keyed=False),
+    Operation("/v1/models", "get", "The same, for OpenAI's models.list()", out.ModelList, keyed=False),
+    Operation("/info", "get", "Text-embeddings-inference's model info", out.TeiInfo, keyed=False),
     Operation(
         "/metrics",
         "get",

@@ -17,7 +17,8 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from reranker.api.body import read_body, unless_disconnected
+from reranker.api import tei
+from reranker.api.body import read_body, read_json, unless_disconnected, validate
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import ORJSONResponse
 from reranker.api.schemas import (
@@ -44,12 +45,17 @@ def ranked(outcome: RerankOutcome, limit: int | None) -> list[int]:
 async def rerank(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
-    body = await read_body(request, RerankRequest, runtime.settings)
-    check_limits(runtime.settings, body.query, body.documents, body.top_k, "top_k")
+    settings = runtime.settings
+    data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
+    if tei.is_tei_rerank(data):
+        return await tei.rerank(request, data, started)
+    body = validate(RerankRequest, data)
+    top_k, top_name = body.limit
+    check_limits(runtime.settings, body.query, body.documents, top_k, top_name)
     service = runtime.require_service()
     outcome = await unless_disconnected(request, service.rerank(body.query, body.documents))
     results: list[dict[str, Any]] = []
-    for index in ranked(outcome, body.top_k):
+    for index in ranked(outcome, top_k):
         result: dict[str, Any] = {"index": index, "score": float(outcome.scores[index])}
         if body.return_documents:
             result["document"] = body.documents[index]

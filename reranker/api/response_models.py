@@ -184,3 +184,37 @@ class JobView(BaseModel):
         None, description="COMPLETED: the response /embed or /v1/rerank gives."
     )
     error: ErrorDetail | None = None
+
+
+class ModelCard(BaseModel):
+    """The served model: OpenAI's fields, Infinity's (``stats``, ``backend``, ``capabilities``),
+    this server's kind and limits."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    backend: str
+    capabilities: list[str]
+    kind: str | None
+    device: str | None
+    max_input_length: int | None
+    dimension: int | None
+    limits: dict[str, int]
+    stats: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TeiInfo(BaseModel):
+    """Text-embeddings-inference's GET /info."""
+
+    model_id: str
+    model_type: dict[str, Any]
+    max_input_length: int
+    max_client_batch_size: int
+    version: str
+    model_config = {"extra": "allow"}

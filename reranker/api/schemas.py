@@ -14,9 +14,39 @@ from reranker.errors import InvalidInputError, PayloadTooLargeError
 from reranker.settings import Settings
 
 
+def _nullable_optionals(schema: dict[str, Any]) -> None:
+    """Every optional property may be ``null`` in the document, as it may in a request."""
+    required = set(schema.get("required", []))
+    for name, field in schema.get("properties", {}).items():
+        if name in required:
+            continue
+        branches = field.get("anyOf", [field])
+        if not any(branch.get("type") == "null" for branch in branches):
+            keep = {key: field.pop(key) for key in ("default", "description", "title") if key in field}
+            field_copy = dict(field)
+            field.clear()
+            field.update({"anyOf": [field_copy, {"type": "null"}], **keep})
+
+
 class _Body(BaseModel):
-    # Unknown fields are ignored: SDKs send fields we do not use (e.g. max_chunks_per_doc).
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+    """A request body. Unknown fields are ignored: SDKs send fields we do not use (e.g.
+    max_chunks_per_doc). An optional field given ``null`` takes its default, as if absent:
+    SDKs send ``null`` for what their caller left unset (langchain-cohere's max_tokens_per_doc)."""
+
+    model_config = ConfigDict(
+        extra="ignore", str_strip_whitespace=False, json_schema_extra=_nullable_optionals
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in cls.model_fields or cls.model_fields[key].is_required()
+        }
 
 
 def _require_text(value: str, what: str) -> str:
@@ -47,7 +77,13 @@ class _QueryAndTextDocuments(_Body):
 
 class RerankRequest(_QueryAndTextDocuments):
     top_k: int | None = Field(None, gt=0)
+    top_n: int | None = Field(None, gt=0, description="Cohere's name for top_k (top_k wins over it).")
     return_documents: bool = False
+
+    @property
+    def limit(self) -> tuple[int | None, str]:
+        """How many results to return, and the field that said so."""
+        return (self.top_k, "top_k") if self.top_k is not None else (self.top_n, "top_n")
 
 
 class LongDocumentOptions(_Body):

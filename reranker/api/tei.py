@@ -1,0 +1,224 @@
+"""Hugging Face text-embeddings-inference (TEI) dialect, at the server root: TEI clients work
+with this server's address as their base URL.
+
+- ``POST /rerank`` with ``{"query", "texts", ...}`` (ours has ``documents``) and ``POST /embed``
+  with ``{"inputs", ...}`` (ours has ``chunks``): ``rerank.py`` and ``embed.py`` hand such a body
+  here (``is_tei_rerank`` / ``is_tei_embed``).
+- ``POST /`` (what ``huggingface_hub.InferenceClient(base_url).feature_extraction`` posts),
+  ``GET /info`` and ``POST /tokenize``: TEI only.
+
+Errors of these requests are TEI's ``{"error", "error_type"}`` (``dialects.py``). Unlike TEI, a
+text longer than the model window is truncated unless the request says ``"truncate": false``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import Field, field_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from reranker import __version__
+from reranker.api.body import read_json, unless_disconnected, validate
+from reranker.api.dialects import TEI, speak
+from reranker.api.model_files import model_files
+from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
+from reranker.api.responses import ORJSONResponse, json_response
+from reranker.api.schemas import _Body, check_embed_limits, check_limits
+from reranker.backends.base import ModelKind
+from reranker.engine.service import LongDocuments, TextTooLongError
+from reranker.errors import InvalidInputError
+
+T = TypeVar("T")
+
+
+def _non_empty(texts: list[str], what: str) -> list[str]:
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise ValueError(f"{what} {index} is empty")
+    return texts
+
+
+class _TeiOptions(_Body):
+    truncate: bool = Field(True, description="false: a text over the model window is a 422 (TEI's default).")
+    truncation_direction: Literal["right"] = Field("right", description="Only right truncation is supported.")
+
+    @field_validator("truncation_direction", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class TeiRerankRequest(_TeiOptions):
+    query: str = Field(min_length=1)
+    texts: list[str] = Field(min_length=1)
+    raw_scores: bool = Field(False, description="The raw logit instead of its sigmoid (cross-encoders).")
+    return_text: bool = False
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, value: list[str]) -> list[str]:
+        return _non_empty(value, "text")
+
+
+class TeiEmbedRequest(_TeiOptions):
+    inputs: str | list[str]
+    normalize: bool = True
+    prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("inputs must not be an empty list")
+        _non_empty(texts, "input")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class TeiTokenizeRequest(_Body):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+def is_tei_rerank(data: Any) -> bool:
+    return isinstance(data, dict) and "texts" in data and "documents" not in data
+
+
+def is_tei_embed(data: Any) -> bool:
+    return isinstance(data, dict) and "inputs" in data and "chunks" not in data
+
+
+async def _long_refused(work: Awaitable[T], what: str, max_length: int) -> T:
+    try:
+        return await work
+    except TextTooLongError as exc:
+        raise InvalidInputError(
+            f"{what}.{exc.position}: longer than the model's {max_length}-token window and truncate is false"
+        ) from None
+
+
+async def rerank(request: Request, data: Any, started: float) -> Response:
+    """TEI's ``POST /rerank``: a bare list ``[{"index", "score", "text"?}]``, best first."""
+    speak(request, TEI)
+    runtime = runtime_of(request)
+    body = validate(TeiRerankRequest, data)
+    check_limits(runtime.settings, body.query, body.texts)
+    service = runtime.require_service()
+    long = LongDocuments("truncate" if body.truncate else "refuse")
+    work = unless_disconnected(request, service.rerank(body.query, body.texts, long))
+    outcome = await _long_refused(work, "texts", _window(request))
+    scores = outcome.ranking if body.raw_scores else outcome.scores
+    results: list[dict[str, Any]] = []
+    for index in np.argsort(-outcome.ranking, kind="stable"):
+        result: dict[str, Any] = {"index": int(index), "score": float(scores[index])}
+        if body.return_text:
+            result["text"] = body.texts[index]
+        results.append(result)
+    headers = timing_headers(request, outcome.timing, started, len(body.texts))
+    return ORJSONResponse(results, headers=headers)
+
+
+async def embed(request: Request, data: Any, started: float) -> Response:
+    """TEI's ``POST /embed``: ``[[float, ...], ...]``, one vector per input."""
+    speak(request, TEI)
+    runtime = runtime_of(request)
+    body = validate(TeiEmbedRequest, data)
+    texts = body.texts()
+    if body.prompt_name is not None:
+        prefix = (await model_files(request)).prompt(body.prompt_name)
+        texts = [prefix + text for text in texts]
+    check_embed_limits(runtime.settings, texts, [f"inputs.{i}" for i in range(len(texts))])
+    service = runtime.require_service()
+    work = unless_disconnected(
+        request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate)
+    )
+    outcome = await _long_refused(work, "inputs", _window(request))
+    headers = timing_headers(request, outcome.timing, started, len(texts))
+    return await json_response(list(outcome.vectors), headers=headers)
+
+
+@inference_endpoint("/")
+async def root(request: Request) -> Response:
+    """``POST /``: TEI serves its model's task here; ``huggingface_hub``'s ``InferenceClient``
+    posts ``{"inputs", "parameters": {...}}`` for feature extraction."""
+    started = time.perf_counter()
+    speak(request, TEI)
+    settings = runtime_of(request).settings
+    data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
+    if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
+        data = {**data["parameters"], **{k: v for k, v in data.items() if k != "parameters"}}
+    return await embed(request, data, started)
+
+
+async def info(request: Request) -> Response:
+    """TEI's ``GET /info``: the model and this server's limits."""
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    model = runtime.model_info()
+    if model is None or model.kind is ModelKind.BI_ENCODER:
+        pooling = model.details.get("pooling", "mean") if model else "mean"
+        model_type: dict[str, Any] = {"embedding": {"pooling": pooling}}
+    else:
+        model_type = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+    content = {
+        "model_id": runtime.model_name(),
+        "model_sha": None,
+        "model_dtype": model.dtype if model else "float32",
+        "model_type": model_type,
+        "max_concurrent_requests": settings.max_queue_size,
+        "max_input_length": model.max_length if model else 0,
+        "max_batch_tokens": settings.max_batch_tokens,
+        "max_batch_requests": settings.batch_size,
+        "max_client_batch_size": settings.max_texts_per_embed_request,
+        "auto_truncate": True,
+        "tokenization_workers": 1,
+        "version": __version__,
+        "sha": None,
+        "docker_label": None,
+    }
+    return ORJSONResponse(content)
+
+
+@inference_endpoint("/tokenize")
+async def tokenize(request: Request) -> Response:
+    """TEI's ``POST /tokenize``: per input, its tokens with their offsets in the input."""
+    speak(request, TEI)
+    settings = runtime_of(request).settings
+    data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
+    body = validate(TeiTokenizeRequest, data)
+    files = await model_files(request)
+    texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
+    check_embed_limits(settings, texts, [f"inputs.{i}" for i in range(len(texts))])
+    if body.prompt_name is not None:
+        texts = [files.prompt(body.prompt_name) + text for text in texts]
+    if files.tokenizer is None:
+        raise InvalidInputError("the model has no tokenizer.json: /tokenize is not available")
+    encodings = files.tokenizer.encode_batch(texts, add_special_tokens=body.add_special_tokens)
+    return ORJSONResponse([_tokens(text, encoding) for text, encoding in zip(texts, encodings, strict=True)])
+
+
+def _tokens(text: str, encoding: Any) -> list[dict[str, Any]]:
+    tokens = []
+    for token_id, token, (start, stop), special in zip(
+        encoding.ids, encoding.tokens, encoding.offsets, encoding.special_tokens_mask, strict=True
+    ):
+        if special:
+            tokens.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
+        else:
+            shown = text[start:stop]
+            tokens.append({"id": token_id, "text": shown, "special": False, "start": start, "stop": stop})
+    return tokens
+
+
+def _window(request: Request) -> int:
+    model = runtime_of(request).model_info()
+    return model.max_length if model else 0
