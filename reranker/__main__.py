@@ -1,13 +1,17 @@
-"""``python -m reranker``: settings from the environment and flags, then serve.
+"""``python -m reranker``: settings from the environment, ``.env`` and flags, then serve.
 
-Every setting is also a flag: ``BATCH_SIZE`` is ``--batch-size``. Configuration
-errors end the process with one line on stderr and exit code 2.
+Every setting is also a flag: ``BATCH_SIZE`` is ``--batch-size``. ``.env`` (or ``$ENV_FILE``)
+is read as ``start_reranker.sh`` reads it: ``KEY=VALUE`` lines, read and never executed,
+variables already in the environment win. Configuration errors end the process with one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +28,34 @@ from reranker.serve import DrainingServer
 from reranker.settings import Settings, env_name, load_settings
 
 log = logging.getLogger("reranker")
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+QUOTED = re.compile(r"""^"(.*)"$|^'(.*)'$""")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The ``KEY=VALUE`` lines of ``path`` (scripts/venv.sh ``load_env_file``'s rules): blank
+    lines and ``#`` comments skipped, ``export `` allowed, one pair of surrounding quotes
+    stripped; a malformed line is reported and skipped. A missing file is empty."""
+    if not path.is_file():
+        return {}
+    values: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.removesuffix("\r").removeprefix("export ")
+        if not line or line.startswith("#"):
+            continue
+        key, equals, value = line.partition("=")
+        if not equals or not ENV_KEY.fullmatch(key):
+            print(f"ignoring malformed line in {path}: {line}", file=sys.stderr)
+            continue
+        quoted = QUOTED.match(value)
+        values[key] = next(group for group in quoted.groups() if group is not None) if quoted else value
+    return values
+
+
+def load_env_file(environ: dict[str, str] | os._Environ[str]) -> None:
+    """Add ``$ENV_FILE`` (default ``./.env``) to ``environ``; variables already set win."""
+    for key, value in read_env_file(Path(environ.get("ENV_FILE", ".env"))).items():
+        environ.setdefault(key, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     reload = args.pop("reload")
+    load_env_file(os.environ)  # into the environment: the --reload child process reads it too
     try:
         settings = load_settings(overrides=args)
         configure_logging(settings.log_level, settings.log_format)

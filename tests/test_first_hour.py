@@ -1,0 +1,64 @@
+"""The first hour: ``python -m reranker`` reads ``.env`` as the scripts do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from reranker.__main__ import load_env_file, read_env_file
+from tests.scripts import REPO_ROOT, free_ports
+
+
+def test_env_file_is_read_with_the_scripts_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env_file = tmp_path / "test.env"
+    env_file.write_text(
+        "# a comment\n\nexport API_KEYS=\"k1,k2\"\nPORT='9001'\nBATCH_SIZE=8\r\n"
+        "not a line\nLOG_LEVEL=$(rm -rf /)\n"
+    )
+    assert read_env_file(env_file) == {
+        "API_KEYS": "k1,k2",
+        "PORT": "9001",
+        "BATCH_SIZE": "8",
+        "LOG_LEVEL": "$(rm -rf /)",  # read, never executed
+    }
+    assert "ignoring malformed line" in capsys.readouterr().err
+    environ = {"ENV_FILE": str(env_file), "PORT": "8000"}
+    load_env_file(environ)
+    assert environ["PORT"] == "8000" and environ["BATCH_SIZE"] == "8"  # the environment wins
+    assert read_env_file(tmp_path / "absent.env") == {}
+
+
+def test_python_m_reranker_honours_api_keys_from_dot_env(tmp_path: Path) -> None:
+    """The security trap of the issue: API_KEYS in .env must protect the CLI-started server too."""
+    port = free_ports(1)
+    (tmp_path / ".env").write_text(f"API_KEYS=s3cret\nPORT={port}\nBACKEND=torch\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "API_KEYS_FILE", "PORT", "ENV_FILE")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reranker"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        answer = None
+        while time.monotonic() < deadline and process.poll() is None and answer is None:
+            try:
+                answer = httpx.post(
+                    f"http://127.0.0.1:{port}/rerank", json={"query": "q", "documents": ["d"]}
+                )
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert answer is not None, process.stderr and process.stderr.read()
+        assert answer.status_code == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
