@@ -62,3 +62,14 @@ def test_python_m_reranker_honours_api_keys_from_dot_env(tmp_path: Path) -> None
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_manage_without_a_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from reranker.ops.manage import COMMAND_HELP, main
+
+    assert main([], environ={}) == 2
+    err = capsys.readouterr().err
+    assert all(f"  {name} " in err for name in COMMAND_HELP), err
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"], environ={})
+    assert exited.value.code == 0 and "cluster-start" in capsys.readouterr().out

@@ -24,10 +24,29 @@ S = TypeVar("S")
 T = TypeVar("T")
 
 
+COMMAND_HELP = {
+    "start": "start daemons (default: $PORT), wait until each is ready",
+    "stop": "SIGTERM (graceful drain), SIGKILL after STOP_TIMEOUT_S (default: all known)",
+    "restart": "stop, then start",
+    "status": "PID, port, uptime, health, backend/device of each instance",
+    "health": "one health word per instance",
+    "tail": "follow the log files",
+    "cluster-start": "N instances on consecutive ports from $PORT",
+    "cluster-stop": "stop every instance that has a PID file under $RUN_DIR",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="manage_reranker.sh", description=__doc__.splitlines()[0])
+    commands = "\n".join(f"  {name:<14} {text}" for name, text in COMMAND_HELP.items())
+    parser = argparse.ArgumentParser(
+        prog="manage_reranker.sh",
+        usage="%(prog)s [--json] COMMAND [PORT...]",
+        description="Run and watch reranker server instances.",
+        epilog=f"commands:\n{commands}\n\nexit codes: 0 ok, 1 failed or unhealthy, 2 usage, 3 down",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs="*", help="ports (or N for cluster-start)")
     return parser
 
@@ -162,11 +181,16 @@ def _status_exit(rows: Sequence[dict[str, Any]]) -> int:
     return EXIT_OK if all(row["health"] == "healthy" for row in rows) else EXIT_FAILED
 
 
-COMMANDS = {"start", "stop", "restart", "status", "health", "tail", "cluster-start", "cluster-stop"}
+COMMANDS = set(COMMAND_HELP)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    if all(arg.startswith("-") and arg not in ("-h", "--help") for arg in given):
+        parser.print_help(sys.stderr)  # no command: say which there are
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
         manager = Manager(load_ops_config(environ), args.json)
     except OpsConfigError as exc:
