@@ -35,6 +35,12 @@ class MalformedRequestError(RerankerError):
     error_type = "malformed_request"
 
 
+class UnsupportedMediaTypeError(RerankerError):
+    """The request body is declared as something other than JSON (Content-Type)."""
+
+    error_type = "unsupported_media_type"
+
+
 class PayloadTooLargeError(RerankerError):
     """The request body, or its number of items, is over a configured limit."""
 

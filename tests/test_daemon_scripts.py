@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_daemon_lifecycle_with_stale_pid_env_file_second_start_and_graceful_stop
 
         again = run_script("start_reranker.sh", "daemon", env=env)
         assert again.returncode == 0
-        assert f"already running on port {port} (PID {pid})" in again.stdout
+        assert again.stdout.strip() == f"port {port}: already running (PID {pid})"  # said once
         assert pids_serving(port) == [pid]
 
         human = run_script("manage_reranker.sh", "status", env=env)
@@ -101,6 +102,27 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path: Path) -> No
     finally:
         if stubborn.poll() is None:
             stubborn.kill()
+
+
+def test_a_daemon_that_cannot_start_prints_the_cause(tmp_path: Path) -> None:
+    port = free_ports(1)
+    env = script_env(tmp_path, port)
+    log = tmp_path / "logs" / f"reranker-{port}.log"
+    log.parent.mkdir()
+    log.write_text("an earlier start's line: ERROR something else\n")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        busy = run_script("manage_reranker.sh", "start", str(port), env=env)
+    assert busy.returncode == 1
+    assert "address already in use" in busy.stdout and str(log) in busy.stdout, busy.stdout
+    assert "something else" not in busy.stdout  # only this start's lines are read
+
+    bad_model = run_script(
+        "manage_reranker.sh", "start", str(port), env={**env, "MODEL_NAME": str(tmp_path / "no-such-model")}
+    )
+    assert bad_model.returncode != 0
+    assert f"model path {tmp_path / 'no-such-model'} does not exist" in bad_model.stdout + bad_model.stderr
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:

@@ -83,6 +83,31 @@ def test_malformed_json_is_400(fake_server: ServerThread, raw: bytes) -> None:
     assert_error(response, 400, "malformed_request")
 
 
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_a_body_that_is_not_declared_json_is_415_saying_what_to_send(
+    fake_server: ServerThread, content_type: str
+) -> None:
+    body = b'{"query": "q", "documents": ["a"]}'
+    with fake_server.client() as client:
+        for path in ("/rerank", "/v1/rerank", "/v1/embeddings"):
+            response = client.post(path, content=body, headers={"content-type": content_type})
+            assert_error(
+                response, 415, "unsupported_media_type", content_type, "Content-Type: application/json"
+            )
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/json", "application/json; charset=utf-8", "application/vnd.api+json"]
+)
+def test_json_or_no_content_type_is_read_as_json(fake_server: ServerThread, content_type: str | None) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    with fake_server.client() as client:
+        response = client.post("/rerank", content=b'{"query": "q", "documents": ["a"]}', headers=headers)
+    assert response.status_code == 200, response.text
+
+
 def test_body_over_the_limit_is_413(fake_server: ServerThread) -> None:
     body = {"query": "q", "documents": ["x" * 90] * 60}
     with fake_server.client() as client:

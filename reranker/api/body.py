@@ -20,6 +20,7 @@ from reranker.errors import (
     InvalidInputError,
     MalformedRequestError,
     PayloadTooLargeError,
+    UnsupportedMediaTypeError,
 )
 from reranker.settings import Settings
 
@@ -28,9 +29,24 @@ T = TypeVar("T")
 PARSE_IN_THREAD_BYTES = 1024 * 1024  # bigger bodies are parsed in a worker thread
 
 
+def is_json_media_type(content_type: str) -> bool:
+    """``application/json``, ``application/*+json`` (parameters such as ``charset`` allowed), or
+    no Content-Type at all (curl without ``-H``, hand-written clients): all read as JSON."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type in ("", "application/json") or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
 async def read_json(request: Request, max_bytes: int, timeout_s: float) -> Any:
     """The JSON body: at most ``max_bytes`` (MAX_REQUEST_BYTES), received within ``timeout_s``
     (BODY_READ_TIMEOUT_S), so a slow or half-sent body cannot hold the server forever."""
+    content_type = request.headers.get("content-type", "")
+    if not is_json_media_type(content_type):
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {content_type!r} is not JSON: send the body as JSON with "
+            "'Content-Type: application/json'"
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLargeError(f"request body of {declared} bytes is over MAX_REQUEST_BYTES={max_bytes}")

@@ -24,6 +24,7 @@ from reranker.errors import (
     RerankerError,
     TooManyJobsError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
     UnsupportedOperationError,
 )
 
@@ -36,6 +37,7 @@ STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     NotFoundError: 404,
     BodyTimeoutError: 408,
     PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
     InvalidInputError: 422,
     TooManyJobsError: 429,
     BackendError: 500,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ class Started:
     already_running: bool
     ready: bool
     message: str
+    log_offset: int = 0  # where this start's lines begin in its log file
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,11 @@ def spawn(
     """Start a daemon on ``port`` unless one already runs there (then say so, with its PID)."""
     pid, _ = running_pid(layout, port)
     if pid is not None:
-        return Started(port, pid, True, False, f"already running on port {port} (PID {pid})")
+        return Started(port, pid, True, False, f"already running (PID {pid})")
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     layout.log_dir.mkdir(parents=True, exist_ok=True)
     with open(layout.log_file(port), "ab") as log, open(os.devnull, "rb") as devnull:
+        log_offset = log.seek(0, os.SEEK_END)
         process = subprocess.Popen(
             [python, "-m", "reranker", "--port", str(port), *extra_args],
             env={**env, "PORT": str(port)},
@@ -130,7 +133,7 @@ def spawn(
     temporary = layout.pid_file(port).with_suffix(".pid.tmp")
     temporary.write_text(f"{process.pid}\n")
     temporary.replace(layout.pid_file(port))
-    return Started(port, process.pid, False, False, f"started on port {port} (PID {process.pid})")
+    return Started(port, process.pid, False, False, f"started on port {port} (PID {process.pid})", log_offset)
 
 
 def wait_ready(layout: Layout, started: Started, host: str, timeout_s: float) -> Started:
@@ -140,16 +143,55 @@ def wait_ready(layout: Layout, started: Started, host: str, timeout_s: float) ->
     while True:
         status, _ = http_json(url, timeout_s=1.0)
         if status == 200:
-            return Started(started.port, started.pid, started.already_running, True, started.message)
+            return replace(started, ready=True)
         if not is_reranker_process(started.pid):
             layout.pid_file(started.port).unlink(missing_ok=True)
             log = layout.log_file(started.port)
-            message = f"port {started.port}: the server exited during start-up; see {log}"
-            return Started(started.port, started.pid, False, False, message)
+            cause = start_failure_cause(log, started.log_offset)
+            return replace(
+                started,
+                message=f"port {started.port}: the server exited during start-up: {cause} (log: {log})",
+            )
         if time.monotonic() > deadline:
             message = f"port {started.port}: not ready after {timeout_s:g}s (PID {started.pid} still running)"
-            return Started(started.port, started.pid, False, False, message)
+            return replace(started, message=message)
         time.sleep(POLL_S)
+
+
+def start_failure_cause(log: Path, offset: int = 0) -> str:
+    """Why a server that exited during start-up did, from what this start wrote to its log
+    (from ``offset`` on): the line that says so (``reranker: model failed to load: ...``,
+    uvicorn's ``[Errno 98] ... address already in use``), else the last error, else the last line."""
+    try:
+        with open(log, "rb") as file:
+            file.seek(offset)
+            text = file.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"its log {log} cannot be read ({exc.strerror})"
+    lines = [_message_of(line.strip()) for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "it wrote nothing to its log"
+    for line in reversed(lines):
+        if line.startswith("reranker:") or "address already in use" in line.lower():
+            return line
+    for line in reversed(lines):
+        if "error" in line.lower() and not line.startswith("Traceback"):
+            return line
+    return lines[-1]
+
+
+TEXT_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ \S+ \[[^\]]*\]: ")
+
+
+def _message_of(line: str) -> str:
+    """A log line's message, without the text format's prefix or the JSON format's wrapping."""
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return line
+        return str(record.get("message", line)) if isinstance(record, dict) else line
+    return TEXT_LOG_PREFIX.sub("", line)
 
 
 def _wait_exit(pid: int, timeout_s: float) -> bool:
