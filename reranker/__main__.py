@@ -16,15 +16,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import uvicorn
-
 from reranker import __version__
-from reranker.api.app import create_app
 from reranker.backends.factory import preflight
 from reranker.errors import StartupError
+from reranker.launch import serve, serve_with_reload
 from reranker.logging_setup import configure_logging
-from reranker.protocol import uvicorn_config
-from reranker.serve import DrainingServer
 from reranker.settings import Settings, env_name, load_settings
 
 log = logging.getLogger("reranker")
@@ -64,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reload",
         action="store_true",
-        help="development: restart on code change (settings from the environment only)",
+        help="development: restart on code change; a model that fails to load exits 1",
     )
     for name, field in Settings.model_fields.items():
         parser.add_argument(
@@ -90,32 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log.info("model %s (%s) from %s", source.name, source.kind.value, source.path)
     if reload:
-        uvicorn.run(
-            "reranker.api.app:app_from_environment",
-            factory=True,
-            reload=True,
-            reload_dirs=[str(Path(__file__).parent)],
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-        )
-        return 0
-
-    fatal: list[BaseException] = []
-    server: DrainingServer | None = None
-
-    def on_fatal(exc: BaseException) -> None:
-        fatal.append(exc)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, on_fatal=on_fatal)
-    config = uvicorn_config(app, settings)
-    server = DrainingServer(config, app.state.runtime, settings.shutdown_timeout_s)
-    server.run()
-    if fatal:
-        message = fatal[0].message if isinstance(fatal[0], StartupError) else str(fatal[0])
-        print(f"reranker: model failed to load: {message}", file=sys.stderr)
+        return serve_with_reload(settings, args)
+    fatal = serve(settings)
+    if fatal is not None:
+        print(f"reranker: model failed to load: {fatal}", file=sys.stderr)
         return 1
     return 0
 
