@@ -1,26 +1,33 @@
-"""BACKEND=auto: the decision on every kind of machine, and on this one end to end."""
+"""BACKEND=auto: the decision on every kind of machine (each one a probe the test makes up),
+the CPU probe, and the int8 settings each kind of CPU gets."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from reranker.api.app import create_app
-from reranker.backends import onnx_backend
 from reranker.backends.factory import create_backend
-from reranker.backends.selection import Machine, choose
+from reranker.backends.onnx_quantize import int8_profile
+from reranker.backends.selection import Machine, choose, read_cpu_flags
 from reranker.errors import StartupError
-from tests.backend_texts import QUERY, TEXTS
+from reranker.settings import load_settings
 from tests.conftest import make_settings
-from tests.server import ServerThread
 
-NOTHING = Machine(cuda=False, mps=False, apple_silicon=False, mlx=False, onnxruntime=False)
-CPU_ONNX = Machine(cuda=False, mps=False, apple_silicon=False, mlx=False, onnxruntime=True)
-CUDA_BOX = Machine(cuda=True, mps=False, apple_silicon=False, mlx=True, onnxruntime=True)
-MAC_MLX = Machine(cuda=False, mps=True, apple_silicon=True, mlx=True, onnxruntime=True)
-MAC_NO_MLX = Machine(cuda=False, mps=True, apple_silicon=True, mlx=False, onnxruntime=True)
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512_vnni"}
+CPU = Machine(cuda=False, mps=False, apple_silicon=False, mlx=True, arch="x86_64", cpu_flags=AVX2)
+CPU_BARE = replace(CPU, mlx=False)
+CUDA_BOX = replace(CPU, cuda=True, cpu_flags=AVX512_VNNI)
+MAC_MLX = Machine(cuda=False, mps=True, apple_silicon=True, mlx=True, arch="arm64", cpu_flags=frozenset())
+MAC_NO_MLX = replace(MAC_MLX, mlx=False)
+GRAVITON = Machine(
+    cuda=False, mps=False, apple_silicon=False, mlx=False, arch="aarch64", cpu_flags=frozenset({"asimd"})
+)
+EVERY_MACHINE = [CPU, CPU_BARE, CUDA_BOX, MAC_MLX, MAC_NO_MLX, GRAVITON]
+CPU_REASON = "auto: CPU only: torch fp32, exact (ONNX int8 is opt-in: BACKEND=onnx ONNX_QUANTIZE=int8)"
 
 
 @pytest.mark.parametrize(
@@ -29,16 +36,19 @@ MAC_NO_MLX = Machine(cuda=False, mps=True, apple_silicon=True, mlx=False, onnxru
         (CUDA_BOX, {}, ("torch", "cuda", "none"), "CUDA GPU"),
         (MAC_MLX, {}, ("mlx", "mlx", "none"), "Apple Silicon with mlx"),
         (MAC_NO_MLX, {}, ("torch", "mps", "none"), "MPS"),
-        (CPU_ONNX, {}, ("onnx", "cpu", "int8"), "CPU only, onnxruntime installed: ONNX int8"),
-        (CPU_ONNX, {"onnx_quantize": "none"}, ("onnx", "cpu", "none"), "ONNX none"),
-        (NOTHING, {}, ("torch", "cpu", "none"), "onnxruntime is not installed"),
-        (CUDA_BOX, {"device_preference": "cpu"}, ("onnx", "cpu", "int8"), "CPU only"),
+        (CPU, {}, ("torch", "cpu", "none"), CPU_REASON),
+        (CPU_BARE, {}, ("torch", "cpu", "none"), CPU_REASON),
+        (GRAVITON, {}, ("torch", "cpu", "none"), CPU_REASON),
+        (CPU, {"onnx_quantize": "int8"}, ("torch", "cpu", "none"), CPU_REASON),
+        (CUDA_BOX, {"device_preference": "cpu"}, ("torch", "cpu", "none"), CPU_REASON),
         (MAC_MLX, {"device_preference": "mps"}, ("torch", "mps", "none"), "MPS"),
-        (CPU_ONNX, {"use_mlx": True}, ("mlx", "mlx", "none"), "USE_MLX=true"),
+        (MAC_MLX, {"device_preference": "cpu"}, ("torch", "cpu", "none"), CPU_REASON),
+        (CPU, {"use_mlx": True}, ("mlx", "mlx", "none"), "USE_MLX=true"),
         (CUDA_BOX, {"backend": "onnx"}, ("onnx", "cuda", "none"), "BACKEND=onnx"),
-        (CPU_ONNX, {"backend": "onnx"}, ("onnx", "cpu", "int8"), "BACKEND=onnx"),
+        (CPU, {"backend": "onnx"}, ("onnx", "cpu", "none"), "BACKEND=onnx"),
+        (CPU, {"backend": "onnx", "onnx_quantize": "int8"}, ("onnx", "cpu", "int8"), "ONNX_QUANTIZE=int8"),
         (CUDA_BOX, {"backend": "torch"}, ("torch", "cuda", "none"), "BACKEND=torch"),
-        (CPU_ONNX, {"backend": "mlx"}, ("mlx", "mlx", "none"), "BACKEND=mlx"),
+        (CPU, {"backend": "mlx"}, ("mlx", "mlx", "none"), "BACKEND=mlx"),
     ],
 )
 def test_choice_on_each_kind_of_machine(
@@ -47,12 +57,19 @@ def test_choice_on_each_kind_of_machine(
     choice = choose(make_settings(**{"backend": "auto", **settings}), machine)
     assert (choice.backend, choice.device, choice.quantize) == expected
     assert reason in choice.reason
-    assert choice.automatic == (settings.get("backend", "auto") == "auto")
+
+
+@pytest.mark.parametrize("machine", EVERY_MACHINE)
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_auto_never_serves_onnx_or_int8(machine: Machine, quantize: str) -> None:
+    """Only backends that equal sentence-transformers: whatever is installed, whatever ONNX_QUANTIZE says."""
+    choice = choose(make_settings(backend="auto", onnx_quantize=quantize), machine)
+    assert choice.backend in ("torch", "mlx") and choice.quantize == "none"
 
 
 @pytest.mark.parametrize(
     ("machine", "preference", "message"),
-    [(CPU_ONNX, "cuda", "no CUDA device"), (CPU_ONNX, "mps", "no MPS")],
+    [(CPU, "cuda", "no CUDA device"), (CPU, "mps", "no MPS")],
 )
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_an_unavailable_device_preference_is_a_start_up_error(
@@ -62,51 +79,60 @@ def test_an_unavailable_device_preference_is_a_start_up_error(
         choose(make_settings(backend=backend, device_preference=preference), machine)
 
 
-pytest.importorskip("onnxruntime", reason="auto picks ONNX only when onnxruntime is installed")
+def test_quantization_is_none_unless_asked_for() -> None:
+    assert load_settings(environ={}).onnx_quantize == "none"
+    assert load_settings(environ={"ONNX_QUANTIZE": "INT8"}).onnx_quantize == "int8"
+    with pytest.raises(StartupError, match="ONNX_QUANTIZE='auto'"):
+        load_settings(environ={"ONNX_QUANTIZE": "auto"})
+    with pytest.raises(StartupError, match=re.escape("ONNX_INT8_MIN_AGREEMENT='1.5'")):
+        load_settings(environ={"ONNX_INT8_MIN_AGREEMENT": "1.5"})
 
 
-def test_auto_on_this_cpu_machine_serves_onnx_int8_and_says_why(
-    onnx_cache: Path, sentence_transformer
+@pytest.mark.parametrize(
+    ("text", "flags"),
+    [
+        (
+            "processor\t: 0\nflags\t\t: fpu sse avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t: fpu\n",
+            "fpu sse avx2 avx512_vnni",
+        ),
+        ("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n", "fp asimd asimddp"),
+        ("processor\t: 0\nmodel name\t: mystery\n", ""),
+    ],
+)
+def test_cpu_flags_come_from_cpuinfo(tmp_path: Path, text: str, flags: str) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert read_cpu_flags(cpuinfo) == frozenset(flags.split())
+    assert read_cpu_flags(tmp_path / "missing") == frozenset()  # macOS has no /proc
+
+
+@pytest.mark.parametrize(
+    ("arch", "flags", "name", "reduce_range"),
+    [
+        ("x86_64", AVX2, "x86-no-vnni", True),  # VPMADDUBSW saturates int16: 7-bit weights
+        ("x86_64", frozenset({"sse4_1"}), "x86-no-vnni", True),
+        ("x86_64", frozenset(), "x86-no-vnni", True),  # flags unknown: the safe choice
+        ("x86_64", AVX512_VNNI, "x86-vnni", False),
+        ("AMD64", AVX2 | {"avx_vnni"}, "x86-vnni", False),
+        ("aarch64", frozenset({"asimd"}), "arm64", False),
+        ("arm64", frozenset(), "arm64", False),
+        ("ppc64le", frozenset(), "generic", True),
+    ],
+)
+def test_int8_settings_follow_the_cpu(
+    arch: str, flags: frozenset[str], name: str, reduce_range: bool
 ) -> None:
-    settings = make_settings(backend="auto", onnx_cache_dir=str(onnx_cache))
-    with ServerThread(create_app(settings)) as server, server.client() as client:
-        model = client.get("/health").json()["model"]
-        results = client.post("/rerank", json={"query": QUERY, "documents": TEXTS}).json()["results"]
-    assert (model["backend"], model["device"], model["dtype"]) == ("onnx", "cpu", "int8")
-    assert model["selected_because"] == "auto: CPU only, onnxruntime installed: ONNX int8"
-    assert model["details"]["agreement_with_torch"].startswith("worst cosine 0.99")
-    vectors = sentence_transformer.encode([QUERY, *TEXTS], normalize_embeddings=True)
-    expected = vectors[1:] @ vectors[0]
-    served = np.array([r["score"] for r in sorted(results, key=lambda r: r["index"])])
-    assert np.abs(served - expected).max() < 0.03  # int8: close, not equal (fp32 parity is 1e-5)
-    ranks = [np.argsort(np.argsort(s)) for s in (served, expected)]
-    assert np.corrcoef(*ranks)[0, 1] >= 0.95
+    profile = int8_profile(arch, flags)
+    assert (profile.name, profile.reduce_range) == (name, reduce_range)
 
 
-def broken_export(*_: object) -> None:
-    raise RuntimeError("unsupported operator FancyAttention")
-
-
-def test_auto_falls_back_to_torch_when_the_export_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(onnx_backend, "_export", broken_export)
-    backend = create_backend(make_settings(backend="auto", onnx_cache_dir=str(tmp_path)), machine=CPU_ONNX)
-    assert backend.info().backend == "torch"
-    assert backend.selection == (
-        "auto: CPU only, onnxruntime installed: ONNX int8; ONNX export failed "
-        "(RuntimeError: unsupported operator FancyAttention): torch"
+def test_auto_on_a_cpu_machine_with_every_runtime_installed_loads_torch(tmp_path: Path) -> None:
+    settings = make_settings(backend="auto", onnx_cache_dir=str(tmp_path))
+    backend = create_backend(settings, machine=CPU)
+    assert (backend.info().backend, backend.info().device, backend.info().dtype) == (
+        "torch",
+        "cpu",
+        "float32",
     )
-    with pytest.raises(RuntimeError, match="FancyAttention"):
-        create_backend(make_settings(backend="onnx", onnx_cache_dir=str(tmp_path)), machine=CPU_ONNX)
-
-
-def test_auto_falls_back_to_torch_when_int8_disagrees(
-    onnx_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(onnx_backend, "MIN_COSINE", 1.01)  # no quantized model reaches it
-    backend = create_backend(make_settings(backend="auto", onnx_cache_dir=str(onnx_cache)), machine=CPU_ONNX)
-    assert backend.info().backend == "torch"
-    assert "ONNX int8 disagrees with torch (worst cosine 0.99" in backend.selection
-    explicit = create_backend(make_settings(backend="onnx", onnx_cache_dir=str(onnx_cache)), machine=CPU_ONNX)
-    assert (explicit.info().backend, explicit.agrees) == ("onnx", False)  # asked for: served, with a warning
+    assert backend.selection == CPU_REASON
+    assert not any(tmp_path.iterdir()), "nothing was exported or quantized"

@@ -1,4 +1,4 @@
-"""BACKEND=onnx: export cache, int8 closeness, and a model's own shipped ONNX file."""
+"""BACKEND=onnx: export cache and a model's own shipped ONNX file (int8: test_int8.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reranker.backends.factory import create_backend
+from reranker.backends.factory import FP32_MIN_AGREEMENT, create_backend
 from tests.backend_texts import QUERY, TEXTS
 from tests.conftest import make_settings
 
@@ -26,28 +26,6 @@ def test_export_is_cached_and_reused(tmp_path: Path) -> None:
     _, second = backends(tmp_path)
     assert first.exported and not second.exported
     assert second.path == first.path and first.path.parent == tmp_path
-
-
-def ranks(values: np.ndarray) -> np.ndarray:
-    return np.argsort(np.argsort(values)).astype(np.float64)
-
-
-def cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    return (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-
-
-def test_int8_vectors_stay_close_and_keep_the_ranking(onnx_cache: Path) -> None:
-    reference, int8 = backends(onnx_cache, quantize="int8")
-    assert int8.info().dtype == "int8"
-    items = int8.tokenize_texts([QUERY, *TEXTS])
-    got, want = int8.forward(items), reference.forward(items)
-    assert cosines(got, want).min() >= 0.99, cosines(got, want)
-    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
-    scores_int8 = unit(got)[1:] @ unit(got)[0]
-    scores_fp32 = unit(want)[1:] @ unit(want)[0]
-    spearman = np.corrcoef(ranks(scores_int8), ranks(scores_fp32))[0, 1]
-    assert spearman >= 0.95, spearman
-    assert int8.agrees and int8.agreement.startswith("worst cosine 0.99")
 
 
 def ship_onnx(model_dir: Path, target: Path, cross_encoder: bool) -> Path:
@@ -104,6 +82,7 @@ def test_a_shipped_onnx_file_is_loaded_directly_and_answers_like_torch(
         items = shipped.tokenize_texts([QUERY, *TEXTS])
     np.testing.assert_allclose(shipped.forward(items), reference.forward(items), atol=1e-4)
     np.testing.assert_allclose(shipped.forward(items[:1]), shipped.forward(items[:7])[:1], atol=1e-5)
-    _, int8 = backends(cache, quantize="int8", local_model_path=str(model))
-    assert int8.agrees, int8.agreement  # quantized from the shipped file, cached in ONNX_CACHE_DIR
+    assert shipped.agreement.value >= FP32_MIN_AGREEMENT, shipped.agreement
+    _, int8 = backends(cache, quantize="int8", local_model_path=str(model))  # refused if it disagrees
     assert int8.path.parent == cache and int8.info().details["onnx_origin"] == "shipped"
+    assert int8.info().dtype == "int8"

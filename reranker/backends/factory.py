@@ -1,5 +1,8 @@
 """Build the backend that ``selection.choose`` picks, and say why it was picked.
 
+An explicit ONNX int8 backend whose answers on the probe texts are further from torch
+fp32's than ONNX_INT8_MIN_AGREEMENT allows is a start-up error naming the figure.
+
 Model runtimes are imported inside the functions, so importing this module
 (and everything above it) stays free of torch.
 """
@@ -7,7 +10,6 @@ Model runtimes are imported inside the functions, so importing this module
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +35,8 @@ def create_backend(
 ) -> Backend:
     """Load the model (heavy: call it off the event loop)."""
     source = source or preflight(settings)
-    choice = choose(settings, machine or probe_machine())
+    machine = machine or probe_machine()
+    choice = choose(settings, machine)
     log.info(
         "backend %s on %s for %s (%s): %s",
         choice.backend,
@@ -42,26 +45,16 @@ def create_backend(
         source.kind.value,
         choice.reason,
     )
-    backend, choice = _load(choice, settings, source)
+    if choice.backend == "onnx":
+        backend: Backend = _onnx_backend(choice, settings, source, machine)
+    elif choice.backend == "mlx":
+        backend = _mlx_backend(source)
+    else:
+        from reranker.backends.torch_backend import TorchBackend
+
+        backend = TorchBackend(source, choice.device)
     backend.selection = choice.reason
     return backend
-
-
-def _load(choice: Choice, settings: Settings, source: ModelSource) -> tuple[Backend, Choice]:
-    """The backend of ``choice``, or torch and the amended choice when an automatic ONNX failed."""
-    if choice.backend == "onnx":
-        backend, problem = _try_onnx(choice, settings, source)
-        if backend is not None:
-            return backend, choice
-        log.warning("%s: falling back to torch on cpu", problem)
-        choice = replace(
-            choice, backend="torch", quantize="none", reason=f"{choice.reason}; {problem}: torch"
-        )
-    if choice.backend == "mlx":
-        return _mlx_backend(source), choice
-    from reranker.backends.torch_backend import TorchBackend
-
-    return TorchBackend(source, choice.device), choice
 
 
 def onnx_cache_dir(settings: Settings) -> Path:
@@ -70,32 +63,32 @@ def onnx_cache_dir(settings: Settings) -> Path:
     return Path.home() / ".cache" / "reranker" / "onnx"
 
 
-def _try_onnx(choice: Choice, settings: Settings, source: ModelSource) -> tuple[Backend | None, str]:
-    """ONNX as chosen, or (None, the problem) when BACKEND=auto chose it and the model does not
-    export or does not agree with torch. An explicit BACKEND=onnx raises instead of falling back."""
-    try:
-        backend = _onnx_backend(choice, settings, source)
-    except Exception as exc:  # any export failure of an automatic choice falls back
-        if not choice.automatic:
-            raise
-        return None, f"ONNX export failed ({type(exc).__name__}: {exc})"
-    if backend.agrees:
-        return backend, ""
-    problem = f"ONNX {choice.quantize} disagrees with torch ({backend.agreement})"
-    if choice.automatic:
-        return None, problem
-    log.warning("%s; serving it anyway because BACKEND=onnx was asked for", problem)
-    return backend, ""
+FP32_MIN_AGREEMENT = 0.9999  # an fp32 file further from torch than this is a broken export
 
 
-def _onnx_backend(choice: Choice, settings: Settings, source: ModelSource) -> OnnxBackend:
+def _onnx_backend(choice: Choice, settings: Settings, source: ModelSource, machine: Machine) -> OnnxBackend:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise StartupError("BACKEND=onnx needs onnxruntime: pip install onnxruntime onnx") from None
     from reranker.backends.onnx_backend import OnnxBackend
+    from reranker.backends.onnx_quantize import int8_profile
 
-    return OnnxBackend(source, onnx_cache_dir(settings), choice.quantize, choice.device)
+    int8 = int8_profile(machine.arch, machine.cpu_flags) if choice.quantize == "int8" else None
+    backend = OnnxBackend(source, onnx_cache_dir(settings), choice.device, int8)
+    measured, floor = backend.agreement, settings.onnx_int8_min_agreement
+    if int8 is not None and measured.value < floor:
+        raise StartupError(
+            f"ONNX int8 agreement with torch fp32 is {measured.value:.6f} ({measured.text}), below "
+            f"ONNX_INT8_MIN_AGREEMENT={floor} (int8 here: {int8.why}); serve fp32 with "
+            "ONNX_QUANTIZE=none, or lower ONNX_INT8_MIN_AGREEMENT to accept it"
+        )
+    if int8 is None and measured.value < FP32_MIN_AGREEMENT:
+        log.warning(
+            "ONNX fp32 disagrees with torch (%s); served because BACKEND=onnx asks for it", measured.text
+        )
+    log.info("ONNX %s against torch fp32: %s", "int8" if int8 else "fp32", measured.text)
+    return backend
 
 
 def _mlx_backend(source: ModelSource) -> Backend:
