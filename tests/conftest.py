@@ -23,9 +23,8 @@ RUNTIME_PACKAGE = {"torch": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
 def make_settings(**values: object) -> Settings:
     """Settings from explicit values only: the test machine's environment never leaks in.
 
-    The backend is torch unless a test says otherwise: BACKEND=auto would pick ONNX int8
-    on a CPU machine with onnxruntime, whose scores differ from sentence-transformers' by
-    design (tests/test_backend_selection.py covers auto).
+    The backend is torch unless a test says otherwise (BACKEND=auto also serves torch on a
+    CPU machine; tests/test_backend_selection.py and tests/test_exact_default.py cover auto).
     """
     return load_settings(environ={}, overrides={"backend": "torch", **values})
 

@@ -27,7 +27,7 @@ def script_env(tmp: Path, port: int, **extra: str) -> dict[str, str]:
         PORT=str(port),
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        BACKEND="torch",  # these tests are about processes; auto would export to ONNX under $HOME
+        BACKEND="torch",  # these tests are about processes, not backend selection
     )
     env.update(extra)
     return env

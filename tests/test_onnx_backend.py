@@ -86,3 +86,18 @@ def test_a_shipped_onnx_file_is_loaded_directly_and_answers_like_torch(
     _, int8 = backends(cache, quantize="int8", local_model_path=str(model))  # refused if it disagrees
     assert int8.path.parent == cache and int8.info().details["onnx_origin"] == "shipped"
     assert int8.info().dtype == "int8"
+
+
+def test_the_session_uses_the_threads_sized_for_this_process(onnx_cache: Path) -> None:
+    import torch
+
+    from reranker.backends import threads
+
+    before = torch.get_num_threads()
+    try:
+        threads.configure(1)
+        _, onnx = backends(onnx_cache)
+        assert onnx._session.get_session_options().intra_op_num_threads == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        threads.configure(before)

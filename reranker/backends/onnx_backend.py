@@ -36,6 +36,7 @@ import numpy as np
 from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
 from reranker.backends.onnx_quantize import Int8Profile, quantize_int8
 from reranker.backends.source import ModelSource, module_list, pooling_of
+from reranker.backends.threads import intra_op_threads
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 
 if TYPE_CHECKING:
@@ -261,7 +262,12 @@ def _session(path: Path, device: str) -> onnxruntime.InferenceSession:
     providers = ["CPUExecutionProvider"]
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=ort.SessionOptions(), providers=providers)
+    options = ort.SessionOptions()
+    threads = intra_op_threads()  # from the CPUs this process may use (0: onnxruntime's default)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
