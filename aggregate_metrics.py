@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""aggregate_metrics.py [--json] [--host HOST] PORT|URL [PORT|URL ...]: cluster totals from every /metrics.
+"""aggregate_metrics.py [--json] [--host H] [--api-key K] PORT|URL ...: cluster totals from every /metrics.
 
 Counters (requests, successes, rejections, failures by reason, items) are summed.
 Latency percentiles are NOT averaged (the mean of p95s is not a p95): each instance
@@ -10,6 +10,10 @@ to the bucket width (e.g. a p95 of 412 ms lies between 400 and 500 ms) and never
 biased towards the quiet instances. The slowest single instance's own p95 (from its
 recent window) is printed beside them.
 
+When the instances protect /metrics (PROTECT_METRICS=true with API_KEYS), pass a key
+with --api-key or RERANKER_API_KEY; an instance that refuses the key (401) is reported
+as unauthorized, not as unreachable.
+
 Exit code 0 when every instance answered, 1 when some did not (totals then cover
 the instances that answered), 2 on bad arguments. Standard library only.
 """
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 PERCENTILES = (50, 95, 99)
 
@@ -35,12 +40,29 @@ def metrics_url(target: str, host: str) -> str:
     return base.rstrip("/") + ("" if base.rstrip("/").endswith("/metrics") else "/metrics")
 
 
-def fetch(url: str, timeout_s: float) -> dict[str, Any] | None:
+class Unanswered(NamedTuple):
+    """Why an instance's metrics are missing: nothing answered, or it refused the request."""
+
+    reachable: bool
+    reason: str
+
+
+def fetch(url: str, timeout_s: float, api_key: str = "") -> dict[str, Any] | Unanswered:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout_s
+        ) as response:
             return json.loads(response.read())
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            what = "the API key was refused" if api_key else "/metrics needs an API key"
+            return Unanswered(True, f"unauthorized (401): {what}; pass --api-key KEY or set RERANKER_API_KEY")
+        return Unanswered(True, f"HTTP {exc.code} from {url}")
+    except ValueError:
+        return Unanswered(True, f"{url} did not answer JSON")
+    except (OSError, urllib.error.URLError) as exc:
+        return Unanswered(False, f"unreachable: {getattr(exc, 'reason', exc)}")
 
 
 def histogram_percentile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
@@ -60,16 +82,21 @@ def histogram_percentile(bounds: Sequence[float], counts: Sequence[int], q: floa
     return float(bounds[-1])
 
 
-def aggregate(snapshots: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
-    answered = {url: snap for url, snap in snapshots.items() if snap is not None}
+def aggregate(snapshots: dict[str, dict[str, Any] | Unanswered | None]) -> dict[str, Any]:
+    """Cluster totals; a snapshot is an instance's /metrics, or why it is missing (None:
+    unreachable)."""
+    answered = {url: snap for url, snap in snapshots.items() if isinstance(snap, dict)}
     totals: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     merged_counts: list[int] = []
     bounds: list[float] = []
     instances = []
     for url, snap in snapshots.items():
-        if snap is None:
-            instances.append({"url": url, "reachable": False})
+        if not isinstance(snap, dict):
+            missing = snap or Unanswered(False, "unreachable")
+            instances.append(
+                {"url": url, "reachable": missing.reachable, "answered": False, "error": missing.reason}
+            )
             continue
         for key in ("total_requests", "successful_requests", "rejected_requests", "items_processed"):
             totals[key] += int(snap.get(key, 0))
@@ -85,6 +112,7 @@ def aggregate(snapshots: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
             {
                 "url": url,
                 "reachable": True,
+                "answered": True,
                 "status": snap.get("status"),
                 "total_requests": snap.get("total_requests", 0),
                 "success_rate": snap.get("success_rate"),
@@ -117,8 +145,8 @@ def aggregate(snapshots: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     lines = [f"{'INSTANCE':<32} {'STATUS':<10} {'REQUESTS':>9} {'SUCCESS':>8} {'REJECTED':>8} {'P95 MS':>8}"]
     for row in report["instances"]:
-        if not row["reachable"]:
-            lines.append(f"{row['url']:<32} {'unreachable':<10}")
+        if not row["answered"]:
+            lines.append(f"{row['url']:<32} {row['error']}")
             continue
         lines.append(
             f"{row['url']:<32} {row['status'] or '-':<10} {row['total_requests']:>9} "
@@ -139,15 +167,20 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", help="ports (on --host) or base URLs of instances")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--api-key", default=None, help="Bearer key for protected /metrics (default: $RERANKER_API_KEY)"
+    )
     args = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
+    api_key = args.api_key if args.api_key is not None else environ.get("RERANKER_API_KEY", "")
     urls = [metrics_url(target, args.host) for target in args.targets]
-    report = aggregate({url: fetch(url, args.timeout) for url in urls})
+    report = aggregate({url: fetch(url, args.timeout, api_key) for url in urls})
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if report["cluster"]["instances_answering"] == len(urls) else 1
 

@@ -4,17 +4,21 @@ Documents are realistic and reproducible: MS MARCO passages from ../shared/data 
 present, else generated prose, cut to 20-60 words, drawn with a fixed seed. Each user
 stops after the run has sent PERF_REQUESTS requests; at the end the run's summary
 (requests, success rate, 503 refusals, errors, latency percentiles, requests/s, items/s)
-is written to PERF_RESULTS_DIR/summary.json and summary.txt, and the exit code says
+is written to PERF_RESULTS_DIR/summary.json and summary.txt (with locust's final
+locust_stats.csv and locust_failures.csv beside them), and the exit code says
 whether it met PERF_MIN_SUCCESS and PERF_MAX_P95_MS.
 
 Settings (environment, set by performance_test.sh): PERF_MODE, PERF_REQUESTS,
 PERF_DOCS (texts per request, default 10), PERF_TASKS (rerank | embed | mixed),
 PERF_SEED, PERF_MIN_SUCCESS (percent), PERF_MAX_P95_MS, PERF_MAX_REFUSAL_MS (stress),
-PERF_RESULTS_DIR, PERF_TIMEOUT_S (per request).
+PERF_RESULTS_DIR, PERF_TIMEOUT_S (per request), PERF_CAN_EMBED (1 when the model embeds:
+the script reads /health once, so locust's statistics hold the measured requests only),
+RERANKER_API_KEY (sent as a Bearer token).
 """
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -29,6 +33,7 @@ from locust import events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
 from locust.exception import StopUser
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 SHARED_CORPUS = SHARED_DATA / "trec-dl19-subset" / "corpus.jsonl"
@@ -107,8 +112,9 @@ class InferenceUser(FastHttpUser):
 
     def on_start(self) -> None:
         self.rng = random.Random(RUN.rng.random())
-        health = self.client.get("/health", name="/health (start)").json()
-        can_embed = "embed" in (health.get("model") or {}).get("capabilities", [])
+        key = setting("RERANKER_API_KEY", "")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        can_embed = setting("PERF_CAN_EMBED", "1") == "1"
         choices = {"rerank": ["rerank"], "embed": ["embed"], "mixed": ["rerank"] * 3 + ["embed"]}[RUN.tasks]
         self.choices = [c for c in choices if c == "rerank" or can_embed] or ["rerank"]
 
@@ -124,13 +130,15 @@ class InferenceUser(FastHttpUser):
         else:
             path, body = "/v1/embeddings", {"input": documents, "model": "default"}
         started = time.perf_counter()
-        with self.client.post(path, json=body, catch_response=True) as response:
+        with self.client.post(path, json=body, headers=self.headers, catch_response=True) as response:
             latency_ms = (time.perf_counter() - started) * 1000
             status = response.status_code or None
             if status == 200:
                 response.success()
             elif status == 503:
                 response.failure("rejected: 503 overloaded")
+            elif status == 401:
+                response.failure("401 unauthorized: pass --api-key KEY or set RERANKER_API_KEY")
             else:
                 response.failure(f"HTTP {status}: {(response.text or '')[:200]}")
         RUN.record(status, latency_ms, len(documents))
@@ -160,6 +168,11 @@ def summarize(run: Run) -> dict[str, Any]:
     failures = []
     if success < min_success:
         failures.append(f"success {success:.2%} < {min_success:.0%}")
+    if run.statuses.get("401"):
+        failures.append(
+            f"{run.statuses['401']} requests refused as unauthorized (401): "
+            "pass --api-key KEY or set RERANKER_API_KEY"
+        )
     if max_p95 is not None and (p95 is None or p95 > max_p95):
         failures.append(f"p95 {p95} ms > {max_p95:g} ms")
     if mode == "stress":
@@ -209,4 +222,10 @@ def write_summary(environment: Environment, **_: Any) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / "summary.txt").write_text(render(summary) + "\n")
+    # Locust's own --csv files are rewritten once a second and not at exit, so they can miss the
+    # last second of the run; these are written from its final statistics, like the summary.
+    tables = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    for name, write in (("stats", tables.requests_csv), ("failures", tables.failures_csv)):
+        with open(results / f"locust_{name}.csv", "w", newline="", encoding="utf-8") as table:
+            write(csv.writer(table))
     environment.process_exit_code = 0 if summary["passed"] else 1

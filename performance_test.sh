@@ -12,7 +12,8 @@
 #   --tasks KIND         rerank | embed | mixed (default mixed: 3 rerank to 1 embed; rerank only
 #                        when the model cannot embed)
 #   --docs N             documents (or texts) per request (default 10, 20-60 words each)
-# Writes locust's CSV and HTML report and summary.json under perf_results/<timestamp>-MODE/
+#   --api-key KEY        sent as "Authorization: Bearer KEY" (default: $RERANKER_API_KEY)
+# Writes locust's CSV (its final statistics) and HTML report and summary.json under perf_results/<timestamp>-MODE/
 # ($PERF_RESULTS_ROOT instead of perf_results when set).
 # Exit codes: 0 pass, 1 a threshold failed, 2 usage or no server ready at the URL.
 set -euo pipefail
@@ -33,6 +34,7 @@ requests="" concurrency=""
 [[ "${1:-}" =~ ^[0-9]+$ ]] && { requests=$1; shift; }
 [[ "${1:-}" =~ ^[0-9]+$ ]] && { concurrency=$1; shift; }
 url="http://127.0.0.1:${PORT:-8000}" min_success=99 max_p95="" tasks=mixed docs=10
+api_key=${RERANKER_API_KEY:-}
 while [ $# -gt 0 ]; do
     case "$1" in
         --url) url=${2:?}; shift 2 ;;
@@ -40,6 +42,7 @@ while [ $# -gt 0 ]; do
         --max-p95-ms) max_p95=${2:?}; shift 2 ;;
         --tasks) tasks=${2:?}; shift 2 ;;
         --docs) docs=${2:?}; shift 2 ;;
+        --api-key) api_key=${2:?}; shift 2 ;;
         *) usage ;;
     esac
 done
@@ -49,17 +52,21 @@ url=${url%/}
 ensure_venv "$REPO_ROOT/requirements-dev.txt"
 python="$VENV_DIR/bin/python"
 
-health=$("$python" - "$url" <<'PY'
-import json, sys, urllib.request
-try:
-    with urllib.request.urlopen(sys.argv[1] + "/health", timeout=5) as response:
-        print(json.dumps(json.loads(response.read())))
+export RERANKER_API_KEY=$api_key  # locustfile.py sends it; a 401 is reported as such
+read -r max_queue can_embed < <("$python" - "$url" <<'PY'
+import json, sys, urllib.error, urllib.request
+url = sys.argv[1]
+try:  # /health is open to probes: no key needed
+    with urllib.request.urlopen(url + "/health", timeout=5) as response:
+        health = json.loads(response.read())
+except urllib.error.HTTPError as exc:
+    sys.exit(f"no server ready at {url}: /health answered {exc.code}")
 except Exception as exc:  # noqa: BLE001
-    print(f"no server ready at {sys.argv[1]}: {exc}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(f"no server ready at {url}: {exc}")
+can_embed = "embed" in (health.get("model") or {}).get("capabilities", [])
+print(health.get("controller", {}).get("max_queue_size", 64), int(can_embed))
 PY
-) || exit 2
-max_queue=$(echo "$health" | "$python" -c 'import json,sys; print(json.load(sys.stdin).get("controller",{}).get("max_queue_size",64))')
+) && [ -n "${can_embed:-}" ] || exit 2
 
 case "$mode" in
     load) requests=${requests:-200} concurrency=${concurrency:-4} ;;
@@ -74,10 +81,10 @@ echo "performance_test.sh $mode: $requests requests, concurrency $concurrency, $
 
 set +e
 PERF_MODE=$mode PERF_REQUESTS=$requests PERF_DOCS=$docs PERF_TASKS=$tasks PERF_RESULTS_DIR=$results \
-PERF_MIN_SUCCESS=$min_success PERF_MAX_P95_MS=$max_p95 \
+PERF_MIN_SUCCESS=$min_success PERF_MAX_P95_MS=$max_p95 PERF_CAN_EMBED=$can_embed \
     "$VENV_DIR/bin/locust" -f "$REPO_ROOT/locustfile.py" --headless --host "$url" \
     --users "$concurrency" --spawn-rate "$concurrency" --run-time "$((60 + requests * 2))s" \
-    --stop-timeout 60 --csv "$results/locust" --html "$results/report.html" --only-summary \
+    --stop-timeout 60 --html "$results/report.html" --only-summary \
     >"$results/locust.log" 2>&1
 status=$?
 set -e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,13 +11,17 @@ import httpx
 import pytest
 
 from reranker.api.app import create_app
+from reranker.backends.base import ModelKind
+from reranker.backends.fake import FakeBackend
 from tests.conftest import make_settings
 from tests.scripts import free_ports, run_script, script_env
 from tests.server import ServerThread
 
 
-def perf(tmp_path: Path, *args: str) -> tuple[int, str, dict | None]:
-    env = script_env(tmp_path, 8000, PERF_RESULTS_ROOT=str(tmp_path / "perf"))
+def perf(tmp_path: Path, *args: str, **env_extra: str) -> tuple[int, str, dict | None]:
+    env = script_env(tmp_path, 8000, PERF_RESULTS_ROOT=str(tmp_path / "perf"), **env_extra)
+    if "RERANKER_API_KEY" not in env_extra:
+        env.pop("RERANKER_API_KEY", None)  # the caller's key must not leak into the run
     result = run_script("performance_test.sh", *args, env=env, timeout_s=300)
     runs = sorted((tmp_path / "perf").glob("*")) if (tmp_path / "perf").exists() else []
     summary = json.loads((runs[-1] / "summary.json").read_text()) if runs else None
@@ -52,6 +57,28 @@ def test_load_run_reports_every_request_and_writes_locust_reports(
     assert "PASS" in output and "p95" in output
     run_dir = next((tmp_path / "perf").iterdir())
     assert {"locust_stats.csv", "report.html", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+    with open(run_dir / "locust_stats.csv", newline="") as stats:
+        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+    assert set(rows) <= {"/v1/rerank", "/v1/embeddings", "Aggregated"}  # only the measured requests
+    assert (int(rows["Aggregated"]["Request Count"]), int(rows["Aggregated"]["Failure Count"])) == (24, 0)
+
+
+def test_an_api_key_is_sent_and_a_401_is_reported_as_such(tmp_path: Path) -> None:
+    app = create_app(make_settings(api_keys="s3cret"), backend=FakeBackend(ModelKind.CROSS_ENCODER))
+    with ServerThread(app) as server:
+        code, output, summary = perf(tmp_path / "none", "latency", "3", "--url", server.url)
+        assert code == 1 and summary is not None and summary["statuses"] == {"401": 3}
+        assert (
+            "3 requests refused as unauthorized (401): pass --api-key KEY or set RERANKER_API_KEY" in output
+        )
+        code, output, summary = perf(
+            tmp_path / "flag", "latency", "3", "--url", server.url, "--api-key", "s3cret"
+        )
+        assert code == 0 and summary is not None and summary["statuses"] == {"200": 3}, output
+        code, output, _ = perf(
+            tmp_path / "env", "latency", "3", "--url", server.url, RERANKER_API_KEY="s3cret"
+        )
+        assert code == 0, output
 
 
 def test_p95_threshold_fails_the_run(model_server: ServerThread, tmp_path: Path) -> None:

@@ -90,3 +90,17 @@ def test_request_bodies_are_logged_only_when_asked(
     records = [r for r in caplog.records if r.name == "reranker.request" and r.endpoint == "/rerank"]
     assert len(records) == 1
     assert (SECRET_DOCUMENT in getattr(records[0], "body", "")) is log_bodies
+
+
+def test_text_request_lines_carry_the_same_facts_as_json(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(make_settings(), backend=FakeBackend(ModelKind.CROSS_ENCODER))
+    caplog.set_level(logging.INFO, logger="reranker.request")
+    with ServerThread(app) as server, server.client() as client:
+        client.post("/rerank", json={"query": "q", "documents": ["a", "b"]})
+        client.post("/rerank", json={"query": "q"})
+    served, refused = [r for r in caplog.records if r.name == "reranker.request" and r.endpoint == "/rerank"]
+    assert served.getMessage() == (
+        f"POST /rerank 200 in {served.duration_ms:.1f} ms: items 2, queue {served.queue_ms:.1f} ms, "
+        f"inference {served.inference_ms:.1f} ms, batch {served.batch_size}"
+    )
+    assert refused.getMessage() == f"POST /rerank 422 in {refused.duration_ms:.1f} ms"

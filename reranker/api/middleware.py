@@ -4,7 +4,8 @@ The id is the caller's ``X-Request-ID`` when it is a sane token (letters, digits
 ``._:-``, at most 128), else a fresh one; it is set for every log line written while
 the request is served (uvicorn's access line included) and returned in the response's
 ``X-Request-ID``. The closing line carries endpoint, status, items, queue and
-inference time and batch size (what the handler put in ``request.state``); health and
+inference time and batch size (what the handler put in ``request.state``), as JSON
+fields and in the text line alike; health and
 metrics probes log at debug. Request bodies are logged only with LOG_REQUEST_BODIES=true
 (they hold the users' documents); headers never are (they hold API keys).
 """
@@ -86,4 +87,18 @@ class RequestLogMiddleware:
             )
         if self.log_bodies:
             fields["body"] = body.decode("utf-8", errors="replace")
-        log.log(level, "%s %s %d in %.1f ms", fields["method"], path, status, duration_ms, extra=fields)
+        log.log(level, "%s", describe(fields), extra=fields)
+
+
+def describe(fields: dict[str, object]) -> str:
+    """The text of the closing line: the same facts as the JSON line's fields (LOG_FORMAT=text),
+    e.g. ``POST /rerank 200 in 24.1 ms: items 2, queue 0.1 ms, inference 23.5 ms, batch 3``."""
+    line = f"{fields['method']} {fields['endpoint']} {fields['status']} in {fields['duration_ms']:.1f} ms"
+    facts = [f"items {fields['items']}"] if "items" in fields else []
+    if "queue_ms" in fields:
+        facts += [
+            f"queue {fields['queue_ms']:.1f} ms",
+            f"inference {fields['inference_ms']:.1f} ms",
+            f"batch {fields['batch_size']}",
+        ]
+    return line + (": " + ", ".join(facts) if facts else "")
