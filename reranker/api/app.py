@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from reranker.api import embed, health, infinity, jobs, rerank, tei
+from reranker.api import docs, embed, health, infinity, jobs, landing, rerank, tei
 from reranker.api.auth import load_api_keys
 from reranker.api.errors import EXCEPTION_HANDLERS
 from reranker.api.middleware import RequestLogMiddleware
@@ -34,6 +34,9 @@ ROUTES = [
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/docs", docs.docs_page, methods=["GET"]),
+    Route(docs.STATIC_PREFIX + "{name}", docs.docs_static, methods=["GET"]),
+    Route("/", landing.root, methods=["GET"]),
     Route("/models", infinity.models, methods=["GET"]),
     Route("/v1/models", infinity.models, methods=["GET"]),
     # Text-embeddings-inference's routes (its /rerank and /embed share ours: see tei.py).
