@@ -12,13 +12,15 @@ ensure_venv() {
     local want
     want=$(cat "$REPO_ROOT"/requirements*.txt | sha256sum | cut -d' ' -f1)
     if [ ! -x "$VENV_DIR/bin/python" ]; then
-        echo "creating virtualenv in $VENV_DIR" >&2
+        echo "creating virtualenv in $VENV_DIR (then installing the requirements: minutes, once)" >&2
         "$PYTHON_BIN" -m venv "$VENV_DIR"
         "$VENV_DIR/bin/python" -m pip install --quiet --upgrade pip >&2
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        echo "installing $(basename "$requirements") into $VENV_DIR (first run only)" >&2
-        "$VENV_DIR/bin/python" -m pip install --quiet -r "$requirements" >&2
+        echo "installing $(basename "$requirements") into $VENV_DIR (first run only; pip's progress follows)" >&2
+        # Not --quiet: a first install downloads about a gigabyte (torch) and takes minutes.
+        "$VENV_DIR/bin/python" -m pip install -r "$requirements" >&2
+        echo "installed $(basename "$requirements") into $VENV_DIR ($(du -sh "$VENV_DIR" | cut -f1))" >&2
         echo "$want" > "$stamp"
         # The files it includes (-r) are installed now too.
         local included
