@@ -63,6 +63,11 @@ def test_settings_are_frozen() -> None:
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE='0'"),
         ({"DEVICE_PREFERENCE": "tpu"}, "DEVICE_PREFERENCE='tpu'"),
         ({"LOCAL_MODEL_PATH": "/does/not/exist"}, "/does/not/exist does not exist"),
+        (
+            {"MODEL_NAME": "cross-encoder/ms-marco-MiniLM-L-6-v2", "HF_HUB_OFFLINE": "1"},
+            "not in the local Hugging Face cache and downloading is off",
+        ),
+        ({"MODEL_NAME": "not a hub id!"}, "a hub id looks like 'org/name'"),
     ],
 )
 def test_cli_refuses_bad_configuration_with_one_line(env: dict[str, str], expected: str) -> None:

@@ -63,10 +63,27 @@ def _from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id))
     except Exception as exc:  # noqa: BLE001 - any hub failure is a start-up error
-        raise StartupError(
-            f"cannot load model {repo_id!r} from the Hugging Face hub or its local cache "
-            f"({type(exc).__name__}); give a local directory with LOCAL_MODEL_PATH"
-        ) from None
+        raise StartupError(f"cannot load model {repo_id!r}: {_hub_problem(exc)}") from None
+
+
+def _hub_problem(exc: Exception) -> str:
+    """What went wrong fetching a model, in terms of what to do: the name, or the network."""
+    from huggingface_hub import errors
+
+    local = "; or give a local directory with LOCAL_MODEL_PATH"
+    if isinstance(exc, errors.HFValidationError):
+        return f"{exc} (a hub id looks like 'org/name'){local}"
+    if isinstance(exc, errors.GatedRepoError):
+        return "the model is gated: accept its terms on huggingface.co and set HF_TOKEN" + local
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "no such model on the Hugging Face hub (check the name; a private one needs HF_TOKEN)" + local
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        return (
+            "it is not in the local Hugging Face cache and downloading is off or the hub cannot be "
+            "reached (HF_HUB_OFFLINE=1, or no network): download it once where there is network, "
+            "or copy it here" + local
+        )
+    return f"the hub could not be reached or answered an error ({type(exc).__name__}: {exc})" + local
 
 
 def detect_kind(path: Path) -> ModelKind:
