@@ -177,7 +177,11 @@ def main() -> None:
         for name, target, kind, local, served in workloads:
             mine, theirs = alternate(args.rounds, local, served)
             rows.append((name, target, kind, mine, theirs))
-            print(f"done: {name}", flush=True)
+            print(
+                f"done: {name}: in-process {mine.value:.1f}, server {theirs.value:.1f}, "
+                f"batches {theirs.batches}",
+                flush=True,
+            )
         mine, theirs = alternate(
             1, lambda: in_process_throughput(model, job, len(job)), lambda: server_job(url, job)
         )
