@@ -104,3 +104,25 @@ def test_cross_encoder_refuses_to_embed_and_says_what_it_can_do() -> None:
         assert refused.json()["error"]["type"] == "unsupported_operation"
         assert "cannot embed" in refused.json()["error"]["message"]
     assert capabilities == ["rerank"]
+
+
+def test_a_grown_limit_that_is_slower_per_token_goes_back_and_stays() -> None:
+    """A CPU whose caches 48-item batches overflow: 10% more time per token than at 32."""
+    sizer = BatchSizer(
+        initial=32, maximum=64, adaptive=True, memory_limit_bytes=10**12, memory_probe=lambda: 1
+    )
+    for _ in range(8):
+        sizer.after_batch(32, seconds_per_token=1.0e-5)
+    assert sizer.limit == 48  # room in memory: try bigger batches
+    for _ in range(8):
+        sizer.after_batch(48, seconds_per_token=1.1e-5)
+    assert sizer.limit == 32  # measured slower: back
+    for _ in range(40):
+        sizer.after_batch(32, seconds_per_token=1.0e-5)
+    assert sizer.limit == 32  # and never tried again
+    faster = BatchSizer(
+        initial=32, maximum=64, adaptive=True, memory_limit_bytes=10**12, memory_probe=lambda: 1
+    )
+    for size, cost in [(32, 1.0e-5)] * 8 + [(48, 0.9e-5)] * 8:
+        faster.after_batch(size, seconds_per_token=cost)
+    assert faster.limit == 64  # a GPU: bigger batches cheaper per token keep growing

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 GROW_AFTER_FULL_BATCHES = 8
 GROW_BELOW_FRACTION = 0.8  # grow only while memory is under 80% of the limit
+SLOWER_BY = 1.03  # a grown limit whose batches cost 3% more per token than before goes back
 GIB = 1024**3
 
 
@@ -48,6 +49,9 @@ class BatchSizer:
         self._probe = memory_probe
         self._full_streak = 0
         self._failed_at: int | None = None  # the smallest batch that ran out of memory
+        self._slower_at: int | None = None  # never grow to this: bigger batches measured slower
+        self._streak_cost = 0.0  # seconds per padded token, summed over the current full streak
+        self._grown_from: tuple[int, float] | None = None  # (previous limit, its seconds per token)
         log.info(
             "Memory limit set to %.1f GB; batch size %d (%s, max %d)",
             memory_limit_bytes / GIB,
@@ -56,8 +60,13 @@ class BatchSizer:
             self.maximum,
         )
 
-    def after_batch(self, items: int) -> None:
-        """Called after every successful batch with its size."""
+    def after_batch(self, items: int, seconds_per_token: float = 0.0) -> None:
+        """Called after every successful batch with its size and its time per padded token.
+
+        A grown limit has to prove itself: once ``GROW_AFTER_FULL_BATCHES`` full batches ran at
+        it, their time per padded token is compared with the limit it grew from; if bigger
+        batches are slower per token (a CPU whose caches they overflow), the limit goes back and
+        never grows to that size again."""
         if not self.adaptive:
             return
         used = self._probe()
@@ -67,13 +76,30 @@ class BatchSizer:
                 f"memory {used / GIB:.2f} GB is over the limit of {self.memory_limit_bytes / GIB:.2f} GB",
             )
             return
-        self._full_streak = self._full_streak + 1 if items >= self.limit else 0
-        ceiling = self.maximum if self._failed_at is None else min(self.maximum, self._failed_at - 1)
-        if (
-            self._full_streak >= GROW_AFTER_FULL_BATCHES
-            and self.limit < ceiling
-            and used < GROW_BELOW_FRACTION * self.memory_limit_bytes
-        ):
+        if items >= self.limit:
+            self._full_streak += 1
+            self._streak_cost += seconds_per_token
+        else:
+            self._full_streak, self._streak_cost = 0, 0.0
+        if self._full_streak < GROW_AFTER_FULL_BATCHES:
+            return
+        cost = self._streak_cost / self._full_streak
+        if self._grown_from is not None:
+            previous, previous_cost = self._grown_from
+            self._grown_from = None
+            if cost > SLOWER_BY * previous_cost > 0:
+                self._slower_at = previous + 1  # bigger is slower here: stay at the previous limit
+                self._set(
+                    previous,
+                    f"batches of {self.limit} took {cost / previous_cost - 1:.0%} more time per token "
+                    f"than batches of {previous}",
+                )
+                return
+        ceilings = [self.maximum]
+        ceilings += [limit - 1 for limit in (self._failed_at, self._slower_at) if limit is not None]
+        ceiling = min(ceilings)
+        if self.limit < ceiling and used < GROW_BELOW_FRACTION * self.memory_limit_bytes:
+            self._grown_from = (self.limit, cost)
             self._set(
                 min(ceiling, self.limit + max(1, self.limit // 2)),
                 f"{GROW_AFTER_FULL_BATCHES} full batches in a row with memory at {used / GIB:.2f} GB",
@@ -88,7 +114,9 @@ class BatchSizer:
         return True
 
     def _set(self, new_limit: int, reason: str) -> None:
-        self._full_streak = 0
+        self._full_streak, self._streak_cost = 0, 0.0
+        if new_limit < self.limit:
+            self._grown_from = None  # shrunk for memory: no growth is being judged
         if new_limit != self.limit:
             level = logging.WARNING if new_limit < self.limit else logging.INFO  # shrinking is trouble
             log.log(level, "batch size %d -> %d: %s", self.limit, new_limit, reason)

@@ -400,7 +400,7 @@ class InferenceController:
             self._items_since_idle += len(lengths)
             self._metrics.record_batch(lengths, seconds)
             self._cost.observe(len(lengths), max(lengths), seconds)
-            self._sizer.after_batch(len(lengths))
+            self._sizer.after_batch(len(lengths), seconds / (max(lengths) * len(lengths)))
             offset = 0
             for piece in batch.slices:
                 count = len(piece.indices)
