@@ -67,7 +67,7 @@ def test_cost_model_learns_the_fixed_cost_of_a_batch() -> None:
     for items in (1, 4, 8, 16, 32):
         for longest in (16, 64, 128):
             model.observe(items, longest, 0.005 + 0.0001 * items * longest)  # 5 ms + 0.1 ms per token
-    assert model.overhead_tokens() == pytest.approx(50, rel=0.01)
+    assert model.cost().overhead == pytest.approx(50, rel=0.01)
     assert model.cost().quadratic == pytest.approx(0, abs=1e-6)
 
 
@@ -77,7 +77,7 @@ def test_cost_model_learns_attention_s_quadratic_term() -> None:
         for longest in (16, 64, 128, 256, 512):
             padded = items * longest
             model.observe(items, longest, 0.002 + 1e-5 * padded + 2e-8 * padded * longest)
-    assert model.overhead_tokens() == pytest.approx(200, rel=0.01)
+    assert model.cost().overhead == pytest.approx(200, rel=0.01)
     assert model.cost().quadratic == pytest.approx(2e-3, rel=0.01)
 
 

@@ -12,16 +12,9 @@ import pytest
 
 from reranker.api.app import create_app
 from reranker.api.openapi import openapi_document
+from tests.client_texts import BEST, DOCUMENTS, QUERY
 from tests.conftest import make_settings
 from tests.server import ServerThread
-
-QUERY = "What is the capital of France?"
-DOCUMENTS = [
-    "Bananas are a good source of potassium.",
-    "Paris is the capital and largest city of France.",
-    "The stock market fell sharply on Monday.",
-]
-BEST = 1
 
 
 @pytest.fixture(scope="module")

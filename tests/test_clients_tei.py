@@ -14,16 +14,9 @@ import pytest
 os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")  # no calls home from the test run
 
 from reranker.api.app import create_app
+from tests.client_texts import BEST, DOCUMENTS, QUERY
 from tests.conftest import make_settings
 from tests.server import ServerThread
-
-QUERY = "What is the capital of France?"
-DOCUMENTS = [
-    "Bananas are a good source of potassium.",
-    "Paris is the capital and largest city of France.",
-    "The stock market fell sharply on Monday.",
-]
-BEST = 1
 
 
 @pytest.fixture(scope="module")

@@ -261,9 +261,6 @@ class BatchCostModel:
             self._fitted = self._fit()
         return self._fitted
 
-    def overhead_tokens(self) -> float:
-        return self.cost().overhead
-
     def _fit(self) -> BatchCost:
         if len(self._rows) < self._min_batches:
             return BatchCost()
