@@ -20,6 +20,7 @@ from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest, check_text_chars
 from reranker.backends.base import ModelKind
 from reranker.engine.job_work import EmbedJob, RerankJob
+from reranker.engine.jobs import Job
 from reranker.engine.service import InferenceService
 from reranker.errors import PayloadTooLargeError, UnsupportedOperationError
 from reranker.settings import Settings
@@ -28,15 +29,37 @@ from reranker.settings import Settings
 @inference_endpoint("/v1/jobs")
 async def submit_job(request: Request) -> Response:
     runtime = runtime_of(request)
-    settings = runtime.settings
-    data = await read_json(request, settings.max_job_request_bytes, settings.body_read_timeout_s)
-    service = runtime.require_service()
-    # Validating 200,000 chunks is work: done in a worker thread, off the event loop.
-    job_type, total, work = await asyncio.to_thread(_job_work, data, settings, service, runtime.model_name())
-    job = await runtime.jobs.submit(job_type, total, lambda job: work(job, service))
+    data = await read_json(
+        request, runtime.settings.max_job_request_bytes, runtime.settings.body_read_timeout_s
+    )
+    job = await accept_job(request, data)
     status_url = f"/v1/jobs/{job.id}"
     content = {"job_id": job.id, "status": job.status.value, "status_url": status_url}
     return ORJSONResponse(content, status_code=202, headers={"Location": status_url})
+
+
+async def accept_job(request: Request, data: object) -> Job:
+    """Validate a ``{"type": "embed" | "rerank", "input": {...}}`` body completely and queue it.
+
+    The one way in for every job route (``/v1/jobs``, RunPod's ``/run`` and ``/runsync``).
+    """
+    runtime = runtime_of(request)
+    service = runtime.require_service()
+    # Validating 200,000 chunks is work: done in a worker thread, off the event loop.
+    job_type, total, work = await asyncio.to_thread(
+        _job_work, data, runtime.settings, service, runtime.model_name()
+    )
+    return await runtime.jobs.submit(job_type, total, lambda job: work(job, service))
+
+
+async def find_job(request: Request, job_id: str) -> Job:
+    """The job ``job_id`` as the caller may see it; NotFoundError otherwise."""
+    return runtime_of(request).jobs.get(job_id)
+
+
+async def cancel_job_for(request: Request, job_id: str) -> Job:
+    """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
+    return await runtime_of(request).jobs.cancel(job_id)
 
 
 def _job_work(
@@ -71,13 +94,14 @@ def _job_work(
 
 @inference_endpoint("/v1/jobs/{job_id}")
 async def job_status(request: Request) -> Response:
-    return await json_response(runtime_of(request).jobs.get(request.path_params["job_id"]).view())
+    job = await find_job(request, request.path_params["job_id"])
+    return await json_response(job.view())
 
 
 @inference_endpoint("/v1/jobs/{job_id}")
 async def cancel_job(request: Request) -> Response:
     """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
-    job = await runtime_of(request).jobs.cancel(request.path_params["job_id"])
+    job = await cancel_job_for(request, request.path_params["job_id"])
     return await json_response(job.view())
 
 
