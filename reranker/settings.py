@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     job_store_dir: str | None = None
     max_job_request_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     max_texts_per_job: int = Field(200_000, ge=1)
+    runsync_wait_s: float = Field(90.0, ge=0, le=3600)  # RunPod's /runsync waits about 90 s
 
     # Prediction cache
     enable_prediction_cache: bool = False

@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from reranker.api import docs, embed, health, infinity, jobs, landing, rerank, tei
+from reranker.api import docs, embed, health, infinity, jobs, landing, rerank, runpod, tei
 from reranker.api.auth import load_api_keys
 from reranker.api.errors import EXCEPTION_HANDLERS
 from reranker.api.middleware import RequestLogMiddleware
@@ -28,6 +28,11 @@ ROUTES = [
     Route("/v1/jobs", jobs.submit_job, methods=["POST"]),
     Route("/v1/jobs/{job_id}", jobs.job_status, methods=["GET"]),
     Route("/v1/jobs/{job_id}", jobs.cancel_job, methods=["DELETE"]),
+    # RunPod's serverless routes: the same jobs, in RunPod's shape (see runpod.py).
+    Route("/run", runpod.run, methods=["POST"]),
+    Route("/runsync", runpod.runsync, methods=["POST"]),
+    Route("/status/{id}", runpod.status, methods=["GET"]),
+    Route("/cancel/{id}", runpod.cancel, methods=["POST"]),
     Route("/v1/embeddings", embed.openai_embeddings, methods=["POST"]),
     Route("/health", health.health, methods=["GET"]),
     Route("/livez", health.livez, methods=["GET"]),

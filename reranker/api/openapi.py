@@ -25,6 +25,7 @@ from reranker.api.schemas import (
     JobRequest,
     OpenAIEmbeddingRequest,
     RerankRequest,
+    RunRequest,
 )
 from reranker.settings import Settings
 
@@ -114,6 +115,30 @@ OPERATIONS = (
         out.JobView,
         errors=JOB_ERRORS,
     ),
+    Operation(
+        "/run",
+        "post",
+        "RunPod: submit an embed or rerank job; answers its id at once",
+        out.RunPodJob,
+        RunRequest,
+        JOB_SUBMIT_ERRORS,
+    ),
+    Operation(
+        "/runsync",
+        "post",
+        "RunPod: submit a job and wait up to RUNSYNC_WAIT_S for its output (else its id to poll)",
+        out.RunPodJob,
+        RunRequest,
+        JOB_SUBMIT_ERRORS,
+    ),
+    Operation("/status/{id}", "get", "RunPod: a job's status and output", out.RunPodJob, errors=JOB_ERRORS),
+    Operation(
+        "/cancel/{id}",
+        "post",
+        "RunPod: cancel a queued or running job (a finished one is left as it is)",
+        out.RunPodJob,
+        errors=JOB_ERRORS,
+    ),
     Operation("/models", "get", "The served model, its kind and limits", out.ModelList, keyed=False),
     Operation("/v1/models", "get", "The same, for OpenAI's models.list()", out.ModelList, keyed=False),
     Operation("/info", "get", "Text-embeddings-inference's model info", out.TeiInfo, keyed=False),
@@ -176,9 +201,9 @@ def _operation(op: Operation, settings: Settings, protected: bool, schemas: dict
         operation["parameters"] = [
             {"name": "format", "in": "query", "required": False, "schema": format_schema}
         ]
-    if "{job_id}" in op.path:
-        job_id = {"type": "string", "description": "The job_id POST /v1/jobs answered."}
-        operation["parameters"] = [{"name": "job_id", "in": "path", "required": True, "schema": job_id}]
+    for name in re.findall(r"\{(\w+)\}", op.path):
+        job_id = {"type": "string", "description": "The job id POST /v1/jobs or /run answered."}
+        operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": job_id}]
     if op.request is not None:
         schema = _schema(op.request, schemas, "validation")
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}

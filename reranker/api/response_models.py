@@ -186,6 +186,20 @@ class JobView(BaseModel):
     error: ErrorDetail | None = None
 
 
+class RunPodJob(BaseModel):
+    """RunPod's job status (POST /run, /runsync, /cancel/{id}; GET /status/{id})."""
+
+    id: str
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+    delayTime: int | None = Field(None, description="Milliseconds queued before the job started.")
+    executionTime: int | None = Field(None, description="Milliseconds the job ran (once finished).")
+    output: dict[str, Any] | None = Field(
+        None, description="COMPLETED: the response /embed or /v1/rerank gives."
+    )
+    error: str | None = Field(None, description="FAILED: why (RunPod gives a string).")
+    error_type: str | None = Field(None, description="FAILED: the stable kind, as in /v1/jobs.")
+
+
 class ModelCard(BaseModel):
     """The served model: OpenAI's fields, Infinity's (``stats``, ``backend``, ``capabilities``),
     this server's kind and limits."""

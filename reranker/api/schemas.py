@@ -249,3 +249,13 @@ class JobRequest(_Body):
 
     type: Literal["embed", "rerank"]
     input: dict[str, Any]
+
+
+class RunRequest(BaseModel):
+    """RunPod's POST /run and /runsync. Other top-level fields RunPod knows (``webhook``,
+    ``policy``) are ignored. Documents the body; ``reranker.api.runpod.job_body`` tells the two
+    inputs apart and /v1/jobs validates the one given."""
+
+    input: EmbedRequest | CohereRerankRequest = Field(
+        description="The body of /embed (an embed job) or of /v1/rerank (a rerank job)."
+    )
