@@ -6,7 +6,8 @@
 #   status [PORT...]     PID, port, uptime, health, backend/device of each instance
 #   health [PORT...]     one health word per instance
 #   tail [PORT...]       follow the log files
-#   cluster-start N      N instances on consecutive ports from $PORT
+#   cluster-start N      N instances on consecutive ports from $PORT; with N > 1 jobs must be
+#                        shared (JOB_BACKEND=redis, REDIS_URL) unless --local-jobs says they need not
 #   cluster-stop         stop every instance that has a PID file under $RUN_DIR
 # PID files live in $RUN_DIR (default ./run), logs in $LOG_DIR (default ./logs).
 # Exit codes: 0 ok, 1 failed or unhealthy, 2 usage, 3 an instance is down.

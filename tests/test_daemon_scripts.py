@@ -134,6 +134,18 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert bad_port.returncode == 2 and "PORT='eighty'" in bad_port.stderr
 
 
+def test_cluster_start_refuses_jobs_each_instance_would_keep_to_itself(tmp_path: Path) -> None:
+    env = {**script_env(tmp_path, free_ports(2)), "JOB_BACKEND": "local", "JOB_STORE_DIR": ""}
+    refused = run_script("manage_reranker.sh", "cluster-start", "2", env=env)
+    assert refused.returncode == 2
+    assert "JOB_BACKEND=local" in refused.stderr and "JOB_BACKEND=redis" in refused.stderr
+    assert "--local-jobs" in refused.stderr and "REDIS_URL" in refused.stderr
+    shared_dir = {**env, "JOB_STORE_DIR": str(tmp_path / "jobs")}
+    shared = run_script("manage_reranker.sh", "cluster-start", "2", "--local-jobs", env=shared_dir)
+    assert shared.returncode == 2 and f"JOB_STORE_DIR={tmp_path / 'jobs'}" in shared.stderr
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())  # nothing started
+
+
 def test_logrotate_copytruncate_keeps_a_running_daemon_logging(tmp_path: Path) -> None:
     logrotate = require_tool("logrotate")
     port = free_ports(1)

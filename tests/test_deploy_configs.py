@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from reranker.settings import Settings
+from tests.nginx_proxy import running_nginx
 from tests.scripts import REPO_ROOT, require_tool, run_script, script_env
 
 DRAIN_S = Settings.model_fields["shutdown_timeout_s"].default
@@ -65,6 +71,38 @@ def test_kubernetes_manifests_validate_and_probe_the_right_endpoints() -> None:
     assert kinds == {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler"}
 
 
+def test_every_multi_instance_deployment_shares_its_jobs_through_redis() -> None:
+    """Kubernetes (2+ replicas) and the systemd template (one unit per port) use JOB_BACKEND=redis
+    with a REDIS_URL that reaches the Redis they ship or name; the single-instance unit does not."""
+    import yaml
+
+    kube = REPO_ROOT / "deploy" / "kubernetes"
+    documents = [doc for path in sorted(kube.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())]
+    by_kind_name = {(doc["kind"], doc["metadata"]["name"]): doc for doc in documents}
+    replicas = by_kind_name[("Deployment", "reranker")]["spec"]["replicas"]
+    min_replicas = by_kind_name[("HorizontalPodAutoscaler", "reranker")]["spec"]["minReplicas"]
+    assert min(replicas, min_replicas) >= 2
+    config = by_kind_name[("ConfigMap", "reranker-config")]["data"]
+    assert config["JOB_BACKEND"] == "redis"
+    redis_url = re.fullmatch(r"redis://([\w.-]+):(\d+)/\d+", config["REDIS_URL"])
+    assert redis_url, config["REDIS_URL"]
+    service = by_kind_name[("Service", redis_url.group(1))]
+    assert [port["port"] for port in service["spec"]["ports"]] == [int(redis_url.group(2))]
+    redis_pods = by_kind_name[("Deployment", "reranker-redis")]["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= redis_pods.items()
+    assert (
+        "--maxmemory-policy"
+        in by_kind_name[("Deployment", "reranker-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+
+    template = unit_settings((REPO_ROOT / "reranker@.service").read_text())
+    environment = " ".join(template["Environment"])
+    assert "JOB_BACKEND=redis" in environment and "REDIS_URL=redis://127.0.0.1:6379/0" in environment
+    assert "redis-server.service" in template["After"][0] and "redis-server.service" in template["Wants"][0]
+    single = " ".join(unit_settings((REPO_ROOT / "reranker.service").read_text())["Environment"])
+    assert "JOB_BACKEND" not in single  # one instance: the default local store
+
+
 def test_upstream_for_several_hosts_passes_nginx_config_test(tmp_path: Path) -> None:
     nginx = require_tool("nginx")
     env = script_env(tmp_path, 8000)
@@ -96,3 +134,151 @@ def require_tool_in_venv(name: str) -> str:
     if not candidate.exists():
         pytest.skip(f"{name} is not installed (requirements-dev.txt has it)")
     return str(candidate)
+
+
+# --- nginx and the job routes ----------------------------------------------------------------
+JOB_MODULES = ("reranker.api.jobs", "reranker.api.runpod")
+SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def nginx_server_block() -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """The live (uncommented) server block of nginx/reranker.conf: its own directives, and each
+    location's, by the location's match (``/``, ``= /run``, ``^~ /cancel/``, ``~ ^/(health)$``)."""
+    server: dict[str, str] = {}
+    locations: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    inside = False
+    for raw in (REPO_ROOT / "nginx" / "reranker.conf").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line == "server {":
+            inside = True
+        elif inside and line.startswith("location ") and line.endswith("{"):
+            current = locations.setdefault(line.removeprefix("location ").removesuffix("{").strip(), {})
+        elif inside and line == "}":
+            if current is None:
+                break
+            current = None
+        elif inside and line:
+            name, _, value = line.rstrip(";").partition(" ")
+            (server if current is None else current)[name] = value.strip()
+    return server, locations
+
+
+def nginx_directives_for(path: str) -> dict[str, str]:
+    """What nginx applies to a request for ``path``: the location it picks (exact, then the
+    longest prefix, which ``^~`` makes final, else the first matching regex) over the server's."""
+    server, locations = nginx_server_block()
+    chosen = f"= {path}" if f"= {path}" in locations else None
+    if chosen is None:
+        prefixes = [name for name in locations if not name.startswith(("=", "~"))]
+        matching = [name for name in prefixes if path.startswith(name.removeprefix("^~ "))]
+        chosen = max(matching, key=lambda name: len(name.removeprefix("^~ ")), default=None)
+        if chosen is None or not chosen.startswith("^~ "):
+            regexes = [name for name in locations if name.startswith("~")]
+            chosen = next((n for n in regexes if re.search(n.split(None, 1)[1], path)), chosen)
+    assert chosen is not None, f"no nginx location serves {path}"
+    return {**server, **locations[chosen]}
+
+
+def nginx_bytes(size: str) -> int:
+    return int(size[:-1]) * SIZE_UNITS[size[-1].lower()] if size[-1].isalpha() else int(size)
+
+
+def routes(method: str, job_routes: bool) -> list[str]:
+    """Paths of the server's ``method`` routes that are (or are not) job routes, ``{id}`` filled in."""
+    from reranker.api.app import ROUTES
+
+    return [
+        re.sub(r"\{\w+\}", "some-id", route.path)
+        for route in ROUTES
+        if method in (route.methods or ()) and (route.endpoint.__module__ in JOB_MODULES) == job_routes
+    ]
+
+
+def test_nginx_never_retries_a_job_post_an_instance_received() -> None:
+    job_posts = routes("POST", job_routes=True)
+    assert sorted(job_posts) == ["/cancel/some-id", "/run", "/runsync", "/v1/jobs"]
+    for path in job_posts:
+        retry_on = nginx_directives_for(path)["proxy_next_upstream"].split()
+        assert "non_idempotent" not in retry_on, path
+        assert retry_on[:2] == ["error", "timeout"], path  # an instance that is down is still skipped
+    for path in ("/rerank", "/embed", "/v1/rerank", "/v1/embeddings"):  # no side effects: retried
+        assert "non_idempotent" in nginx_directives_for(path)["proxy_next_upstream"].split(), path
+    for path in routes("GET", job_routes=True):  # status reads fail over
+        assert nginx_directives_for(path)["proxy_next_upstream"].split()[:2] == ["error", "timeout"]
+
+
+def test_nginx_body_limits_are_the_server_limits_route_by_route() -> None:
+    job_limit = Settings.model_fields["max_job_request_bytes"].default
+    request_limit = Settings.model_fields["max_request_bytes"].default
+    submissions = [path for path in routes("POST", job_routes=True) if not path.startswith("/cancel/")]
+    for path in submissions:
+        assert nginx_bytes(nginx_directives_for(path)["client_max_body_size"]) == job_limit, path
+    for path in routes("POST", job_routes=False):
+        assert nginx_bytes(nginx_directives_for(path)["client_max_body_size"]) == request_limit, path
+
+
+def test_nginx_waits_longer_than_runsync_does() -> None:
+    """/runsync holds its answer up to RUNSYNC_WAIT_S; nginx must not cut it with a 504 first."""
+    wait_s = Settings.model_fields["runsync_wait_s"].default
+    read_timeout = nginx_directives_for("/runsync")["proxy_read_timeout"]
+    assert int(read_timeout.removesuffix("s")) > wait_s
+    default_timeout = nginx_directives_for("/rerank")["proxy_read_timeout"]
+    assert int(default_timeout.removesuffix("s")) > Settings.model_fields["request_timeout_s"].default
+
+
+@contextmanager
+def black_hole(arrivals: list[str]) -> Iterator[int]:
+    """A port that reads each request's first line into ``arrivals`` and then hangs up unanswered
+    (an instance that dies with the request in hand, as far as nginx can tell)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    lock = threading.Lock()
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                head = b""
+                while b"\r\n" not in head and (chunk := connection.recv(4096)):
+                    head += chunk
+                if head:
+                    with lock:
+                        arrivals.append(head.split(b"\r\n", 1)[0].decode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        listener.close()
+        thread.join(timeout=10)
+
+
+def test_real_nginx_replays_a_request_but_never_a_job_submission(tmp_path: Path) -> None:
+    """Two instances that take a request and hang up: nginx hands a rerank or a status read to
+    the other one, but a job POST that reached one is answered 502, not submitted twice."""
+    arrivals: list[str] = []
+    with black_hole(arrivals) as first, black_hole(arrivals) as second:
+        env = script_env(tmp_path, first, MAX_FAILS="0")  # every request tries both, none is benched
+        addresses = [f"127.0.0.1:{first}", f"127.0.0.1:{second}"]
+        upstream = run_script("nginx/generate_upstream.sh", *addresses, env=env)
+        assert upstream.returncode == 0
+        with running_nginx(tmp_path, upstream.stdout, ready_path=None) as url:
+            sent = {
+                "POST /rerank": 2,
+                "GET /status/some-id": 2,
+                "POST /v1/jobs": 1,
+                "POST /run": 1,
+                "POST /runsync": 1,
+                "POST /cancel/some-id": 1,
+            }
+            for request, expected in sent.items():
+                method, path = request.split()
+                del arrivals[:]
+                response = httpx.request(method, url + path, json={"input": {}}, timeout=30)
+                assert response.status_code == 502, request
+                assert [line.rsplit(" ", 1)[0] for line in arrivals] == [request] * expected

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from reranker.ops.instances import is_reranker_process
-from tests.scripts import REPO_ROOT, free_ports, require_tool, run_script, script_env, wait_for
+from tests.nginx_proxy import running_nginx
+from tests.scripts import REPO_ROOT, free_ports, run_script, script_env, wait_for
 
 DOCUMENTS = [
     "A broken bone usually heals in six to eight weeks.",
@@ -52,37 +53,11 @@ class Cluster:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def nginx_config(tmp: Path, listen_port: int, upstream: str) -> Path:
-    shipped = (REPO_ROOT / "nginx" / "reranker.conf").read_text()
-    assert shipped.count("listen 8080;") == 1
-    (tmp / "reranker_upstream.conf").write_text(upstream)
-    (tmp / "reranker.conf").write_text(shipped.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};"))
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    main = f"""{user}daemon off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 512; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    include {tmp}/reranker_upstream.conf;
-    include {tmp}/reranker.conf;
-}}
-"""
-    path = tmp / "nginx.conf"
-    path.write_text(main)
-    return path
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     nodes = Cluster(tmp_path_factory.mktemp("cluster"))
-    started = run_script("manage_reranker.sh", "cluster-start", "3", env=nodes.env)
+    # Requests only, no jobs: each instance may keep its own (tests/test_job_cluster.py shares them).
+    started = run_script("manage_reranker.sh", "cluster-start", "3", "--local-jobs", env=nodes.env)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield nodes
@@ -92,29 +67,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def nginx_url(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    nginx = require_tool("nginx")
-    tmp = tmp_path_factory.mktemp("nginx")
     upstream = run_script("nginx/generate_upstream.sh", "3", str(cluster.base_port), env=cluster.env)
     assert upstream.returncode == 0
-    port = free_ports(1)
-    config = nginx_config(tmp, port, upstream.stdout)
-    checked = subprocess.run([nginx, "-t", "-c", str(config)], capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stderr
-    process = subprocess.Popen([nginx, "-c", str(config)], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(answers, "nginx answering")
+    with running_nginx(tmp_path_factory.mktemp("nginx"), upstream.stdout) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGQUIT)
-        process.wait(timeout=30)
 
 
 def stream_through(url: str, requests: int, on_done: int, action: callable) -> list[int]:

@@ -31,7 +31,7 @@ COMMAND_HELP = {
     "status": "PID, port, uptime, health, backend/device of each instance",
     "health": "one health word per instance",
     "tail": "follow the log files",
-    "cluster-start": "N instances on consecutive ports from $PORT",
+    "cluster-start": "N instances on ports from $PORT (N > 1: JOB_BACKEND=redis, or --local-jobs)",
     "cluster-stop": "stop every instance that has a PID file under $RUN_DIR",
 }
 
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--local-jobs",
+        action="store_true",
+        help="cluster-start: let each instance keep its own jobs (no client sends jobs through the balancer)",
+    )
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs="*", help="ports (or N for cluster-start)")
     return parser
@@ -122,6 +127,32 @@ class Manager:
 
     def cluster_stop(self) -> int:
         return self.stop(self.layout.known_ports())
+
+
+def per_instance_jobs_refusal(environ: Mapping[str, str], count: int, local_jobs: bool) -> str | None:
+    """Why ``count`` instances must not start with the job store they would have, or None.
+
+    With JOB_BACKEND=local (the default) each instance keeps its own jobs: a job submitted
+    through the balancer is unknown to the other instances (404 when the status read lands
+    there). ``local_jobs`` (--local-jobs) accepts that, but not one JOB_STORE_DIR for all.
+    """
+    backend = (environ.get("JOB_BACKEND") or "local").strip().lower()
+    if count < 2 or backend == "redis":
+        return None
+    store_dir = (environ.get("JOB_STORE_DIR") or "").strip()
+    if local_jobs and store_dir:
+        return (
+            f"cluster-start {count}: the instances would share JOB_STORE_DIR={store_dir}, and each would "
+            "take the others' jobs for its own; unset it, or use JOB_BACKEND=redis (DEPLOYMENT.md)."
+        )
+    if local_jobs:
+        return None
+    return (
+        f"cluster-start {count}: JOB_BACKEND={backend} keeps each instance's jobs to itself, so a job "
+        "submitted through the load balancer (POST /v1/jobs, /run) is unknown to the other instances. "
+        "Set JOB_BACKEND=redis and REDIS_URL=redis://HOST:6379/0 (one queue shared by every instance; "
+        "DEPLOYMENT.md), or pass --local-jobs if no client sends jobs through the balancer."
+    )
 
 
 def _start_exit(results: Sequence[Started]) -> int:
@@ -203,7 +234,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_USAGE
     if args.command == "cluster-start":
         if len(numbers) != 1 or numbers[0] < 1:
-            print("usage: manage_reranker.sh cluster-start N", file=sys.stderr)
+            print("usage: manage_reranker.sh cluster-start N [--local-jobs]", file=sys.stderr)
+            return EXIT_USAGE
+        refusal = per_instance_jobs_refusal(manager.config.child_env, numbers[0], args.local_jobs)
+        if refusal is not None:
+            print(f"manage_reranker.sh: {refusal}", file=sys.stderr)
             return EXIT_USAGE
         return manager.cluster_start(numbers[0])
     if args.command == "cluster-stop":
