@@ -55,12 +55,13 @@ def job_body(data: object) -> dict[str, Any]:
 
 
 def runpod_view(job: Job) -> dict[str, Any]:
-    """The job in RunPod's shape; times in milliseconds, as RunPod gives them."""
+    """The job in RunPod's shape; times in milliseconds, as RunPod gives them (never negative:
+    in a cluster, submission and start may be stamped by two machines' clocks)."""
     body: dict[str, Any] = {"id": job.id, "status": RUNPOD_STATUS[job.status]}
     if job.started_at is not None:
-        body["delayTime"] = round((job.started_at - job.created_at) * 1000)
+        body["delayTime"] = max(0, round((job.started_at - job.created_at) * 1000))
         if job.finished_at is not None:
-            body["executionTime"] = round((job.finished_at - job.started_at) * 1000)
+            body["executionTime"] = max(0, round((job.finished_at - job.started_at) * 1000))
     if job.output is not None:
         body["output"] = job.output
     if job.error is not None:
