@@ -87,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("model %s (%s) from %s", source.name, source.kind.value, source.path)
     if reload:
         return serve_with_reload(settings, args)
-    fatal = serve(settings)
+    try:
+        fatal = serve(settings)
+    except StartupError as exc:  # the job store cannot be used
+        print(f"reranker: {exc.message}", file=sys.stderr)
+        return 2
     if fatal is not None:
         print(f"reranker: model failed to load: {fatal}", file=sys.stderr)
         return 1

@@ -23,6 +23,11 @@ class StartupError(RerankerError):
     error_type = "startup_error"
 
 
+class JobStoreStartupError(StartupError):
+    """The job store cannot be used (JOB_STORE_DIR locked by another process, Redis unreachable):
+    the process exits 2 instead of serving."""
+
+
 class InvalidInputError(RerankerError):
     """The request is well-formed JSON but violates the schema or a limit."""
 
@@ -95,6 +100,12 @@ class NotReadyError(RetryLaterError):
     """The model is still loading, failed to load, or the server is draining."""
 
     error_type = "not_ready"
+
+
+class JobStoreError(RetryLaterError):
+    """The job store failed (disk full, Redis unreachable): a submission is refused, not lost."""
+
+    error_type = "job_store_unavailable"
 
 
 class RequestTimeoutError(RerankerError):

@@ -18,7 +18,7 @@ import uvicorn
 from uvicorn.supervisors import ChangeReload
 
 from reranker.api.app import create_app
-from reranker.errors import StartupError
+from reranker.errors import JobStoreStartupError, StartupError
 from reranker.logging_setup import configure_logging
 from reranker.protocol import uvicorn_config
 from reranker.serve import DrainingServer
@@ -26,7 +26,8 @@ from reranker.settings import Settings, load_settings
 
 
 def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> str | None:
-    """Serve until a signal (drained, then None) or a model that fails to load (its error)."""
+    """Serve until a signal (drained, then None) or a model that fails to load (its error).
+    A job store that cannot be used (JobStoreStartupError) is raised."""
     fatal: list[BaseException] = []
     server: DrainingServer | None = None
 
@@ -40,6 +41,8 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> str
     server.run(sockets=sockets)
     if not fatal:
         return None
+    if isinstance(fatal[0], JobStoreStartupError):
+        raise fatal[0]  # a configuration problem, as a bad setting: exit 2
     return fatal[0].message if isinstance(fatal[0], StartupError) else str(fatal[0])
 
 
@@ -73,7 +76,12 @@ def dev_child(
         print(f"reranker: {exc.message}", file=sys.stderr)
         os.kill(reloader_pid, CHILD_FAILED)
         sys.exit(2)
-    fatal = serve(settings, sockets)
+    try:
+        fatal = serve(settings, sockets)
+    except StartupError as exc:
+        print(f"reranker: {exc.message}", file=sys.stderr)
+        os.kill(reloader_pid, CHILD_FAILED)
+        sys.exit(2)
     if fatal is not None:
         print(f"reranker: model failed to load: {fatal}", file=sys.stderr)
         os.kill(reloader_pid, CHILD_FAILED)

@@ -22,6 +22,7 @@ BackendSetting = Literal["auto", "torch", "onnx", "mlx"]
 OnnxQuantize = Literal["none", "int8"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
+JobBackendSetting = Literal["local", "redis"]
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(4, ge=1)
     job_result_ttl_s: float = Field(3600.0, gt=0)
     job_store_dir: str | None = None
+    job_backend: JobBackendSetting = "local"  # redis: one queue shared by every instance
+    redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1)
+    redis_job_queue: str = Field("reranker", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    job_lease_s: float = Field(30.0, ge=0.5, le=3600)  # redis: a silent worker's job moves on
+    job_max_attempts: int = Field(3, ge=1, le=100)  # redis: deliveries before a job is failed
     max_job_request_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     max_texts_per_job: int = Field(200_000, ge=1)
     runsync_wait_s: float = Field(90.0, ge=0, le=3600)  # RunPod's /runsync waits about 90 s
@@ -106,6 +112,7 @@ class Settings(BaseSettings):
         "device_preference",
         "backend",
         "onnx_quantize",
+        "job_backend",
         mode="before",
     )
     @classmethod

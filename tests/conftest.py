@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from reranker.api.app import create_app
 from reranker.backends.source import embedded_model_path
 from reranker.settings import Settings, load_settings
+from tests.redis_server import RedisServer
 from tests.server import ServerThread
 
 RUNTIME_PACKAGE = {"torch": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
@@ -95,4 +96,12 @@ def embedded_server(serving_backend: dict[str, str]) -> Iterator[ServerThread]:
     (once per backend)."""
     with ServerThread(create_app(make_settings(**serving_backend))) as server:
         assert server.runtime.status.value == "healthy", server.runtime.error
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (skipped when it is not installed, except in CI);
+    tests keep apart by REDIS_JOB_QUEUE."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server

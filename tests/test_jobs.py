@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +20,10 @@ import pytest
 from reranker.api.app import create_app
 from reranker.backends.base import ModelKind
 from reranker.backends.fake import FakeBackend
+from reranker.engine.job_local import JobStore
+from reranker.engine.jobs import Job, JobStatus
 from tests.conftest import make_settings
+from tests.scripts import free_ports
 from tests.server import ServerThread
 
 RERANK = {
@@ -229,27 +237,136 @@ def test_finished_jobs_are_evicted_after_the_ttl() -> None:
         assert "JOB_RESULT_TTL_S" in client.get(job["status_url"]).json()["error"]["message"]
 
 
-def test_job_store_keeps_completed_results_and_fails_interrupted_jobs(tmp_path: Path) -> None:
-    store = {"job_store_dir": str(tmp_path / "jobs")}
-    server, backend = gated_server(**store)
+def test_job_store_keeps_results_on_disk_fails_interrupted_jobs_and_quarantines_leftovers(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "jobs"
+    server, _ = gated_server(job_store_dir=str(directory))
     with server, server.client() as client:
         done = client.post(
             "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(5)}}
         ).json()
         completed = follow(client, done["job_id"])[-1]
-        backend.gate.clear()
-        backend.batch_started.clear()
-        running = client.post(
-            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "r", "chunks": chunks(50)}}
-        ).json()
-        assert backend.batch_started.wait(30)
-        # What a crash leaves behind: a new process reads the store while the job is IN_PROGRESS.
-        restarted, _ = gated_server(**store)
-        with restarted, restarted.client() as other:
-            kept = other.get(done["status_url"]).json()
-            interrupted = other.get(running["status_url"]).json()
-        backend.gate.set()
+    # What a crash leaves behind: a job recorded IN_PROGRESS, a half-written file, a damaged one.
+    crashed = Job(id="crashed", type="embed", total=50, status=JobStatus.IN_PROGRESS, started_at=1.0)
+    JobStore(directory).save(crashed)
+    (directory / ".leftover.123.tmp").write_bytes(b'{"job_id": "half')
+    (directory / "damaged.json").write_bytes(b"\x00not json")
+    restarted, _ = gated_server(job_store_dir=str(directory))
+    with restarted, restarted.client() as client:
+        in_memory = restarted.runtime.jobs._jobs[done["job_id"]]
+        assert in_memory.output is None  # results stay on disk until asked for
+        kept = client.get(done["status_url"]).json()
+        interrupted = client.get("/v1/jobs/crashed").json()
+        health = client.get("/health").json()
     assert kept == completed  # the result, vectors and all, survived the restart
     assert interrupted["status"] == "FAILED"
     assert interrupted["error"]["type"] == "interrupted" and "IN_PROGRESS" in interrupted["error"]["message"]
-    assert not list((tmp_path / "jobs").glob("*.tmp"))  # written atomically: no partial files left
+    assert sorted(health["jobs"]["quarantined"]) == [".leftover.123.tmp", "damaged.json"]
+    assert sorted(p.name for p in (directory / "quarantine").iterdir()) == [
+        ".leftover.123.tmp",
+        "damaged.json",
+    ]
+    assert not list(directory.glob("*.tmp")) and not (directory / "damaged.json").exists()
+
+
+def test_a_second_process_on_the_same_job_store_refuses_to_start(tmp_path: Path) -> None:
+    directory = tmp_path / "jobs"
+    server, _ = gated_server(job_store_dir=str(directory))
+    with server:
+        result = subprocess.run(
+            [sys.executable, "-m", "reranker", "--port", str(free_ports(1))],
+            env={
+                **os.environ,
+                "HF_HUB_OFFLINE": "1",
+                "JOB_STORE_DIR": str(directory),
+                "ENV_FILE": "/nonexistent",
+            },
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 2, result.stderr
+    assert str(directory) in result.stderr and "JOB_BACKEND=redis" in result.stderr
+
+
+def test_a_store_that_refuses_writes_fails_that_job_or_submission_never_the_worker(tmp_path: Path) -> None:
+    server, backend = gated_server(job_store_dir=str(tmp_path / "jobs"), max_active_jobs=1)
+    store = server.runtime.jobs._store
+    disk_full = threading.Event()
+    real_save = store.save
+
+    def save(job: Job) -> None:  # fault injection: the disk fills up while disk_full is set
+        if disk_full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(job)
+
+    store.save = save
+    body = {"type": "embed", "input": {"batch_id": "b", "chunks": chunks(20)}}
+    with server, server.client() as client:
+        disk_full.set()
+        refused = client.post("/v1/jobs", json=body)
+        disk_full.clear()
+        backend.gate.clear()
+        backend.batch_started.clear()
+        running = client.post("/v1/jobs", json=body)  # MAX_ACTIVE_JOBS=1: no phantom job counts
+        assert backend.batch_started.wait(30)
+        disk_full.set()
+        backend.gate.set()
+        failed = follow(client, running.json()["job_id"])[-1]
+        disk_full.clear()
+        after = client.post("/v1/jobs", json=body)
+        completed = follow(client, after.json()["job_id"])[-1]
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "job_store_unavailable"
+    assert "No space left on device" in refused.json()["error"]["message"]
+    assert running.status_code == 202
+    assert failed["status"] == "FAILED" and failed["error"]["type"] == "job_store_error"
+    assert "No space left on device" in failed["error"]["message"]
+    assert completed["status"] == "COMPLETED"  # the worker lives on
+
+
+@pytest.mark.parametrize(
+    ("job_type", "body", "named"),
+    [
+        (
+            "embed",
+            {
+                "batch_id": "b",
+                "truncate": False,
+                "chunks": [*chunks(3), {"chunk_id": "long", "content": "w " * 200}],
+            },
+            "input.chunks.3 (chunk_id 'long')",
+        ),
+        (
+            "rerank",
+            {"query": "q", "truncate": "NONE", "documents": ["short", "word " * 200, "word " * 300]},
+            "input.documents.1",
+        ),
+    ],
+)
+def test_too_long_inputs_without_truncation_are_refused_at_submission(
+    job_type: str, body: dict, named: str
+) -> None:
+    server, backend = gated_server()
+    with server, server.client() as client:
+        batches = len(backend.batches)
+        refused = client.post("/v1/jobs", json={"type": job_type, "input": body})
+        active = server.runtime.jobs.active
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]["message"]
+    assert message.startswith(named) and "64-token window" in message
+    assert active == 0 and len(backend.batches) == batches  # nothing queued, no model work
+
+
+def test_with_api_keys_a_job_is_visible_only_to_the_key_that_created_it() -> None:
+    server, _ = gated_server(api_keys="key-a,key-b")
+    a = {"Authorization": "Bearer key-a"}
+    b = {"Authorization": "Bearer key-b"}
+    with server, httpx.Client(base_url=server.url, headers=a) as owner, server.client() as client:
+        job = owner.post("/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(3)}})
+        assert follow(owner, job.json()["job_id"])[-1]["status"] == "COMPLETED"
+        status_url = job.json()["status_url"]
+        other = (client.get(status_url, headers=b), client.delete(status_url, headers=b))
+        own = owner.get(status_url)
+    assert [response.status_code for response in other] == [404, 404]
+    assert own.status_code == 200 and own.json()["output"]["usage"]["chunks"] == 3

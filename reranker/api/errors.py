@@ -15,6 +15,7 @@ from reranker.errors import (
     BodyTimeoutError,
     ClientDisconnectedError,
     InvalidInputError,
+    JobStoreError,
     MalformedRequestError,
     NotFoundError,
     NotReadyError,
@@ -43,6 +44,7 @@ STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     BackendError: 500,
     OverloadedError: 503,
     NotReadyError: 503,
+    JobStoreError: 503,
     RequestTimeoutError: 504,
     ClientDisconnectedError: 499,  # nginx's code: nobody reads this response
 }

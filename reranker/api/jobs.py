@@ -3,12 +3,15 @@
 The input is validated as its endpoint would validate it (the same pydantic models and
 character limits) before the job is accepted, so a job fails later only for reasons the
 model gives. Bigger than a request: up to MAX_TEXTS_PER_JOB texts in a body of up to
-MAX_JOB_REQUEST_BYTES.
+MAX_JOB_REQUEST_BYTES. With truncation off (``truncate: false`` to embed, ``"NONE"`` to
+rerank) every text is tokenized at submission, and one too long is a 422 naming it. With
+API_KEYS a job belongs to the key that created it: another key gets 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,7 +25,7 @@ from reranker.backends.base import ModelKind
 from reranker.engine.job_work import EmbedJob, RerankJob
 from reranker.engine.jobs import Job
 from reranker.engine.service import InferenceService
-from reranker.errors import PayloadTooLargeError, UnsupportedOperationError
+from reranker.errors import InvalidInputError, PayloadTooLargeError, UnsupportedOperationError
 from reranker.settings import Settings
 
 
@@ -45,27 +48,37 @@ async def accept_job(request: Request, data: object) -> Job:
     """
     runtime = runtime_of(request)
     service = runtime.require_service()
-    # Validating 200,000 chunks is work: done in a worker thread, off the event loop.
+    # Validating (and, without truncation, tokenizing) 200,000 chunks is work: off the event loop.
     job_type, total, work = await asyncio.to_thread(
         _job_work, data, runtime.settings, service, runtime.model_name()
     )
-    return await runtime.jobs.submit(job_type, total, lambda job: work(job, service))
+    return await runtime.jobs.submit(job_type, total, work.spec(), owner_of(request))
 
 
 async def find_job(request: Request, job_id: str) -> Job:
-    """The job ``job_id`` as the caller may see it; NotFoundError otherwise."""
-    return runtime_of(request).jobs.get(job_id)
+    """The job ``job_id`` as the caller may see it; NotFoundError otherwise (another key's job too)."""
+    return await runtime_of(request).jobs.get(job_id, owner_of(request))
 
 
 async def cancel_job_for(request: Request, job_id: str) -> Job:
     """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
-    return await runtime_of(request).jobs.cancel(job_id)
+    return await runtime_of(request).jobs.cancel(job_id, owner_of(request))
+
+
+def owner_of(request: Request) -> str | None:
+    """Who owns the jobs this request creates or sees: a digest of its API key (keys on), else None.
+    Only the digest is stored; authentication already checked the key."""
+    if request.app.state.api_keys is None:
+        return None
+    presented = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(b"reranker-job-owner:" + presented.encode("utf-8")).hexdigest()
 
 
 def _job_work(
     data: object, settings: Settings, service: InferenceService, model_name: str
 ) -> tuple[str, int, EmbedJob | RerankJob]:
-    """The job's type, item count and work, from a body validated as its endpoint would."""
+    """The job's type, item count and work, from a body validated as its endpoint would, and
+    (with truncation off) every text checked against the model window."""
     body = validate(JobRequest, data)
     if body.type == "embed":
         embed = validate(EmbedRequest, body.input)
@@ -74,6 +87,8 @@ def _job_work(
         _check_size(settings, texts, labels)
         if service.kind is not ModelKind.BI_ENCODER:
             raise UnsupportedOperationError("the loaded model is a cross-encoder: it cannot embed")
+        if not embed.truncate:
+            _refuse_too_long(service, texts, labels, "truncate is false")
         ids = [chunk.chunk_id for chunk in embed.chunks]
         return (
             "embed",
@@ -82,14 +97,23 @@ def _job_work(
         )
     rerank = validate(CohereRerankRequest, body.input)
     texts = rerank.texts()
-    _check_size(
-        settings,
-        [rerank.query, *texts],
-        ["input.query", *(f"input.documents.{i}" for i in range(len(texts)))],
-    )
+    labels = [f"input.documents.{i}" for i in range(len(texts))]
+    _check_size(settings, [rerank.query, *texts], ["input.query", *labels])
     long = long_documents(rerank, settings)
+    if long.mode == "refuse":
+        _refuse_too_long(service, texts, labels, 'truncate is "NONE"', query=rerank.query)
     reranking = RerankJob(rerank.query, texts, rerank.documents, rerank.top_n, rerank.return_documents, long)
     return "rerank", len(texts), reranking
+
+
+def _refuse_too_long(
+    service: InferenceService, texts: list[str], labels: list[str], because: str, query: str | None = None
+) -> None:
+    position = service.first_too_long(texts, query)
+    if position is not None:
+        raise InvalidInputError(
+            f"{labels[position]}: longer than the model's {service.max_tokens}-token window and {because}"
+        )
 
 
 @inference_endpoint("/v1/jobs/{job_id}")

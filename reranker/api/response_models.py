@@ -140,10 +140,11 @@ class OpenAIEmbeddingResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["healthy", "loading", "unhealthy", "draining"]
+    status: Literal["healthy", "degraded", "loading", "unhealthy", "draining"]
     model: dict[str, Any]
     controller: dict[str, Any]
     cache: dict[str, Any]
+    jobs: dict[str, Any] | None = None
     uptime_s: float
     error: str | None = None
 

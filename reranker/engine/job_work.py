@@ -6,6 +6,9 @@ controller batches a job's items only while no interactive request waits, so a s
 request waits at most for the job batch already running. Progress advances as slices
 complete; a cancel drops the queued slice before it reaches the model, and the job stops
 once the running one completes.
+
+A job's work is rebuilt from its ``spec`` (``{"type", "input"}``: the validated fields as
+JSON) by whichever worker takes it, in this process or another instance of the cluster.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -67,6 +70,8 @@ async def _completed(job: Job, size: int, task: asyncio.Task[T]) -> T:
             raise JobCancelledError from None  # its slice was dropped for the cancel
         raise
     job.advance(size)
+    if job.sync is not None:
+        await job.sync()
     job.check_cancelled()
     return result
 
@@ -108,6 +113,9 @@ class EmbedJob:
             "vectors": [{"chunk_id": c, "vector": v} for c, v in zip(self.chunk_ids, vectors, strict=True)],
             "usage": {"chunks": len(self.texts), "total_tokens": tokens, "truncated_chunks": truncated},
         }
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "embed", "input": asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -155,3 +163,15 @@ class RerankJob:
             },
             "usage": {"total_tokens": tokens},
         }
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "rerank", "input": asdict(self)}
+
+
+def work_from_spec(spec: dict[str, Any]) -> EmbedJob | RerankJob:
+    """The work a job's ``spec`` describes (what ``EmbedJob.spec``/``RerankJob.spec`` wrote)."""
+    fields = dict(spec["input"])
+    if spec["type"] == "embed":
+        return EmbedJob(**fields)
+    fields["long"] = LongDocuments(**fields["long"])
+    return RerankJob(**fields)

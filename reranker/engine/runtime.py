@@ -19,10 +19,12 @@ from reranker.engine import resources
 from reranker.engine.adaptive import BatchSizer
 from reranker.engine.cache import DISABLED_STATS, PredictionCache
 from reranker.engine.controller import InferenceController
-from reranker.engine.jobs import JobManager, JobStore
+from reranker.engine.job_local import JobStore, LocalJobs
+from reranker.engine.job_work import work_from_spec
+from reranker.engine.jobs import Job, JobBackend
 from reranker.engine.metrics import Metrics
 from reranker.engine.service import InferenceService
-from reranker.errors import NotReadyError
+from reranker.errors import JobStoreStartupError, NotReadyError
 from reranker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,16 @@ def calibration_batches(backend: Backend, batch_size: int) -> list[list[Encoded]
     return batches
 
 
+def job_backend(settings: Settings) -> JobBackend:
+    """The job store JOB_BACKEND names: this process's (local) or the cluster's (redis)."""
+    if settings.job_backend == "redis":
+        from reranker.engine.job_redis import RedisJobs
+
+        return RedisJobs(settings)
+    store = JobStore(Path(settings.job_store_dir)) if settings.job_store_dir else None
+    return LocalJobs(settings.max_active_jobs, settings.job_result_ttl_s, store)
+
+
 def prediction_cache(settings: Settings, info: ModelInfo) -> PredictionCache | None:
     if not settings.enable_prediction_cache:
         return None
@@ -85,8 +97,7 @@ class Runtime:
         self._loader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.resources = resources.detect(settings.max_parallel_requests, settings.inference_threads)
-        store = JobStore(Path(settings.job_store_dir)) if settings.job_store_dir else None
-        self.jobs = JobManager(settings.max_active_jobs, settings.job_result_ttl_s, store)
+        self.jobs = job_backend(settings)
 
     @property
     def status(self) -> Status:
@@ -112,7 +123,15 @@ class Runtime:
         return self.jobs.failure
 
     async def start(self, on_fatal: Callable[[BaseException], None] | None = None) -> None:
-        self.jobs.start()
+        try:
+            await self.jobs.start()
+        except JobStoreStartupError as exc:  # serving without the job store would lose jobs
+            self.status, self.error = Status.UNHEALTHY, exc.message
+            log.error("%s", exc.message)
+            self.ready.set()
+            if on_fatal is not None:
+                on_fatal(exc)
+            return
         self._loader = asyncio.get_running_loop().create_task(self._load(on_fatal), name="model-loader")
 
     async def _load(self, on_fatal: Callable[[BaseException], None] | None) -> None:
@@ -156,6 +175,7 @@ class Runtime:
             self.cache = prediction_cache(settings, info)
             self.service = InferenceService(backend, controller, settings.request_timeout_s, self.cache)
             self.status = Status.HEALTHY
+            self.jobs.start_worker(self._run_job)
             log.info("ready: %s (%s) on %s/%s", info.name, info.kind.value, info.backend, info.device)
         except Exception as exc:  # noqa: BLE001 - any load failure makes the server unhealthy
             self.status = Status.UNHEALTHY
@@ -165,6 +185,11 @@ class Runtime:
                 on_fatal(exc)
         finally:
             self.ready.set()
+
+    async def _run_job(self, job: Job) -> dict[str, Any]:
+        """One job's work, rebuilt from its validated input, through this process's model."""
+        assert job.spec is not None
+        return await work_from_spec(job.spec)(job, self.require_service())
 
     def _after_burst(self, items: int) -> None:
         """The model went idle after ``items`` items: after big work, give freed memory back."""
@@ -235,10 +260,14 @@ class Runtime:
             },
             "resources": self.resources.view(),
             "cache": self.cache_stats(),
+            "jobs": self.jobs.health(),
             "uptime_s": round(self.metrics.uptime_s(), 3),
         }
         if self.error:
             body["error"] = self.error
+        elif body["jobs"]["status"] != "ok" and self.status is Status.HEALTHY:
+            # Inference still answers (and /readyz says ready); jobs are refused until it recovers.
+            body["status"], body["error"] = "degraded", body["jobs"]["error"]
         return body
 
     def cache_stats(self) -> dict[str, object]:

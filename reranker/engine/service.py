@@ -257,6 +257,26 @@ class InferenceService:
         """The most items the controller's next batch may hold."""
         return self._controller.batch_limit
 
+    def first_too_long(self, texts: Sequence[str], query: str | None = None) -> int | None:
+        """The position of the first text the model would have to cut (paired with ``query`` on a
+        cross-encoder), or None: what a job with truncation off checks at submission.
+        Tokenizes: call off the event loop."""
+        step = 1024
+        for start in range(0, len(texts), step):
+            part = texts[start : start + step]
+            if query is not None and self.kind is ModelKind.CROSS_ENCODER:
+                encoded = self._backend.tokenize_pairs([(query, text) for text in part])
+            else:
+                encoded = self._backend.tokenize_texts(part)
+            for offset, item in enumerate(encoded):
+                if item.truncated:
+                    return start + offset
+        return None
+
+    @property
+    def max_tokens(self) -> int:
+        return self._backend.info().max_length
+
     def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
         return [self._backend.truncate_text(text, max_tokens) for text in texts]

@@ -1,0 +1,461 @@
+"""JOB_BACKEND=redis: one job queue shared by every instance, in Redis (REDIS_URL).
+
+Any instance accepts a submission, a worker on every instance takes work from the shared
+queue, any instance answers status, result and cancel; finished jobs expire after
+JOB_RESULT_TTL_S. Execution is at least once, the result exactly once.
+
+Why Redis Streams consumer groups, used directly through ``redis.asyncio``, and not a
+task-queue library (arq, saq, rq, taskiq): the worker here is not a separate process
+that imports a function by name; it is a task inside the server that must run the job
+slice by slice through this process's model controller at background priority, report
+progress, stop at a slice boundary on cancel, and hand its job back on a graceful
+shutdown. rq forks a synchronous worker per job (the model would load per job); arq and
+taskiq retry a job whose worker vanished only after a whole-job timeout (no heartbeat),
+and their results, progress and abort are their own records, beside ours; saq comes
+closest (heartbeats, sweeps, abort) but owns the job record and its status model, which
+would then have to be mapped to ours and to RunPod's. Streams consumer groups are Redis's
+own, documented queue semantics for exactly this: XADD enqueues, XREADGROUP delivers an
+entry to one consumer and keeps it in the group's pending list until XACK, XAUTOCLAIM
+hands entries idle longer than a lease to another consumer, and each entry's delivery
+count is kept by Redis. Nothing about leases is invented here; we only decide the lease
+length and the heartbeat, and keep our job record (a hash) beside the entry.
+
+- Submit (one Lua script, atomic): refuse when MAX_ACTIVE_JOBS jobs are active in the
+  cluster; else write the job hash (status, owner digest, the validated input as JSON),
+  add it to the active set and XADD its id to the stream.
+- Work: every instance's worker first XAUTOCLAIMs one entry idle longer than JOB_LEASE_S
+  (a dead or stalled worker's), else XREADGROUPs a new one. While it runs, a heartbeat
+  every min(1 s, lease/3) re-XCLAIMs the entry (resetting its idle time) if this worker
+  still holds it, writes progress and reads the cancel flag. A worker that lost its
+  lease (it stalled longer than the lease and another took the job) drops its run.
+- Finish (one Lua script): writes the output or error only if the job is not finished yet
+  (so two runs of one job give one result), drops the input, sets the TTL, and XACKs and
+  XDELs the entry. An entry delivered more than JOB_MAX_ATTEMPTS times fails its job
+  (a poison job that kills every worker that takes it).
+- Cancel: a queued job is finished CANCELLED at once; a running one gets a flag the
+  heartbeat reads, and stops before its next slice; a finished one is deleted.
+- Redis lost while serving: submissions and reads answer 503 naming the URL, /health says
+  ``degraded`` with the reason, the worker retries and recovers when Redis returns.
+- Graceful shutdown: a running job is handed back (its entry's idle time set past the
+  lease) so another instance takes it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from reranker.engine.jobs import FINISHED, Job, JobRunner, JobStatus, missing, outcome_of
+from reranker.errors import JobStoreError, JobStoreStartupError, NotReadyError, TooManyJobsError
+from reranker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+RETRY_PAUSE_S = 0.5  # between attempts to reach a lost Redis
+FIELDS = ("type", "total", "status", "done", "created_at", "started_at", "finished_at")
+FIELDS += ("owner", "output", "error")
+
+SUBMIT = """
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[1]) then return redis.call('SCARD', KEYS[2]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
+return -1
+"""
+
+BEGIN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then return 'finished' end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
+redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'done', 0, 'worker', ARGV[1], 'attempts', ARGV[3])
+if redis.call('HGET', KEYS[1], 'started_at') == '' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+return 'run'
+"""
+
+# KEYS: job, active set, stream. ARGV: job id, status, finished_at, output, error, ttl, group, entry.
+FINISH = """
+redis.call('XACK', KEYS[3], ARGV[7], ARGV[8])
+redis.call('XDEL', KEYS[3], ARGV[8])
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'output', ARGV[4], 'error', ARGV[5])
+if ARGV[2] == 'COMPLETED' then redis.call('HSET', KEYS[1], 'done', redis.call('HGET', KEYS[1], 'total')) end
+redis.call('HDEL', KEYS[1], 'spec', 'cancel')
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: stream, job. ARGV: group, entry, consumer, done. Returns {still held, cancel asked}.
+BEAT = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[3] then return {0, 0} end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+redis.call('HSET', KEYS[2], 'done', ARGV[4])
+if redis.call('HGET', KEYS[2], 'cancel') == '1' then return {1, 1} end
+return {1, 0}
+"""
+
+# KEYS: stream, job. ARGV: group, entry, consumer, lease ms. The next worker takes it at once,
+# and the hand-back does not count as a failed delivery.
+RELEASE = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[3] then return 0 end
+local count = math.max(0, pending[1][4] - 1)
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', ARGV[4], 'RETRYCOUNT', count, 'JUSTID')
+redis.call('HSET', KEYS[2], 'status', 'QUEUED', 'done', 0)
+return 1
+"""
+
+# KEYS: job, active set. ARGV: job id, owner, finished_at, ttl.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 'missing' end
+if status == 'QUEUED' then
+  redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'spec')
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return 'cancelled'
+end
+if status == 'IN_PROGRESS' then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  return 'cancelling'
+end
+redis.call('DEL', KEYS[1])
+return 'deleted'
+"""
+
+
+def redacted(url: str) -> str:
+    """REDIS_URL without its password, for messages and /health."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _float(raw: bytes | None) -> float | None:
+    return float(raw) if raw else None
+
+
+class RedisJobs:
+    """The cluster's jobs in Redis (the ``JobBackend`` for JOB_BACKEND=redis)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = redacted(settings.redis_url)
+        self._redis = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=30,
+            retry=Retry(ConstantBackoff(0.05), 1),  # one reconnect after Redis restarts; then fail fast
+        )
+        prefix = settings.redis_job_queue
+        self._stream, self._active = f"{prefix}:stream", f"{prefix}:active"
+        self._job_prefix = f"{prefix}:job:"
+        self._max_active = settings.max_active_jobs
+        self._ttl_s = max(1, round(settings.job_result_ttl_s))
+        self._lease_ms = round(settings.job_lease_s * 1000)
+        self._tick_s = min(1.0, settings.job_lease_s / 3)
+        self._max_attempts = settings.job_max_attempts
+        self._consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._scripts = {
+            name: self._redis.register_script(source)
+            for name, source in {
+                "submit": SUBMIT,
+                "begin": BEGIN,
+                "finish": FINISH,
+                "beat": BEAT,
+                "release": RELEASE,
+                "cancel": CANCEL,
+            }.items()
+        }
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._problem: str | None = None
+        self.draining = False
+        self.failure: str | None = None
+
+    def _key(self, job_id: str) -> str:
+        return self._job_prefix + job_id
+
+    def _unreachable(self, exc: BaseException) -> JobStoreError:
+        self._problem = f"JOB_BACKEND=redis: Redis at {self._url} is unreachable ({exc})"
+        return JobStoreError(f"{self._problem}; jobs are refused until it is back", retry_after_s=5)
+
+    async def start(self) -> None:
+        try:
+            await self._redis.ping()
+            await self._ensure_group()
+        except (*UNREACHABLE, RedisError) as exc:
+            raise JobStoreStartupError(
+                f"JOB_BACKEND=redis: cannot reach Redis at REDIS_URL={self._url} ({exc})"
+            ) from None
+        log.info("jobs: Redis queue %s at %s, worker %s", self._stream, self._url, self._consumer)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def start_worker(self, runner: JobRunner) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._work_loop(runner), name="jobs")
+        self._worker.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        if self._closing:
+            return
+        error = None if task.cancelled() else task.exception()
+        self.failure = f"the job worker stopped: {error!r}" if error else "the job worker was cancelled"
+        log.error("%s; other instances take its jobs after JOB_LEASE_S", self.failure)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        await self._redis.aclose()
+
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "backend": "redis",
+            "status": "ok" if self._problem is None else "unavailable",
+            "redis_url": self._url,
+            "queue": self._stream,
+            "lease_s": self._lease_ms / 1000,
+            "worker": self._consumer,
+        }
+        if self._problem is not None:
+            body["error"] = self._problem
+        return body
+
+    async def submit(self, job_type: str, total: int, spec: dict[str, Any], owner: str | None) -> Job:
+        if self.failure is not None:
+            raise NotReadyError(f"jobs cannot run here: {self.failure}", retry_after_s=30)
+        job = Job(id=uuid.uuid4().hex, type=job_type, total=total, owner=owner)
+        record = {
+            "type": job_type,
+            "total": total,
+            "status": JobStatus.QUEUED.value,
+            "done": 0,
+            "created_at": repr(job.created_at),
+            "started_at": "",
+            "finished_at": "",
+            "owner": owner or "",
+            "spec": orjson.dumps(spec),
+        }
+        args: list[Any] = [self._max_active, job.id]
+        for name, value in record.items():
+            args += [name, value]
+        try:
+            keys = [self._key(job.id), self._active, self._stream]
+            active = await self._scripts["submit"](keys=keys, args=args)
+        except UNREACHABLE as exc:
+            raise self._unreachable(exc) from None
+        self._problem = None
+        if active >= 0:
+            raise TooManyJobsError(
+                f"{active} jobs are queued or running in the cluster (MAX_ACTIVE_JOBS={self._max_active}); "
+                "retry later",
+                retry_after_s=10,
+            )
+        return job
+
+    async def get(self, job_id: str, owner: str | None) -> Job:
+        try:
+            values = await self._redis.hmget(self._key(job_id), FIELDS)
+        except UNREACHABLE as exc:
+            raise self._unreachable(exc) from None
+        fields = dict(zip(FIELDS, values, strict=True))
+        if fields["status"] is None or (fields["owner"] or b"").decode() != (owner or ""):
+            raise missing(job_id)
+        job = Job(id=job_id, type=fields["type"].decode(), total=int(fields["total"]), owner=owner)
+        job.status, job.done = JobStatus(fields["status"].decode()), int(fields["done"] or 0)
+        job.created_at = float(fields["created_at"])
+        job.started_at, job.finished_at = _float(fields["started_at"]), _float(fields["finished_at"])
+        job.output = orjson.loads(fields["output"]) if fields["output"] else None
+        job.error = orjson.loads(fields["error"]) if fields["error"] else None
+        return job
+
+    async def cancel(self, job_id: str, owner: str | None) -> Job:
+        job = await self.get(job_id, owner)
+        try:
+            now = time.time()
+            args = [job_id, owner or "", repr(now), self._ttl_s]
+            keys = [self._key(job_id), self._active]
+            outcome = (await self._scripts["cancel"](keys=keys, args=args)).decode()
+        except UNREACHABLE as exc:
+            raise self._unreachable(exc) from None
+        if outcome == "missing":
+            raise missing(job_id)
+        if outcome == "cancelled":
+            job.status, job.finished_at = JobStatus.CANCELLED, now
+        return job
+
+    async def _work_loop(self, runner: JobRunner) -> None:
+        claim_from = "0-0"
+        while True:
+            try:
+                if self.draining:
+                    await asyncio.sleep(self._tick_s)  # take nothing new; the server stops soon
+                    continue
+                claim_from, entry = await self._next_entry(claim_from)
+                self._problem = None
+                if entry is not None:
+                    await self._take(*entry, runner)
+            except UNREACHABLE as exc:
+                if self._problem is None:
+                    log.error("jobs: Redis at %s is unreachable: %s", self._url, exc)
+                self._unreachable(exc)
+                await asyncio.sleep(RETRY_PAUSE_S)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    log.warning("jobs: queue %s gone (Redis restarted empty?): made again", self._stream)
+                    await self._ensure_group()
+                else:  # a refused command: say it, and go on with the next job
+                    log.error("jobs: Redis refused a command: %s", exc)
+                    await asyncio.sleep(RETRY_PAUSE_S)
+
+    async def _next_entry(self, claim_from: str) -> tuple[str, tuple[str, str, int] | None]:
+        """(next XAUTOCLAIM cursor, (entry id, job id, delivery count) or None)."""
+        redis = self._redis
+        cursor, claimed, _ = await redis.xautoclaim(
+            self._stream, GROUP, self._consumer, min_idle_time=self._lease_ms, start_id=claim_from, count=1
+        )
+        entries = claimed
+        if not entries:
+            block_ms = max(50, min(1000, self._lease_ms // 2))
+            delivered = await redis.xreadgroup(
+                GROUP, self._consumer, {self._stream: ">"}, count=1, block=block_ms
+            )
+            entries = delivered[0][1] if delivered else []
+        if not entries:
+            return cursor.decode(), None
+        entry_id, fields = entries[0]
+        pending = await redis.xpending_range(self._stream, GROUP, entry_id, entry_id, 1)
+        deliveries = pending[0]["times_delivered"] if pending else 1
+        return cursor.decode(), (entry_id.decode(), fields[b"job"].decode(), deliveries)
+
+    async def _take(self, entry_id: str, job_id: str, deliveries: int, runner: JobRunner) -> None:
+        if deliveries > self._max_attempts:
+            log.error("job %s: delivered %d times, failed as poison", job_id, deliveries)
+            error = {
+                "type": "job_failed_repeatedly",
+                "message": f"the job was started {deliveries - 1} times and its worker died or stalled "
+                f"each time (JOB_MAX_ATTEMPTS={self._max_attempts})",
+            }
+            await self._finish(job_id, entry_id, JobStatus.FAILED, None, error)
+            return
+        key = self._key(job_id)
+        args = [self._consumer, repr(time.time()), deliveries]
+        begun = (await self._scripts["begin"](keys=[key], args=args)).decode()
+        if begun == "cancel":
+            await self._finish(job_id, entry_id, JobStatus.CANCELLED, None, None)
+            return
+        if begun != "run":  # expired, deleted or already finished: only the entry is left
+            await self._finish(job_id, entry_id, JobStatus.FAILED, None, None)
+            return
+        type_, total, spec = await self._redis.hmget(key, ("type", "total", "spec"))
+        job = Job(id=job_id, type=type_.decode(), total=int(total), spec=orjson.loads(spec))
+        job.status = JobStatus.IN_PROGRESS
+        if deliveries > 1:
+            log.info("job %s: taken over (delivery %d)", job_id, deliveries)
+        lease_lost = asyncio.Event()
+        job.sync = lambda: self._beat(job, entry_id, lease_lost)
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job, entry_id, lease_lost))
+        output: dict[str, Any] | None = None
+        failure: BaseException | None = None
+        try:
+            output = await runner(job)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release(job_id, entry_id))  # shutting down: another instance runs it
+            raise
+        except Exception as exc:  # noqa: BLE001 - a job's failure is its own, never the worker's
+            failure = exc
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        if lease_lost.is_set():
+            log.warning("job %s: another worker took it over (this one stalled past JOB_LEASE_S)", job_id)
+            return
+        if self.draining and isinstance(failure, NotReadyError):
+            await self._release(job_id, entry_id)
+            return
+        status, error = outcome_of(failure, self.draining)
+        if error is not None and error["type"] == "internal_error":
+            log.error("job %s failed", job_id, exc_info=failure)
+        job.done = job.done if status is not JobStatus.COMPLETED else job.total
+        await self._finish(job_id, entry_id, status, output, error)
+        log.info("job %s %s: %d/%d items", job_id, status.value, job.done, job.total)
+
+    async def _heartbeat(self, job: Job, entry_id: str, lease_lost: asyncio.Event) -> None:
+        """Every tick while the job runs (a slice may take longer than the lease)."""
+        while not lease_lost.is_set():
+            await asyncio.sleep(self._tick_s)
+            await self._beat(job, entry_id, lease_lost)
+
+    async def _beat(self, job: Job, entry_id: str, lease_lost: asyncio.Event) -> None:
+        """Keep the lease, publish progress, pick up a cancel (also after every slice)."""
+        try:
+            args = [GROUP, entry_id, self._consumer, job.done]
+            held, cancel = await self._scripts["beat"](keys=[self._stream, self._key(job.id)], args=args)
+        except UNREACHABLE as exc:
+            self._unreachable(exc)
+            return  # the job goes on; its lease may pass to another worker meanwhile
+        if not held:
+            lease_lost.set()
+            job.cancel_requested = True  # stop at the next slice; the other worker delivers
+        elif cancel:
+            job.cancel_requested = True
+
+    async def _finish(
+        self,
+        job_id: str,
+        entry_id: str,
+        status: JobStatus,
+        output: dict[str, Any] | None,
+        error: dict[str, str] | None,
+    ) -> bool:
+        """Record the job's one result (False: it had one already) and retire its queue entry."""
+        assert status in FINISHED
+        args = [
+            job_id,
+            status.value,
+            repr(time.time()),
+            orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY) if output is not None else "",
+            orjson.dumps(error) if error is not None else "",
+            self._ttl_s,
+            GROUP,
+            entry_id,
+        ]
+        keys = [self._key(job_id), self._active, self._stream]
+        return bool(await self._scripts["finish"](keys=keys, args=args))
+
+    async def _release(self, job_id: str, entry_id: str) -> None:
+        try:
+            args = [GROUP, entry_id, self._consumer, self._lease_ms]
+            if await self._scripts["release"](keys=[self._stream, self._key(job_id)], args=args):
+                log.info("job %s handed back to the queue (shutting down)", job_id)
+        except UNREACHABLE as exc:
+            log.warning("job %s: could not hand it back (%s); it moves on after JOB_LEASE_S", job_id, exc)

@@ -1,0 +1,204 @@
+"""JOB_BACKEND=redis on a real redis-server: instances share jobs, a killed worker's job is taken
+over, Redis unreachable at start-up or lost while serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks.common import server_process
+from reranker.api.app import create_app
+from reranker.backends.base import ModelKind
+from reranker.backends.fake import FakeBackend
+from tests.conftest import make_settings
+from tests.redis_server import RedisServer
+from tests.scripts import free_ports, wait_for
+from tests.server import ServerThread
+from tests.test_jobs import chunks, follow
+
+
+def redis_settings(redis: RedisServer, queue: str, **values: object) -> dict[str, object]:
+    return {"job_backend": "redis", "redis_url": redis.url, "redis_job_queue": queue, **values}
+
+
+def fake_instance(redis: RedisServer, queue: str, **values: object) -> tuple[ServerThread, FakeBackend]:
+    backend = FakeBackend(ModelKind.BI_ENCODER)
+    settings = make_settings(batch_size=8, **redis_settings(redis, queue, **values))
+    return ServerThread(create_app(settings, backend=backend)), backend
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def two_instances(redis_server: RedisServer, queue: str) -> Iterator[tuple[ServerThread, ServerThread]]:
+    first, _ = fake_instance(redis_server, queue)
+    second, _ = fake_instance(redis_server, queue)
+    with first, second:
+        yield first, second
+
+
+def test_any_instance_answers_for_a_job_another_accepted(
+    two_instances: tuple[ServerThread, ServerThread], redis_server: RedisServer, queue: str
+) -> None:
+    first, second = two_instances
+    body = {"batch_id": "b", "chunks": chunks(60)}
+    with first.client() as one, second.client() as two:
+        direct = one.post("/embed", json=body).json()
+        jobs = [one.post("/v1/jobs", json={"type": "embed", "input": body}).json() for _ in range(4)]
+        finals = [follow(two, job["job_id"])[-1] for job in jobs]  # read through the other instance
+        health = two.get("/health").json()
+    assert [final["status"] for final in finals] == ["COMPLETED"] * 4
+    for final in finals:
+        assert final["progress"] == {"done": 60, "total": 60}
+        vectors = np.array([v["vector"] for v in final["output"]["vectors"]])
+        np.testing.assert_allclose(vectors, np.array([v["vector"] for v in direct["vectors"]]), atol=1e-6)
+    assert health["jobs"]["backend"] == "redis" and health["jobs"]["status"] == "ok"
+    client = redis_server.client()
+    assert client.xlen(f"{queue}:stream") == 0  # every entry acknowledged and removed
+    assert client.scard(f"{queue}:active") == 0
+    ttl = client.ttl(f"{queue}:job:{jobs[0]['job_id']}")
+    assert 0 < ttl <= 3600  # finished jobs expire with JOB_RESULT_TTL_S
+    assert client.hget(f"{queue}:job:{jobs[0]['job_id']}", "spec") is None  # the input is dropped
+
+
+def test_cancel_through_another_instance_stops_the_job_and_max_active_counts_the_cluster(
+    redis_server: RedisServer, queue: str
+) -> None:
+    first, backend_one = fake_instance(redis_server, queue, max_active_jobs=1)
+    second, backend_two = fake_instance(redis_server, queue, max_active_jobs=1)
+    with first, second, first.client() as one, second.client() as two:
+        for backend in (backend_one, backend_two):
+            backend.gate.clear()
+            backend.batch_started.clear()
+        job = one.post("/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(400)}})
+        assert job.status_code == 202
+        refused = two.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(2)}}
+        )
+        wait_for(lambda: backend_one.batch_started.is_set() or backend_two.batch_started.is_set(), "job runs")
+        status_url = job.json()["status_url"]
+        assert two.delete(status_url).json()["status"] == "IN_PROGRESS"  # stops before its next slice
+        backend_one.gate.set()
+        backend_two.gate.set()
+        final = follow(two, job.json()["job_id"])[-1]
+        assert two.delete(status_url).status_code == 200  # a finished job is deleted
+        assert one.get(status_url).status_code == 404
+    assert (
+        refused.status_code == 429
+        and "in the cluster (MAX_ACTIVE_JOBS=1)" in refused.json()["error"]["message"]
+    )
+    assert final["status"] == "CANCELLED" and "output" not in final
+    assert final["progress"]["done"] < 400
+
+
+def test_a_job_is_visible_only_to_the_api_key_that_created_it(redis_server: RedisServer, queue: str) -> None:
+    server, _ = fake_instance(redis_server, queue, api_keys="key-a,key-b")
+    a = {"Authorization": "Bearer key-a"}
+    b = {"Authorization": "Bearer key-b"}
+    with server, server.client() as client:
+        job = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(3)}}, headers=a
+        ).json()
+        assert (
+            follow(httpx.Client(base_url=server.url, headers=a), job["job_id"])[-1]["status"] == "COMPLETED"
+        )
+        other_get = client.get(job["status_url"], headers=b)
+        other_delete = client.delete(job["status_url"], headers=b)
+        own = client.get(job["status_url"], headers=a)
+    assert (other_get.status_code, other_delete.status_code, own.status_code) == (404, 404, 200)
+    stored = redis_server.client().hget(f"{queue}:job:{job['job_id']}", "owner")
+    assert stored and b"key-a" not in stored  # a digest, never the key
+
+
+def test_redis_unreachable_at_start_up_exits_2_naming_the_url() -> None:
+    url = f"redis://127.0.0.1:{free_ports(1)}/0"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "reranker", "--port", str(free_ports(1)), "--job-backend", "redis"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "REDIS_URL": url, "ENV_FILE": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert url in result.stderr and "JOB_BACKEND=redis" in result.stderr
+
+
+def test_redis_lost_while_serving_refuses_submissions_then_recovers(tmp_path: Path, queue: str) -> None:
+    body = {"type": "embed", "input": {"batch_id": "b", "chunks": chunks(5)}}
+    with RedisServer(tmp_path / "redis") as redis:
+        server, _ = fake_instance(redis, queue)
+        with server, server.client() as client:
+            assert client.post("/v1/jobs", json=body).status_code == 202
+            redis.kill()
+            refused = client.post("/v1/jobs", json=body)
+            server.wait_until(lambda: client.get("/health").json()["status"] == "degraded", "degraded", 30)
+            degraded = client.get("/health")
+            inference = client.post("/embed", json=body["input"])
+            redis.start()  # the same port, empty
+            server.wait_until(lambda: client.get("/health").json()["status"] == "healthy", "recovered", 30)
+            accepted = client.post("/v1/jobs", json=body)
+            assert accepted.status_code == 202, accepted.text
+            final = follow(client, accepted.json()["job_id"])[-1]
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert refused.json()["error"]["type"] == "job_store_unavailable"
+    assert (
+        redis.url in refused.json()["error"]["message"]
+        and "unreachable" in refused.json()["error"]["message"]
+    )
+    assert degraded.status_code == 200  # inference still answers: the instance stays in rotation
+    assert degraded.json()["jobs"]["status"] == "unavailable" and redis.url in degraded.json()["error"]
+    assert inference.status_code == 200
+    assert accepted.status_code == 202 and final["status"] == "COMPLETED"
+
+
+def test_a_sigkilled_worker_s_job_is_taken_over_and_completes_with_the_same_output(
+    redis_server: RedisServer, queue: str
+) -> None:
+    """Two real server processes on the real model; the one running the job is SIGKILLed mid-job."""
+    env = {
+        "BACKEND": "torch",
+        "BATCH_SIZE": "16",
+        "ENV_FILE": "/nonexistent",
+        **{key.upper(): str(value) for key, value in redis_settings(redis_server, queue).items()},
+        "JOB_LEASE_S": "2",
+    }
+    body = {"batch_id": "takeover", "chunks": chunks(1200, "a longer chunk of text to embed")}
+    records = redis_server.client()
+    with server_process(env) as (url_one, pid_one), server_process(env) as (url_two, pid_two):
+        urls = {pid_one: url_one, pid_two: url_two}
+        job = httpx.post(f"{url_one}/v1/jobs", json={"type": "embed", "input": body}, timeout=120).json()
+        key = f"{queue}:job:{job['job_id']}"
+
+        def running_with_progress() -> bool:
+            return records.hget(key, "status") == b"IN_PROGRESS" and int(records.hget(key, "done") or 0) > 0
+
+        wait_for(running_with_progress, "the job runs and has progress", 300)
+        worker = records.hget(key, "worker").decode()
+        victim = next(pid for pid in urls if f"-{pid}-" in worker)
+        os.kill(victim, signal.SIGKILL)
+        survivor = urls[next(pid for pid in urls if pid != victim)]
+        with httpx.Client(base_url=survivor, timeout=120) as client:
+            final = follow(client, job["job_id"], timeout_s=600)[-1]
+            direct = client.post("/embed", json=body).json()
+        attempts = int(records.hget(key, "attempts"))
+    assert final["status"] == "COMPLETED", final
+    assert attempts == 2  # taken over once
+    assert [v["chunk_id"] for v in final["output"]["vectors"]] == [c["chunk_id"] for c in body["chunks"]]
+    np.testing.assert_allclose(
+        np.array([v["vector"] for v in final["output"]["vectors"]]),
+        np.array([v["vector"] for v in direct["vectors"]]),
+        atol=1e-5,
+    )
+    assert records.xlen(f"{queue}:stream") == 0 and records.scard(f"{queue}:active") == 0
