@@ -144,10 +144,14 @@ def test_twenty_jobs_through_nginx_survive_a_sigkilled_instance(
         job_ids = [submit(client, number) for number in range(JOBS)]
         assert len(set(job_ids)) == JOBS
 
-        # The victim: the instance whose worker holds a job that has barely started.
+        # The victim: once a few jobs are done, the instance whose worker holds a job that has
+        # barely started.
         victim: dict[str, Any] = {}
 
         def a_job_just_started() -> bool:
+            statuses = [store.hget(f"{QUEUE}:job:{job_id}", "status") for job_id in job_ids]
+            if statuses.count(b"COMPLETED") < 4:
+                return False
             for job_id in job_ids:
                 held = running_on(store, job_id)
                 if held is not None and held[1] < held[2] // 2:
@@ -186,12 +190,16 @@ def test_twenty_jobs_through_nginx_survive_a_sigkilled_instance(
             expected[number] = response.json()
 
     survivor = next(port for port in cluster.ports if port != victim["port"])
+    workers = [store.hget(f"{QUEUE}:job:{job_id}", "worker").decode() for job_id in job_ids]
+    ran = {pids[pid]: sum(f"-{pid}-" in worker for worker in workers) for pid in pids}
     print(
+        f"jobs finished by instance: {ran}; "
         f"SIGKILLed instance {victim['port']} (PID {victim['pid']}) while it ran job "
         f"{victim['job_id']}; {unfinished_at_kill}/{JOBS} jobs unfinished then, all finished "
         f"{finished_s:.1f} s later on instance {survivor}"
     )
     assert unfinished_at_kill >= 1  # the kill came while jobs ran
+    assert ran[victim["port"]] >= 1 and ran[survivor] >= 1  # both instances took work from the queue
     assert {view["status"] for view in finals.values()} == {"COMPLETED"}, finals
     for number, view in finals.items():
         _, endpoint, _ = job_input(number)
