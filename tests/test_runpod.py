@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,9 +23,11 @@ from reranker.api.app import create_app
 from reranker.backends.base import ModelKind
 from reranker.backends.fake import FakeBackend
 from tests.conftest import make_settings
+from tests.redis_server import RedisServer
 from tests.server import ServerThread
 
 API_KEY = "runpod-test-key"
+OTHER_KEY = "another-tenants-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHUNKS = [
     {"chunk_id": "a", "content": "Bones usually heal in six to eight weeks."},
@@ -114,8 +118,9 @@ def ranking(output: dict[str, Any]) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[ServerThread]:
-    """The embedded model, behind an API key (the seed's client sends one)."""
-    with ServerThread(create_app(make_settings(request_timeout_s=300, api_keys=API_KEY))) as server:
+    """The embedded model, behind API keys (the seed's client sends one)."""
+    settings = make_settings(request_timeout_s=300, api_keys=f"{API_KEY},{OTHER_KEY}")
+    with ServerThread(create_app(settings)) as server:
         yield server
 
 
@@ -210,6 +215,14 @@ def test_every_route_needs_the_key(model_server: ServerThread, client: httpx.Cli
     assert all(answer.json()["error"]["type"] == "unauthorized" for answer in answers)
 
 
+def test_a_job_is_only_the_submitting_keys(model_server: ServerThread, client: httpx.Client) -> None:
+    job_id = client.post("/run", json={"input": EMBED}).json()["id"]
+    with model_server.client(headers={"Authorization": f"Bearer {OTHER_KEY}"}) as other:
+        answers = [other.get(f"/status/{job_id}"), other.post(f"/cancel/{job_id}")]
+    assert [answer.status_code for answer in answers] == [404, 404]
+    assert poll(client, job_id)[-1]["status"] == "COMPLETED"  # the other key's cancel did nothing
+
+
 def test_unknown_ids_are_404(client: httpx.Client) -> None:
     for answer in (client.get("/status/no-such-job"), client.post("/cancel/no-such-job")):
         assert answer.status_code == 404
@@ -295,3 +308,26 @@ def test_cancel_a_queued_a_running_and_a_finished_job(gated: tuple[ServerThread,
     assert running_final["status"] == "CANCELLED" and "output" not in running_final
     assert finished_again.status_code == 200 and finished_again.json() == done  # left as it was
     assert still_there == done
+
+
+def test_runsync_on_redis_answers_the_id_when_redis_is_lost_while_it_waits(tmp_path: Path) -> None:
+    """The job was accepted: the client gets its id to poll, not an error it would answer by
+    submitting the job twice."""
+    backend = FakeBackend(ModelKind.BI_ENCODER)
+    with RedisServer(tmp_path / "redis") as redis:
+        settings = make_settings(
+            batch_size=8, runsync_wait_s=120, job_backend="redis", redis_url=redis.url, redis_job_queue="rs"
+        )
+        server = ServerThread(create_app(settings, backend=backend))
+        with server, server.client() as client, ThreadPoolExecutor(1) as pool:
+            backend.gate.clear()
+            backend.batch_started.clear()
+            body = {"input": {"batch_id": "b", "chunks": chunks(40)}}
+            waiting = pool.submit(client.post, "/runsync", json=body)
+            assert backend.batch_started.wait(30)  # the job runs; /runsync waits for it
+            redis.kill()
+            answer = waiting.result(timeout=60)
+            backend.gate.set()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] in ("IN_QUEUE", "IN_PROGRESS")  # as last read before the loss
+    assert len(answer.json()["id"]) == 32 and "output" not in answer.json()

@@ -23,7 +23,7 @@ from reranker.api.observe import inference_endpoint, runtime_of
 from reranker.api.responses import json_response
 from reranker.engine.jobs import FINISHED, Job, JobStatus
 from reranker.engine.runtime import Status
-from reranker.errors import InvalidInputError
+from reranker.errors import InvalidInputError, JobStoreError
 
 RUNPOD_STATUS = {
     JobStatus.QUEUED: "IN_QUEUE",
@@ -92,7 +92,9 @@ async def runsync(request: Request) -> Response:
 
 
 async def _wait_finished(request: Request, job: Job) -> Job:
-    """The job once finished, or as it stands after RUNSYNC_WAIT_S or when this server drains."""
+    """The job once finished, or as it last stood after RUNSYNC_WAIT_S, when this server drains
+    or when the job store stops answering: the job is queued, so the client gets its id to poll
+    (never an error it would answer by submitting the job again)."""
     runtime = runtime_of(request)
     deadline = time.monotonic() + runtime.settings.runsync_wait_s
     pause = FIRST_POLL_S
@@ -102,7 +104,10 @@ async def _wait_finished(request: Request, job: Job) -> Job:
             break
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, MAX_POLL_S)
-        job = await find_job(request, job.id)
+        try:
+            job = await find_job(request, job.id)
+        except JobStoreError:
+            break
     return job
 
 
