@@ -454,7 +454,7 @@ class RedisJobs:
 
     async def _release(self, job_id: str, entry_id: str) -> None:
         try:
-            args = [GROUP, entry_id, self._consumer, self._lease_ms]
+            args = [GROUP, entry_id, self._consumer, self._lease_ms + 1000]
             if await self._scripts["release"](keys=[self._stream, self._key(job_id)], args=args):
                 log.info("job %s handed back to the queue (shutting down)", job_id)
         except UNREACHABLE as exc:
