@@ -175,7 +175,7 @@ def test_a_sigkilled_worker_s_job_is_taken_over_and_completes_with_the_same_outp
         **{key.upper(): str(value) for key, value in redis_settings(redis_server, queue).items()},
         "JOB_LEASE_S": "2",
     }
-    body = {"batch_id": "takeover", "chunks": chunks(1200, "a longer chunk of text to embed")}
+    body = {"batch_id": "takeover", "chunks": chunks(600, "a chunk of text to embed")}
     records = redis_server.client()
     with server_process(env) as (url_one, pid_one), server_process(env) as (url_two, pid_two):
         urls = {pid_one: url_one, pid_two: url_two}
