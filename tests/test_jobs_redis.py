@@ -175,20 +175,20 @@ def test_a_sigkilled_worker_s_job_is_taken_over_and_completes_with_the_same_outp
         **{key.upper(): str(value) for key, value in redis_settings(redis_server, queue).items()},
         "JOB_LEASE_S": "2",
     }
-    body = {"batch_id": "takeover", "chunks": chunks(600, "a chunk of text to embed")}
     records = redis_server.client()
     with server_process(env) as (url_one, pid_one), server_process(env) as (url_two, pid_two):
         urls = {pid_one: url_one, pid_two: url_two}
-        job = httpx.post(f"{url_one}/v1/jobs", json={"type": "embed", "input": body}, timeout=120).json()
-        key = f"{queue}:job:{job['job_id']}"
-
-        def running_with_progress() -> bool:
-            return records.hget(key, "status") == b"IN_PROGRESS" and int(records.hget(key, "done") or 0) > 0
-
-        wait_for(running_with_progress, "the job runs and has progress", 300)
-        worker = records.hget(key, "worker").decode()
-        victim = next(pid for pid in urls if f"-{pid}-" in worker)
-        os.kill(victim, signal.SIGKILL)
+        for size in (600, 2400, 9600):  # a bigger job when a fast machine finished it before the kill
+            body = {"batch_id": "takeover", "chunks": chunks(size, "a chunk of text to embed")}
+            job = httpx.post(f"{url_one}/v1/jobs", json={"type": "embed", "input": body}, timeout=120).json()
+            key = f"{queue}:job:{job['job_id']}"
+            wait_for(lambda key=key: records.hget(key, "status") != b"QUEUED", "a worker takes the job", 300)
+            victim = next(pid for pid in urls if f"-{pid}-".encode() in records.hget(key, "worker"))
+            os.kill(victim, signal.SIGSTOP)  # frozen: it cannot finish the job while we look
+            if records.hget(key, "status") == b"IN_PROGRESS":
+                os.kill(victim, signal.SIGKILL)
+                break
+            os.kill(victim, signal.SIGCONT)
         survivor = urls[next(pid for pid in urls if pid != victim)]
         with httpx.Client(base_url=survivor, timeout=120) as client:
             final = follow(client, job["job_id"], timeout_s=600)[-1]
