@@ -266,3 +266,28 @@ def test_an_instance_that_stops_hands_its_running_job_to_another_at_once(
     assert final["status"] == "COMPLETED" and final["progress"] == {"done": 64, "total": 64}
     assert records.hget(key, "worker") == taker.encode()
     assert int(records.hget(key, "attempts")) == 1  # a hand-back is not a failed delivery
+
+
+def test_a_queued_job_cancelled_is_never_run_and_its_entry_is_retired(
+    redis_server: RedisServer, queue: str
+) -> None:
+    server, backend = fake_instance(redis_server, queue)
+    records = redis_server.client()
+    with server, server.client() as client:
+        backend.gate.clear()
+        backend.batch_started.clear()
+        running = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "r", "chunks": chunks(8)}}
+        )
+        assert backend.batch_started.wait(30)
+        queued = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "q", "chunks": chunks(8)}}
+        )
+        cancelled = client.delete(queued.json()["status_url"]).json()
+        backend.gate.set()
+        assert follow(client, running.json()["job_id"])[-1]["status"] == "COMPLETED"
+        wait_for(lambda: records.xlen(f"{queue}:stream") == 0, "the cancelled job's entry is retired")
+        final = client.get(queued.json()["status_url"]).json()
+    assert cancelled["status"] == "CANCELLED" and final["status"] == "CANCELLED"
+    assert final["started_at"] is None and final["progress"]["done"] == 0  # never run
+    assert records.hget(f"{queue}:job:{queued.json()['job_id']}", "worker") is None

@@ -374,7 +374,7 @@ class RedisJobs:
             await self._finish(job_id, entry_id, JobStatus.CANCELLED, None, None)
             return
         if begun != "run":  # expired, deleted or already finished: only the entry is left
-            await self._finish(job_id, entry_id, JobStatus.FAILED, None, None)
+            await self._retire(entry_id)
             return
         type_, total, spec = await self._redis.hmget(key, ("type", "total", "spec"))
         job = Job(id=job_id, type=type_.decode(), total=int(total), spec=orjson.loads(spec))
@@ -451,6 +451,10 @@ class RedisJobs:
         ]
         keys = [self._key(job_id), self._active, self._stream]
         return bool(await self._scripts["finish"](keys=keys, args=args))
+
+    async def _retire(self, entry_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.xack(self._stream, GROUP, entry_id).xdel(self._stream, entry_id).execute()
 
     async def _release(self, job_id: str, entry_id: str) -> None:
         try:
