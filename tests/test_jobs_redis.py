@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,20 +175,20 @@ def test_a_sigkilled_worker_s_job_is_taken_over_and_completes_with_the_same_outp
         **{key.upper(): str(value) for key, value in redis_settings(redis_server, queue).items()},
         "JOB_LEASE_S": "2",
     }
-    body = {"batch_id": "takeover", "chunks": chunks(1200, "a longer chunk of text to embed")}
     records = redis_server.client()
     with server_process(env) as (url_one, pid_one), server_process(env) as (url_two, pid_two):
         urls = {pid_one: url_one, pid_two: url_two}
-        job = httpx.post(f"{url_one}/v1/jobs", json={"type": "embed", "input": body}, timeout=120).json()
-        key = f"{queue}:job:{job['job_id']}"
-
-        def running_with_progress() -> bool:
-            return records.hget(key, "status") == b"IN_PROGRESS" and int(records.hget(key, "done") or 0) > 0
-
-        wait_for(running_with_progress, "the job runs and has progress", 300)
-        worker = records.hget(key, "worker").decode()
-        victim = next(pid for pid in urls if f"-{pid}-" in worker)
-        os.kill(victim, signal.SIGKILL)
+        for size in (600, 2400, 9600):  # a bigger job when a fast machine finished it before the kill
+            body = {"batch_id": "takeover", "chunks": chunks(size, "a chunk of text to embed")}
+            job = httpx.post(f"{url_one}/v1/jobs", json={"type": "embed", "input": body}, timeout=120).json()
+            key = f"{queue}:job:{job['job_id']}"
+            wait_for(lambda key=key: records.hget(key, "status") != b"QUEUED", "a worker takes the job", 300)
+            victim = next(pid for pid in urls if f"-{pid}-".encode() in records.hget(key, "worker"))
+            os.kill(victim, signal.SIGSTOP)  # frozen: it cannot finish the job while we look
+            if records.hget(key, "status") == b"IN_PROGRESS":
+                os.kill(victim, signal.SIGKILL)
+                break
+            os.kill(victim, signal.SIGCONT)
         survivor = urls[next(pid for pid in urls if pid != victim)]
         with httpx.Client(base_url=survivor, timeout=120) as client:
             final = follow(client, job["job_id"], timeout_s=600)[-1]
@@ -202,3 +203,91 @@ def test_a_sigkilled_worker_s_job_is_taken_over_and_completes_with_the_same_outp
         atol=1e-5,
     )
     assert records.xlen(f"{queue}:stream") == 0 and records.scard(f"{queue}:active") == 0
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_job_max_attempts(
+    redis_server: RedisServer, queue: str
+) -> None:
+    server, backend = fake_instance(redis_server, queue, job_lease_s=0.5, job_max_attempts=2)
+    records = redis_server.client()
+    with server, server.client() as client:
+        backend.gate.clear()  # this instance's worker must not run it: it is busy with another job
+        backend.batch_started.clear()
+        blocker = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(8)}}
+        )
+        assert backend.batch_started.wait(30)
+        poison = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "p", "chunks": chunks(8)}}
+        )
+        key = f"{queue}:job:{poison.json()['job_id']}"
+        # Two workers take it in turn and die without a word (the live one is busy meanwhile).
+        stream = f"{queue}:stream"
+        [[_, [(entry, _)]]] = records.xreadgroup("workers", "ghost-1", {stream: ">"}, count=1, block=30_000)
+        assert records.xclaim(stream, "workers", "ghost-2", min_idle_time=0, message_ids=[entry])
+        backend.gate.set()  # the live worker finds it idle past the lease, delivered twice already
+        final = follow(client, poison.json()["job_id"])[-1]
+        assert follow(client, blocker.json()["job_id"])[-1]["status"] == "COMPLETED"
+    assert final["status"] == "FAILED" and final["error"]["type"] == "job_failed_repeatedly"
+    assert "JOB_MAX_ATTEMPTS=2" in final["error"]["message"]
+    assert records.ttl(key) > 0 and records.xlen(f"{queue}:stream") == 0
+
+
+def test_an_instance_that_stops_hands_its_running_job_to_another_at_once(
+    redis_server: RedisServer, queue: str
+) -> None:
+    """A graceful stop does not wait for the lease (set far longer than this test may take)."""
+    leaving, backend = fake_instance(redis_server, queue, job_lease_s=600)
+    staying, _ = fake_instance(redis_server, queue, job_lease_s=600)
+    records = redis_server.client()
+    leaving.start()
+    try:
+        with leaving.client() as client:
+            backend.gate.clear()
+            backend.batch_started.clear()
+            job = client.post(
+                "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(64)}}
+            ).json()
+        assert backend.batch_started.wait(30)  # ``leaving`` runs it; its first batch is held
+        key = f"{queue}:job:{job['job_id']}"
+        staying.start()
+        stopping = threading.Thread(target=leaving.stop)
+        stopping.start()
+        taker = staying.runtime.jobs._consumer
+        wait_for(lambda: records.hget(key, "worker") == taker.encode(), "the other instance takes it", 60)
+        backend.gate.set()  # let ``leaving``'s held batch end, so it can finish stopping
+        stopping.join(timeout=60)
+        with staying.client() as client:
+            final = follow(client, job["job_id"], timeout_s=120)[-1]
+    finally:
+        backend.gate.set()
+        leaving.stop()
+        staying.stop()
+    assert final["status"] == "COMPLETED" and final["progress"] == {"done": 64, "total": 64}
+    assert records.hget(key, "worker") == taker.encode()
+    assert int(records.hget(key, "attempts")) == 1  # a hand-back is not a failed delivery
+
+
+def test_a_queued_job_cancelled_is_never_run_and_its_entry_is_retired(
+    redis_server: RedisServer, queue: str
+) -> None:
+    server, backend = fake_instance(redis_server, queue)
+    records = redis_server.client()
+    with server, server.client() as client:
+        backend.gate.clear()
+        backend.batch_started.clear()
+        running = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "r", "chunks": chunks(8)}}
+        )
+        assert backend.batch_started.wait(30)
+        queued = client.post(
+            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "q", "chunks": chunks(8)}}
+        )
+        cancelled = client.delete(queued.json()["status_url"]).json()
+        backend.gate.set()
+        assert follow(client, running.json()["job_id"])[-1]["status"] == "COMPLETED"
+        wait_for(lambda: records.xlen(f"{queue}:stream") == 0, "the cancelled job's entry is retired")
+        final = client.get(queued.json()["status_url"]).json()
+    assert cancelled["status"] == "CANCELLED" and final["status"] == "CANCELLED"
+    assert final["started_at"] is None and final["progress"]["done"] == 0  # never run
+    assert records.hget(f"{queue}:job:{queued.json()['job_id']}", "worker") is None

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 RETRY_PAUSE_S = 0.5  # between attempts to reach a lost Redis
+BIG_JSON_BYTES = 256 * 1024  # parsed off the event loop above this
 FIELDS = ("type", "total", "status", "done", "created_at", "started_at", "finished_at")
 FIELDS += ("owner", "output", "error")
 
@@ -156,6 +157,11 @@ def redacted(url: str) -> str:
 
 def _float(raw: bytes | None) -> float | None:
     return float(raw) if raw else None
+
+
+async def _loads(raw: bytes) -> Any:
+    """Parse JSON; a big document (a job's input or output) in a worker thread."""
+    return await asyncio.to_thread(orjson.loads, raw) if len(raw) > BIG_JSON_BYTES else orjson.loads(raw)
 
 
 class RedisJobs:
@@ -263,7 +269,7 @@ class RedisJobs:
             "started_at": "",
             "finished_at": "",
             "owner": owner or "",
-            "spec": orjson.dumps(spec),
+            "spec": await asyncio.to_thread(orjson.dumps, spec),  # big inputs: off the event loop
         }
         args: list[Any] = [self._max_active, job.id]
         for name, value in record.items():
@@ -294,7 +300,7 @@ class RedisJobs:
         job.status, job.done = JobStatus(fields["status"].decode()), int(fields["done"] or 0)
         job.created_at = float(fields["created_at"])
         job.started_at, job.finished_at = _float(fields["started_at"]), _float(fields["finished_at"])
-        job.output = orjson.loads(fields["output"]) if fields["output"] else None
+        job.output = await _loads(fields["output"]) if fields["output"] else None
         job.error = orjson.loads(fields["error"]) if fields["error"] else None
         return job
 
@@ -374,10 +380,10 @@ class RedisJobs:
             await self._finish(job_id, entry_id, JobStatus.CANCELLED, None, None)
             return
         if begun != "run":  # expired, deleted or already finished: only the entry is left
-            await self._finish(job_id, entry_id, JobStatus.FAILED, None, None)
+            await self._retire(entry_id)
             return
         type_, total, spec = await self._redis.hmget(key, ("type", "total", "spec"))
-        job = Job(id=job_id, type=type_.decode(), total=int(total), spec=orjson.loads(spec))
+        job = Job(id=job_id, type=type_.decode(), total=int(total), spec=await _loads(spec))
         job.status = JobStatus.IN_PROGRESS
         if deliveries > 1:
             log.info("job %s: taken over (delivery %d)", job_id, deliveries)
@@ -439,11 +445,14 @@ class RedisJobs:
     ) -> bool:
         """Record the job's one result (False: it had one already) and retire its queue entry."""
         assert status in FINISHED
+        result = b""
+        if output is not None:  # a big embed job's output: serialised off the event loop
+            result = await asyncio.to_thread(orjson.dumps, output, option=orjson.OPT_SERIALIZE_NUMPY)
         args = [
             job_id,
             status.value,
             repr(time.time()),
-            orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY) if output is not None else "",
+            result,
             orjson.dumps(error) if error is not None else "",
             self._ttl_s,
             GROUP,
@@ -452,9 +461,13 @@ class RedisJobs:
         keys = [self._key(job_id), self._active, self._stream]
         return bool(await self._scripts["finish"](keys=keys, args=args))
 
+    async def _retire(self, entry_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.xack(self._stream, GROUP, entry_id).xdel(self._stream, entry_id).execute()
+
     async def _release(self, job_id: str, entry_id: str) -> None:
         try:
-            args = [GROUP, entry_id, self._consumer, self._lease_ms]
+            args = [GROUP, entry_id, self._consumer, self._lease_ms + 1000]
             if await self._scripts["release"](keys=[self._stream, self._key(job_id)], args=args):
                 log.info("job %s handed back to the queue (shutting down)", job_id)
         except UNREACHABLE as exc:
