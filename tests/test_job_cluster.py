@@ -1,10 +1,11 @@
 """Jobs across a cluster: 2 instances with JOB_BACKEND=redis behind the shipped nginx config.
 
-A real redis-server, two daemons from ``manage_reranker.sh cluster-start 2`` and a real
-nginx. 20 embed and rerank jobs (half through /v1/jobs, half through RunPod's /run) are
-submitted and polled through nginx; the instance running one of them is SIGKILLed in the
-middle of it. Every job completes once, with the output the synchronous endpoints give,
-and the killed instance's job is taken over by the other one after the lease.
+A real redis-server (the session's: tests/redis_server.py), two daemons from
+``manage_reranker.sh cluster-start 2`` and a real nginx. 20 embed and rerank jobs (half
+through /v1/jobs, half through RunPod's /run) are submitted and polled through nginx; the
+instance running one of them is SIGKILLed in the middle of it. Every job completes once,
+with the output the synchronous endpoints give, and the killed instance's job is taken
+over by the other one after the lease.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.scripts import free_ports, run_script, script_env, wait_for
 
 JOBS = 20
 LEASE_S = 2  # JOB_LEASE_S: a dead worker's job moves on after this
-QUEUE = "cluster-test"  # REDIS_JOB_QUEUE
+QUEUE = "job-cluster-test"  # REDIS_JOB_QUEUE: apart from the other tests on the session's Redis
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED")
 
 
@@ -67,14 +68,8 @@ class JobCluster:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def cluster(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobCluster]:
-    nodes = JobCluster(tmp_path_factory.mktemp("job-cluster"), redis)
+def cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobCluster]:
+    nodes = JobCluster(tmp_path_factory.mktemp("job-cluster"), redis_server)
     started = run_script("manage_reranker.sh", "cluster-start", "2", env=nodes.env)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -111,12 +106,10 @@ def read_status(client: httpx.Client, number: int, job_id: str) -> dict[str, Any
     return response.json()
 
 
-def running_on(store: Any, job_id: str) -> tuple[str, int, int] | None:
-    """(worker, items done, total) of a job IN_PROGRESS, read from Redis; None otherwise."""
-    status, worker, done, total = store.hmget(f"{QUEUE}:job:{job_id}", ["status", "worker", "done", "total"])
-    if status != b"IN_PROGRESS" or not worker:
-        return None
-    return worker.decode(), int(done or 0), int(total)
+def running_on(store: Any, job_id: str) -> str | None:
+    """The worker (``host-PID-tag``) running the job, read from Redis; None unless IN_PROGRESS."""
+    status, worker = store.hmget(f"{QUEUE}:job:{job_id}", ["status", "worker"])
+    return worker.decode() if status == b"IN_PROGRESS" and worker else None
 
 
 def same_output(endpoint: str, got: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -136,32 +129,36 @@ def same_output(endpoint: str, got: dict[str, Any], expected: dict[str, Any]) ->
 
 
 def test_twenty_jobs_through_nginx_survive_a_sigkilled_instance(
-    cluster: JobCluster, nginx_url: str, redis: RedisServer
+    cluster: JobCluster, nginx_url: str, redis_server: RedisServer
 ) -> None:
     pids = {cluster.pid(port): port for port in cluster.ports}
-    store = redis.client()
+    store = redis_server.client()
     with httpx.Client(base_url=nginx_url, timeout=120) as client:
         job_ids = [submit(client, number) for number in range(JOBS)]
         assert len(set(job_ids)) == JOBS
 
-        # The victim: once a few jobs are done, the instance whose worker holds a job that has
-        # barely started.
+        # The victim: once a few jobs are done, an instance whose worker holds a running job. It
+        # is frozen (SIGSTOP) and the job checked to be still its own and running before the
+        # SIGKILL, so the kill lands mid-job on any machine speed.
         victim: dict[str, Any] = {}
 
-        def a_job_just_started() -> bool:
+        def froze_an_instance_mid_job() -> bool:
             statuses = [store.hget(f"{QUEUE}:job:{job_id}", "status") for job_id in job_ids]
             if statuses.count(b"COMPLETED") < 4:
                 return False
             for job_id in job_ids:
                 held = running_on(store, job_id)
-                if held is not None and held[1] < held[2] // 2:
-                    worker_pid = next((pid for pid in pids if f"-{pid}-" in held[0]), None)
-                    if worker_pid is not None:
-                        victim.update(job_id=job_id, pid=worker_pid, port=pids[worker_pid])
-                        return True
+                worker_pid = next((pid for pid in pids if held and f"-{pid}-" in held), None)
+                if worker_pid is None:
+                    continue
+                os.kill(worker_pid, signal.SIGSTOP)
+                if running_on(store, job_id) == held:
+                    victim.update(job_id=job_id, pid=worker_pid, port=pids[worker_pid])
+                    return True
+                os.kill(worker_pid, signal.SIGCONT)  # it finished meanwhile: try again
             return False
 
-        wait_for(a_job_just_started, "a job running on an instance", timeout_s=300)
+        wait_for(froze_an_instance_mid_job, "an instance frozen while it runs a job", timeout_s=300)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         unfinished_at_kill = sum(
