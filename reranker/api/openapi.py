@@ -33,7 +33,7 @@ REF = "#/components/schemas/{model}"
 INFERENCE_ERRORS = {
     400: "Malformed JSON, or an operation the loaded model cannot do (embed on a cross-encoder).",
     401: "API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
-    404: "No such job (never submitted, or evicted after JOB_RESULT_TTL_S).",
+    404: "No such job (never submitted, evicted after JOB_RESULT_TTL_S, or another API key's).",
     408: "The body did not arrive within BODY_READ_TIMEOUT_S.",
     413: "The body is over MAX_REQUEST_BYTES, too many texts for one request, or more model time than "
     "MAX_REQUEST_SECONDS: use /v1/jobs.",
@@ -41,8 +41,8 @@ INFERENCE_ERRORS = {
     422: "The body breaks the schema or a limit; the message names the field and the limit.",
     429: "MAX_ACTIVE_JOBS jobs are queued or running: retry after `Retry-After` seconds.",
     500: "The model failed while running the batch, or a task the server needs stopped.",
-    503: "Overloaded (queue full, or MAX_REQUEST_SECONDS with the work ahead), loading or draining: "
-    "retry after `Retry-After` seconds.",
+    503: "Overloaded (queue full, or MAX_REQUEST_SECONDS with the work ahead), loading, draining, or "
+    "(jobs) the job store unavailable: retry after `Retry-After` seconds.",
     504: "None of the request's batches started or finished within REQUEST_TIMEOUT_S.",
 }
 
@@ -62,7 +62,7 @@ class Operation:
 
 ERRORS = tuple(status for status in INFERENCE_ERRORS if status not in (404, 429))
 JOB_SUBMIT_ERRORS = (400, 401, 408, 413, 415, 422, 429, 503)
-JOB_ERRORS = (401, 404)
+JOB_ERRORS = (401, 404, 503)
 OPERATIONS = (
     Operation("/rerank", "post", "Rerank documents for a query", out.RerankResponse, RerankRequest, ERRORS),
     Operation(
