@@ -19,71 +19,31 @@ import numpy as np
 import pytest
 
 from reranker.api.app import create_app
-from reranker.backends.base import Backend
 from reranker.backends.factory import create_backend
 from reranker.backends.templates import QWEN3_RERANKER
 from reranker.errors import StartupError
 from tests.conftest import backend_param, make_settings
 from tests.families import (
     BI_ENCODER,
-    CAUSAL_RERANKER,
+    DOCUMENTS,
     FAMILIES,
+    QUERY,
+    TEXTS,
+    TOLERANCE,
     family_kind,
     qwen3_reranker_scores,
+    reference_output,
+    reference_scores,
+    served_output,
 )
 from tests.server import ServerThread
 
-TOLERANCE = 1e-4
-QUERY = "what is the population of berlin"
-DOCUMENTS = [
-    "berlin has 3 million people living in the city",
-    "rain today",
-    "hamburg has a large port on the river",
-    "the weather in paris is warm and the sun is out today, no wind and no cloud",
-]
-TEXTS = [QUERY, *DOCUMENTS]
-LONG_DOCUMENT = "the weather is cold and the wind is warm today " * 120 + "berlin has 3 million people"
 BACKENDS = [backend_param(name) for name in ("torch", "onnx", "mlx")]
+LONG_DOCUMENT = "the weather is cold and the wind is warm today " * 120 + "berlin has 3 million people"
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
-def reference_vectors(path: Path, texts: list[str], **encode: object) -> np.ndarray:
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(path), device="cpu").encode(texts, **encode)
-
-
-def reference_scores(path: Path, name: str, pairs: list[tuple[str, str]]) -> np.ndarray:
-    """What the model's own library answers: P(relevant) for a cross-encoder (its activation)."""
-    if family_kind(name) == CAUSAL_RERANKER:
-        return np.array(qwen3_reranker_scores(path, pairs))
-    from sentence_transformers import CrossEncoder
-
-    return CrossEncoder(str(path), device="cpu").predict(pairs)
-
-
-def served_values(backend: Backend, name: str) -> np.ndarray:
-    """The backend's answer on TEXTS (vectors, normalised as the model does) or on the pairs."""
-    if family_kind(name) == BI_ENCODER:
-        vectors = backend.embed_texts(TEXTS)
-        if backend.info().normalize_embeddings:
-            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors
-    query = query_part_of(QUERY) if family_kind(name) == CAUSAL_RERANKER else QUERY
-    return _sigmoid(backend.score_pairs([(query, doc) for doc in DOCUMENTS]))
-
-
-def query_part_of(query: str) -> str:
-    return QWEN3_RERANKER.query_part(query)
-
-
-def reference_values(path: Path, name: str) -> np.ndarray:
-    if family_kind(name) == BI_ENCODER:
-        return reference_vectors(path, TEXTS)
-    return reference_scores(path, name, [(QUERY, doc) for doc in DOCUMENTS])
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -101,7 +61,7 @@ def test_each_family_is_served_exactly_or_refused_clearly(
         assert backend_name == "mlx", f"{backend_name} must serve {name}: {exc}"
         assert "BACKEND=" in str(exc), f"the refusal must name a backend to use: {exc}"
         return
-    got, want = served_values(backend, name), reference_values(path, name)
+    got, want = served_output(backend, name), reference_output(path, name)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)
     assert float(np.ptp(want)) > 100 * TOLERANCE, "the oracle must tell inputs apart"
