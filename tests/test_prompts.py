@@ -79,7 +79,14 @@ def test_an_unknown_prompt_is_a_422_listing_the_models_prompts(server: ServerThr
     with server.client() as client:
         unknown = client.post("/v1/embeddings", json={"input": "x", "prompt_name": "classification"})
         unknown_type = client.post("/v1/embeddings", json={"input": "x", "input_type": "clustering"})
+        task = client.post("/v1/embeddings", json={"input": "x", "task": "retrieval.query"})
+        instruction = client.post(
+            "/embed",
+            json={"batch_id": "b", "chunks": [{"chunk_id": "1", "content": "x"}], "instruction": "y"},
+        )
         health = client.get("/health").json()["model"]
+    for response in (task, instruction):  # not silently dropped: they would change the vectors
+        assert response.status_code == 422 and "prompt_name" in response.json()["error"]["message"]
     for response, field in ((unknown, "prompt_name"), (unknown_type, "input_type")):
         assert response.status_code == 422
         message = response.json()["error"]["message"]

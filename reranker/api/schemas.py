@@ -190,18 +190,9 @@ def check_limits(
             )
 
 
-class Chunk(_Body):
-    chunk_id: str = Field(min_length=1)
-    content: str
+class _PromptChoice(_Body):
+    """How an embedding request picks one of the model's prompts (engine/prompts.py)."""
 
-
-class EmbedRequest(_Body):
-    """The ingestion-worker shape of POST /embed."""
-
-    batch_id: str
-    chunks: list[Chunk] = Field(min_length=1)
-    normalize: bool | None = None
-    truncate: bool = True
     prompt_name: str | None = Field(None, min_length=1, description="One of the model's prompts (/health).")
     input_type: str | None = Field(
         None,
@@ -209,6 +200,32 @@ class EmbedRequest(_Body):
         description="Cohere's name: query/search_query or document/search_document select the model's "
         "query or document prompt (prompt_name wins).",
     )
+    task: Any = Field(None, description="Not supported (Jina's): 422 naming prompt_name instead.")
+    instruction: Any = Field(None, description="Not supported on embeddings: 422 naming prompt_name instead.")
+
+    @field_validator("task", "instruction")
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            raise ValueError(
+                f"{info.field_name} is not supported on embeddings: choose one of the model's prompts "
+                "with prompt_name (listed by /health) or input_type"
+            )
+        return value
+
+
+class Chunk(_Body):
+    chunk_id: str = Field(min_length=1)
+    content: str
+
+
+class EmbedRequest(_PromptChoice):
+    """The ingestion-worker shape of POST /embed."""
+
+    batch_id: str
+    chunks: list[Chunk] = Field(min_length=1)
+    normalize: bool | None = None
+    truncate: bool = True
 
     @model_validator(mode="after")
     def _chunks_are_usable(self) -> EmbedRequest:
@@ -225,20 +242,13 @@ class EmbedRequest(_Body):
         return self
 
 
-class OpenAIEmbeddingRequest(_Body):
+class OpenAIEmbeddingRequest(_PromptChoice):
     """The OpenAI shape of POST /v1/embeddings."""
 
     input: str | list[str]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0)
-    prompt_name: str | None = Field(None, min_length=1, description="One of the model's prompts (/health).")
-    input_type: str | None = Field(
-        None,
-        min_length=1,
-        description="Cohere's name: query/search_query or document/search_document select the model's "
-        "query or document prompt (prompt_name wins).",
-    )
 
     @field_validator("input")
     @classmethod

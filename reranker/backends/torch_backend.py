@@ -32,8 +32,12 @@ class TorchBackend(TokenizedBackend):
             self._load_bi_encoder()
         self._model.eval()
         layout = source.layout
-        if source.max_length_cap:
-            self._max_length = min(self._max_length, source.max_length_cap)
+        for limit in (
+            layout.position_limit,
+            source.max_length_cap,
+        ):  # what the model can take; MAX_MODEL_LENGTH
+            if limit:
+                self._max_length = min(self._max_length, limit)
         self._template = CAUSAL_TEMPLATES[layout.family] if layout.causal_lm else None
         self.tokenizer = TextTokenizer(
             self._model.tokenizer,
