@@ -268,3 +268,34 @@ def test_max_model_length_caps_the_models_own(family_model: Callable[[str], Path
     )
     uncapped = create_backend(make_settings(local_model_path=str(path)))
     assert uncapped.info().max_length == own > 12
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_long_documents_are_windowed_for_every_family(
+    name: str, family_model: Callable[[str], Path], onnx_cache: Path
+) -> None:
+    """A document several windows long: windows in the family's own tokenizer, type ids 0 where the
+    model has one token type, a causal reranker's every window ending in its template's suffix,
+    and torch and ONNX fp32 agreeing on every window."""
+    path = family_model(name)
+    common = {"local_model_path": str(path), "onnx_quantize": "none", "onnx_cache_dir": str(onnx_cache)}
+    torch_backend = create_backend(make_settings(**common, max_model_length=64))
+    onnx_backend = create_backend(make_settings(**common, backend="onnx", max_model_length=64))
+    layout = torch_backend._source.layout  # what the model declared
+    if family_kind(name) == BI_ENCODER:
+        windows = torch_backend.text_windows([LONG_DOCUMENT], overlap=8, max_windows=50)[0].items
+    else:
+        query = QWEN3_RERANKER.query_part(QUERY) if layout.causal_lm else QUERY
+        windows = torch_backend.pair_windows([(query, LONG_DOCUMENT)], overlap=8, max_windows=50)[0].items
+    assert len(windows) > 3 and max(len(w) for w in windows) <= 64
+    if not layout.uses_token_types:
+        assert all(set(w.type_ids) == {0} for w in windows)
+    if layout.pooling == ("lasttoken",):  # the token last-token pooling reads ends every window
+        last = torch_backend.tokenize_texts(["x"])[0].ids[-1]
+        assert all(w.ids[-1] == last for w in windows)
+    if layout.causal_lm:
+        suffix = torch_backend.tokenizer.texts([QWEN3_RERANKER.suffix])[0].ids
+        assert all(list(w.ids[-len(suffix) :]) == list(suffix) for w in windows)
+    got, want = onnx_backend.forward(windows), torch_backend.forward(windows)
+    assert np.all(np.isfinite(want))
+    np.testing.assert_allclose(got, want, atol=TOLERANCE * 10)
