@@ -130,3 +130,33 @@ def test_an_unknown_default_prompt_name_fails_start_up(e5_path: Path) -> None:
         assert "DEFAULT_PROMPT_NAME='nope'" in server.runtime.error and "query" in server.runtime.error
     finally:
         server.stop()
+
+
+def test_every_window_of_a_long_document_carries_the_document_prompt(server: ServerThread, reference) -> None:
+    """A document longer than the model window is scored by its best window, and each window is a
+    passage as the model expects it: ``passage: `` + a slice of the document."""
+    import torch
+
+    document = "the weather is cold and the wind is warm today " * 60 + "berlin has 3 million people"
+    with server.client() as client:
+        body = {"query": QUERY, "documents": [document], "return_details": True}
+        result = client.post("/v1/rerank", json=body).json()["results"][0]
+    backend = server.runtime.backend
+    windows = backend.text_windows([document], 32, 10, None, E5_PROMPTS["document"])[0].items
+    prompt_ids = reference.tokenizer(E5_PROMPTS["document"], add_special_tokens=False)["input_ids"]
+    assert result["details"]["windows"] == len(windows) > 1
+    assert all(list(w.ids[1 : 1 + len(prompt_ids)]) == prompt_ids for w in windows)
+    query = reference.encode_query([QUERY], normalize_embeddings=True)[0]
+    with torch.no_grad():
+        vectors = [
+            reference(
+                {
+                    "input_ids": torch.tensor([list(w.ids)]),
+                    "token_type_ids": torch.zeros(1, len(w), dtype=torch.long),
+                    "attention_mask": torch.ones(1, len(w), dtype=torch.long),
+                }
+            )["sentence_embedding"][0].numpy()
+            for w in windows
+        ]
+    best = max(float(v @ query / np.linalg.norm(v)) for v in vectors)
+    assert result["relevance_score"] == pytest.approx(best, abs=TOLERANCE)

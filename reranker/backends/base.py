@@ -93,10 +93,16 @@ class Backend(ABC):
         return [Windows([item], item.truncated) for item in self.tokenize_pairs(pairs)]
 
     def text_windows(
-        self, texts: Sequence[str], overlap: int, max_windows: int, window: int | None = None
+        self,
+        texts: Sequence[str],
+        overlap: int,
+        max_windows: int,
+        window: int | None = None,
+        prefix: str = "",
     ) -> list[Windows]:
-        """``window``: tokens per window (default and most: the model's max length)."""
-        return [Windows([item], item.truncated) for item in self.tokenize_texts(texts)]
+        """``window``: tokens per window (default and most: the model's max length); ``prefix``
+        (a document prompt) begins every window."""
+        return [Windows([item], item.truncated) for item in self.tokenize_texts([prefix + t for t in texts])]
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """``text`` cut after its first ``max_tokens`` tokens."""

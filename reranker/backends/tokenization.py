@@ -108,13 +108,30 @@ class TextTokenizer:
         return result
 
     def text_windows(
-        self, texts: Sequence[str], overlap: int, max_windows: int, window: int | None = None
+        self,
+        texts: Sequence[str],
+        overlap: int,
+        max_windows: int,
+        window: int | None = None,
+        prefix: str = "",
     ) -> list[Windows]:
         """Each text as overlapping windows of ``window`` tokens (default: the model's length),
-        at most ``max_windows``."""
-        windower = self._windower("text", overlap, window)
-        encodings = _encode_all(windower, list(texts))
-        return [_windows(encoding, max_windows, self.token_types) for encoding in encodings]
+        at most ``max_windows``. ``prefix`` (a document prompt) begins every window, after the
+        leading special tokens: for a text that fits one window the ids equal those of
+        ``prefix + text`` (a prompt ends at a word boundary)."""
+        if not prefix:
+            windower = self._windower("text", overlap, window)
+            encodings = _encode_all(windower, list(texts))
+            return [_windows(encoding, max_windows, self.token_types) for encoding in encodings]
+        prefix_ids = list(self._unbounded.encode(prefix, add_special_tokens=False).ids)
+        length = min(window or self.max_length, self.max_length)
+        windower = self._windower("text", overlap, max(length - len(prefix_ids), 8))
+        result = []
+        for encoding in _encode_all(windower, list(texts)):
+            every = [encoding, *encoding.overflowing]
+            items = [_prefixed(e, prefix_ids) for e in every[:max_windows]]
+            result.append(Windows(items, truncated=len(every) > max_windows))
+        return result
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """``text`` cut after its first ``max_tokens`` tokens (at a token boundary)."""
@@ -203,12 +220,28 @@ class TokenizedBackend(Backend):
         return self.tokenizer.pair_windows(pairs, overlap, max_windows)
 
     def text_windows(
-        self, texts: Sequence[str], overlap: int, max_windows: int, window: int | None = None
+        self,
+        texts: Sequence[str],
+        overlap: int,
+        max_windows: int,
+        window: int | None = None,
+        prefix: str = "",
     ) -> list[Windows]:
-        return self.tokenizer.text_windows(texts, overlap, max_windows, window)
+        return self.tokenizer.text_windows(texts, overlap, max_windows, window, prefix)
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         return self.tokenizer.truncate_text(text, max_tokens)
+
+
+def _prefixed(encoding: object, prefix_ids: list[int]) -> Encoded:
+    """``encoding``'s ids with ``prefix_ids`` after its leading special tokens (type 0)."""
+    ids = list(encoding.ids)  # type: ignore[attr-defined]
+    special = encoding.special_tokens_mask  # type: ignore[attr-defined]
+    lead = 0
+    while lead < len(ids) - 1 and special[lead]:
+        lead += 1
+    joined = ids[:lead] + prefix_ids + ids[lead:]
+    return Encoded(joined, [0] * len(joined))
 
 
 def _to_encoded(encoding: object, token_types: bool = True) -> Encoded:

@@ -206,10 +206,14 @@ class InferenceService:
             timing=timing,
         )
 
-    def _windows(self, texts: list[str], positions: list[int], long: LongDocuments) -> list[Windows]:
+    def _windows(
+        self, texts: list[str], positions: list[int], long: LongDocuments, prefix: str = ""
+    ) -> list[Windows]:
+        """Windows of ``texts[positions]``; ``prefix`` (a document prompt) begins each of them."""
         chosen = [texts[i] for i in positions]
         if long.mode == "chunk":
-            return self._backend.text_windows(chosen, long.overlap, long.max_windows, long.window)
+            return self._backend.text_windows(chosen, long.overlap, long.max_windows, long.window, prefix)
+        chosen = [prefix + text for text in chosen]
         return [Windows([item], item.truncated) for item in self._backend.tokenize_texts(chosen)]
 
     def _pair_windows(
@@ -252,9 +256,9 @@ class InferenceService:
             windows = [len(logits) for logits in computed.outputs]
             cut = computed.truncated
         else:
-            document_text = document_prompt(info)
-            texts = [query_prompt(info) + query, *(document_text + doc for doc in documents)]
-            keys = [("text", texts[0])] + [("text" + long.cache_tag, text) for text in texts[1:]]
+            prompt = document_prompt(info)
+            texts = [query_prompt(info) + query, *documents]
+            keys = [("text", texts[0])] + [("text" + long.cache_tag, prompt + doc) for doc in documents]
             given = query_vector is not None
             if given:  # position 0 (the query) is answered already: nothing to compute for it
                 texts[0], keys[0] = "", ("given-query",)
@@ -262,7 +266,7 @@ class InferenceService:
             def tokenize(positions: list[int]) -> list[Windows]:
                 query_part = [p for p in positions if p == 0]  # the query: one window, plainly cut
                 head = self._windows(texts, query_part, TRUNCATE)
-                return head + self._windows(texts, [p for p in positions if p > 0], long)
+                return head + self._windows(texts, [p for p in positions if p > 0], long, prompt)
 
             def refuse_document(position: int) -> None:
                 if position > 0 and refuse is not None:
