@@ -180,7 +180,7 @@ class ModelLayout:
     default_prompt_name: str | None
     activation: str  # cross-encoders: "sigmoid" (default), "identity", "softmax", "tanh"
     causal_lm: bool  # a decoder scored by its next-token logits ("yes" vs "no"), Qwen3-Reranker style
-    type_vocab_size: int  # 0 when the model has no token-type embedding (RoBERTa-less decoders, ...)
+    type_vocab_size: int  # 0 when the config has none (DistilBERT, ModernBERT, decoders): no token types
     padding_side: str  # "right" or "left", as the tokenizer declares
     declared_max_length: int | None  # sentence_bert_config max_seq_length, else the tokenizer's
     position_limit: int | None  # config max_position_embeddings (what the model can take at all)

@@ -68,6 +68,7 @@ class TextTokenizer:
         self.token_types = token_types
         self.left_padding = padding_side == "left"
         self.template = template
+        self._template_ids: tuple[list[int], list[int]] | None = None  # (prefix, suffix) ids
         self.max_length = max_length
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
@@ -153,11 +154,16 @@ class TextTokenizer:
         the ids equal the whole text's); the suffix ends every window, as the model reads it."""
         template = self.template
         assert template is not None
-        pieces = self._unbounded.encode_batch(
-            [template.prefix, query_part, template.document_part(document), template.suffix],
-            add_special_tokens=False,
+        if self._template_ids is None:  # the fixed parts, tokenized once
+            self._template_ids = tuple(
+                list(self._unbounded.encode(text, add_special_tokens=False).ids)
+                for text in (template.prefix, template.suffix)
+            )
+        prefix, suffix = self._template_ids
+        query, doc = (
+            list(self._unbounded.encode(text, add_special_tokens=False).ids)
+            for text in (query_part, template.document_part(document))
         )
-        prefix, query, doc, suffix = (list(piece.ids) for piece in pieces)
         head = (prefix + query)[: max(self.max_length - len(suffix) - 1, 1)]
         room = max(self.max_length - len(head) - len(suffix), 1)
         step = max(room - min(overlap, room - 1), 1)
