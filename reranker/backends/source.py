@@ -23,6 +23,7 @@ class ModelSource:
     kind: ModelKind
     layout: ModelLayout  # what its sentence-transformers files declare (read_layout)
     max_length_cap: int | None = None  # MAX_MODEL_LENGTH: the most tokens per input, whatever the model says
+    trust_remote_code: bool = False  # TRUST_REMOTE_CODE: the model's own Python code may run
 
 
 def resolve_model_source(settings: Settings) -> ModelSource:
@@ -42,7 +43,7 @@ def resolve_model_source(settings: Settings) -> ModelSource:
             f"model {name} is a {layout.family} causal LM; only Qwen3-Reranker-style yes/no rerankers "
             f"({', '.join(sorted(CAUSAL_TEMPLATES))} families) can be served as cross-encoders"
         )
-    return ModelSource(name, path, kind, layout, settings.max_model_length)
+    return ModelSource(name, path, kind, layout, settings.max_model_length, settings.trust_remote_code)
 
 
 def layout_facts(source: ModelSource) -> dict[str, object]:

@@ -58,7 +58,10 @@ class TorchBackend(TokenizedBackend):
                 "which this server does not do; serve it with sentence-transformers"
             )
         model = SentenceTransformer(
-            str(self._source.path), device=str(self._device), local_files_only=True, trust_remote_code=False
+            str(self._source.path),
+            device=str(self._device),
+            local_files_only=True,
+            trust_remote_code=self._source.trust_remote_code,
         )
         modules = list(model.children())
         # Normalisation is post-processing (per request), so run everything before it.
@@ -71,8 +74,12 @@ class TorchBackend(TokenizedBackend):
     def _load_cross_encoder(self) -> None:
         from sentence_transformers import CrossEncoder
 
-        model = CrossEncoder(str(self._source.path), device=str(self._device), local_files_only=True)
-        self._model = model  # (for the error below)
+        model = CrossEncoder(
+            str(self._source.path),
+            device=str(self._device),
+            local_files_only=True,
+            trust_remote_code=self._source.trust_remote_code,
+        )
         if model.num_labels != 1:
             raise StartupError(
                 f"model {self._source.name} has {model.num_labels} labels; only single-label "
