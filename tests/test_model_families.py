@@ -299,3 +299,25 @@ def test_long_documents_are_windowed_for_every_family(
     got, want = onnx_backend.forward(windows), torch_backend.forward(windows)
     assert np.all(np.isfinite(want))
     np.testing.assert_allclose(got, want, atol=TOLERANCE * 10)
+
+
+def test_layout_reads_both_pooling_formats_and_refuses_what_it_cannot_apply(
+    family_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from reranker.backends.source import read_layout
+
+    assert read_layout(family_model("bert-cls")).pooling == ("cls",)
+    assert read_layout(family_model("bert-cls-old-config")).pooling == ("cls",)
+    assert read_layout(family_model("qwen3-last-token")).pooling == ("lasttoken",)
+    dense = read_layout(family_model("bert-dense")).dense
+    assert [(d.in_features, d.out_features, d.bias, d.activation) for d in dense] == [(32, 24, True, "tanh")]
+    path = _copy(family_model("bert-mean"), tmp_path / "two-modes")
+    _edit_json(path / "1_Pooling" / "config.json", lambda c: {**c, "pooling_mode": ["cls", "max"]})
+    assert read_layout(path).pooling == ("cls", "max")
+    _edit_json(path / "1_Pooling" / "config.json", lambda c: {**c, "pooling_mode": "median"})
+    with pytest.raises(StartupError, match="median"):
+        read_layout(path)
+    cross = _copy(family_model("bert-cross"), tmp_path / "custom-activation")
+    _edit_json(cross / "config_sentence_transformers.json", lambda c: {**c, "activation_fn": "mylib.Sharpen"})
+    with pytest.raises(StartupError, match=r"mylib\.Sharpen"):
+        read_layout(cross)
