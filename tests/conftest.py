@@ -3,7 +3,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     tests keep apart by REDIS_JOB_QUEUE."""
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``family_model(name) -> Path``: the tiny random-weight model of family ``name``
+    (tests/families.py FAMILIES), built on first use and reused for the whole session."""
+    from tests.families import build_family
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+    lock = threading.Lock()
+
+    def get(name: str) -> Path:
+        with lock:
+            if name not in built:
+                built[name] = build_family(name, root / name)
+            return built[name]
+
+    return get

@@ -75,7 +75,21 @@ class _QueryAndTextDocuments(_Body):
         return value
 
 
-class RerankRequest(_QueryAndTextDocuments):
+class ScoringOptions(_Body):
+    """What every rerank shape may ask of the scores (issue 16)."""
+
+    raw_scores: bool = Field(
+        False, description="Cross-encoders: the raw logit instead of the model's declared activation of it."
+    )
+    instruction: str | None = Field(
+        None,
+        min_length=1,
+        description="Instruction-style rerankers (Qwen3-Reranker): the task instruction "
+        "(default: the model's).",
+    )
+
+
+class RerankRequest(_QueryAndTextDocuments, ScoringOptions):
     top_k: int | None = Field(None, gt=0)
     top_n: int | None = Field(None, gt=0, description="Cohere's name for top_k (top_k wins over it).")
     return_documents: bool = False
@@ -86,7 +100,7 @@ class RerankRequest(_QueryAndTextDocuments):
         return (self.top_k, "top_k") if self.top_k is not None else (self.top_n, "top_n")
 
 
-class LongDocumentOptions(_Body):
+class LongDocumentOptions(ScoringOptions):
     """How /v1/rerank and /v2/rerank treat a document longer than the model window."""
 
     truncate: Literal["CHUNK", "END", "NONE"] | None = Field(
@@ -176,12 +190,36 @@ def check_limits(
             )
 
 
+class _PromptChoice(_Body):
+    """How an embedding request picks one of the model's prompts (engine/prompts.py)."""
+
+    prompt_name: str | None = Field(None, min_length=1, description="One of the model's prompts (/health).")
+    input_type: str | None = Field(
+        None,
+        min_length=1,
+        description="Cohere's name: query/search_query or document/search_document select the model's "
+        "query or document prompt (prompt_name wins).",
+    )
+    task: Any = Field(None, description="Not supported (Jina's): 422 naming prompt_name instead.")
+    instruction: Any = Field(None, description="Not supported on embeddings: 422 naming prompt_name instead.")
+
+    @field_validator("task", "instruction")
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            raise ValueError(
+                f"{info.field_name} is not supported on embeddings: choose one of the model's prompts "
+                "with prompt_name (listed by /health) or input_type"
+            )
+        return value
+
+
 class Chunk(_Body):
     chunk_id: str = Field(min_length=1)
     content: str
 
 
-class EmbedRequest(_Body):
+class EmbedRequest(_PromptChoice):
     """The ingestion-worker shape of POST /embed."""
 
     batch_id: str
@@ -204,7 +242,7 @@ class EmbedRequest(_Body):
         return self
 
 
-class OpenAIEmbeddingRequest(_Body):
+class OpenAIEmbeddingRequest(_PromptChoice):
     """The OpenAI shape of POST /v1/embeddings."""
 
     input: str | list[str]

@@ -35,7 +35,7 @@ import numpy as np
 
 from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
 from reranker.backends.onnx_quantize import Int8Profile, quantize_int8
-from reranker.backends.source import ModelSource, module_list, pooling_of
+from reranker.backends.source import ModelSource, pooling_of, read_layout
 from reranker.backends.threads import intra_op_threads
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 
@@ -135,7 +135,12 @@ def shipped_onnx(root: Path) -> Path | None:
     Transformer, then Pooling (mean or CLS) and Normalize for a bi-encoder."""
     candidates = [root / "onnx" / "model.onnx", root / "model.onnx"]
     found = next((path for path in candidates if path.is_file()), None)
-    extra = [m.get("type", "") for m in module_list(root) if not m.get("type", "").endswith(_POOLED)]
+    layout = read_layout(root)
+    extra = [name for name in layout.module_types if name not in _POOLED]
+    if layout.pooling_mode not in ("", "mean", "cls"):
+        extra.append(f"{layout.pooling_mode} pooling")
+    if layout.causal_lm:
+        extra.append("causal-LM scoring")
     if found is not None and extra:
         log.info("not using %s: the model also has %s, exporting the whole model instead", found, extra)
         return None
@@ -214,6 +219,11 @@ class OnnxBackend(TokenizedBackend):
             dimension=base.dimension,
             normalize_embeddings=base.normalize_embeddings,
             dtype="float32" if self._int8 is None else "int8",
+            family=base.family,
+            activation=base.activation,
+            prompts=base.prompts,
+            default_prompt_name=base.default_prompt_name,
+            instruction=base.instruction,
             details={
                 "onnx_file": str(self.path),
                 "onnx_origin": self.origin,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reranker.backends.base import ModelKind
+from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.errors import StartupError
 from reranker.settings import EMBEDDED_MODEL, Settings
 
@@ -20,6 +21,9 @@ class ModelSource:
     name: str  # what the operator asked for, as reported by /health
     path: Path  # a local directory holding the model's files
     kind: ModelKind
+    layout: ModelLayout  # what its sentence-transformers files declare (read_layout)
+    max_length_cap: int | None = None  # MAX_MODEL_LENGTH: the most tokens per input, whatever the model says
+    trust_remote_code: bool = False  # TRUST_REMOTE_CODE: the model's own Python code may run
 
 
 def resolve_model_source(settings: Settings) -> ModelSource:
@@ -28,7 +32,33 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     detected = detect_kind(path)
     kind = detected if settings.model_kind == "auto" else ModelKind(settings.model_kind)
     name = "all-MiniLM-L6-v2" if requested == EMBEDDED_MODEL else requested
-    return ModelSource(name=name, path=path, kind=kind)
+    layout = read_layout(path)
+    if layout.needs_remote_code and not settings.trust_remote_code:
+        raise StartupError(
+            f"model {name} ships its own Python code (config.json auto_map), which runs only with "
+            "TRUST_REMOTE_CODE=true: set it if you trust the model's authors"
+        )
+    if layout.causal_lm and kind is ModelKind.CROSS_ENCODER and layout.family not in CAUSAL_TEMPLATES:
+        raise StartupError(
+            f"model {name} is a {layout.family} causal LM; only Qwen3-Reranker-style yes/no rerankers "
+            f"({', '.join(sorted(CAUSAL_TEMPLATES))} families) can be served as cross-encoders"
+        )
+    return ModelSource(name, path, kind, layout, settings.max_model_length, settings.trust_remote_code)
+
+
+def layout_facts(source: ModelSource) -> dict[str, object]:
+    """The ModelInfo fields every backend reports from the model's layout:
+    ``ModelInfo(..., **layout_facts(source))``."""
+    layout = source.layout
+    template = CAUSAL_TEMPLATES[layout.family] if layout.causal_lm else None
+    bi_encoder = source.kind is ModelKind.BI_ENCODER
+    return {
+        "family": layout.family,
+        "activation": layout.activation,
+        "prompts": dict(layout.prompts) if bi_encoder else {},
+        "default_prompt_name": layout.default_prompt_name if bi_encoder else None,
+        "instruction": template.default_instruction if template else None,
+    }
 
 
 def embedded_model_path() -> Path:
@@ -87,33 +117,214 @@ def _hub_problem(exc: Exception) -> str:
 
 
 def detect_kind(path: Path) -> ModelKind:
-    """Cross-encoder when the files say so, bi-encoder otherwise."""
+    """Cross-encoder when the files say so (a sequence classifier, or a causal LM scored by its
+    yes/no logits as Qwen3-Reranker is), bi-encoder otherwise."""
     st_config = read_json(path / "config_sentence_transformers.json")
     if st_config.get("model_type") == "CrossEncoder":
         return ModelKind.CROSS_ENCODER
     if st_config.get("model_type") == "SentenceTransformer":
         return ModelKind.BI_ENCODER
+    if any(str(m.get("type", "")).endswith("Pooling") for m in module_list(path)):
+        return ModelKind.BI_ENCODER  # e.g. Qwen3-Embedding: a *ForCausalLM config, pooled
     architectures = read_json(path / "config.json").get("architectures") or []
-    if any(str(arch).endswith("ForSequenceClassification") for arch in architectures):
+    if any(str(arch).endswith(("ForSequenceClassification", "ForCausalLM")) for arch in architectures):
         return ModelKind.CROSS_ENCODER
     return ModelKind.BI_ENCODER
 
 
-def pooling_of(root: Path, who: str) -> tuple[str, bool]:
-    """(mean | cls, normalises) from a bi-encoder's sentence-transformers module list.
+LEGACY_POOLING_KEYS = {  # sentence-transformers < 6 wrote one boolean per mode
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+POOLING_MODES = frozenset(LEGACY_POOLING_KEYS.values())
+# The sentence-transformers modules a backend can run; anything else in modules.json is refused.
+UNDERSTOOD_MODULES = frozenset({"Transformer", "Pooling", "Dense", "Normalize", "LogitScore"})
+ACTIVATIONS = {  # a cross-encoder's declared activation (torch class name) -> ours
+    "Sigmoid": "sigmoid",
+    "Identity": "identity",
+    "Softmax": "softmax",  # of one logit: always 1.0, but it is what the model declares
+    "Tanh": "tanh",
+}
 
-    For backends that run the transformer themselves (MLX, a shipped ONNX file) and pool
-    its token embeddings; ``who`` names the backend in the error for other poolings.
+
+@dataclass(frozen=True, slots=True)
+class DenseLayer:
+    """A sentence-transformers Dense module: ``activation(x @ W.T + b)`` on the pooled vector."""
+
+    path: Path  # the module's directory (weights in model.safetensors or pytorch_model.bin)
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # "tanh", "identity", "relu", "gelu", "sigmoid" (lower-cased torch class name)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLayout:
+    """What a model's sentence-transformers files declare, read once for every backend.
+
+    Every module of modules.json is understood or refused (StartupError) here: no backend
+    skips one silently.
     """
+
+    family: str  # config.json model_type: "bert", "xlm-roberta", "modernbert", "qwen3", ...
+    architectures: tuple[str, ...]
+    module_types: tuple[str, ...]  # short names in order: ("Transformer", "Pooling", "Dense", ...)
+    pooling: tuple[str, ...]  # bi-encoder pooling modes (concatenated when several); () otherwise
+    pooling_includes_prompt: bool  # False: prompt tokens are left out of the pooled tokens
+    dense: tuple[DenseLayer, ...]
+    normalizes: bool
+    prompts: dict[str, str]
+    default_prompt_name: str | None
+    activation: str  # cross-encoders: "sigmoid" (default), "identity", "softmax", "tanh"
+    causal_lm: bool  # a decoder scored by its next-token logits ("yes" vs "no"), Qwen3-Reranker style
+    type_vocab_size: int  # 0 when the config has none (DistilBERT, ModernBERT, decoders): no token types
+    padding_side: str  # "right" or "left", as the tokenizer declares
+    declared_max_length: int | None  # sentence_bert_config max_seq_length, else the tokenizer's
+    position_limit: int | None  # config max_position_embeddings (what the model can take at all)
+    needs_remote_code: bool  # config.json auto_map: the model ships its own Python code
+
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether the model has more than one token type (BERT: 2; XLM-R, decoders: no)."""
+        return self.type_vocab_size > 1
+
+    @property
+    def pooling_mode(self) -> str:
+        """The one pooling mode ("mean", "cls", "lasttoken", ...) or "+".join of several."""
+        return "+".join(self.pooling)
+
+
+def read_layout(root: Path) -> ModelLayout:
+    """The model's layout from its files (config.json, modules.json and the modules' configs)."""
+    config = read_json(root / "config.json")
+    st_config = read_json(root / "config_sentence_transformers.json")
+    tokenizer_config = read_json(root / "tokenizer_config.json")
     modules = module_list(root)
-    normalises = any(m.get("type", "").endswith("Normalize") for m in modules)
-    pooling_dirs = [m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")]
-    pooling = read_json(root / pooling_dirs[0] / "config.json") if pooling_dirs else {}
-    if pooling.get("pooling_mode_cls_token"):
-        return "cls", normalises
-    if pooling and not pooling.get("pooling_mode_mean_tokens", True):
-        raise StartupError(f"{who}: only mean or CLS pooling is supported for this model")
-    return "mean", normalises
+    module_types = tuple(_module_type(m, root) for m in modules)
+    pooling: tuple[str, ...] = ()
+    includes_prompt = True
+    dense: list[DenseLayer] = []
+    for module, short in zip(modules, module_types, strict=True):
+        module_dir = root / str(module.get("path", ""))
+        if short == "Pooling":
+            pooling_config = read_json(module_dir / "config.json")
+            pooling = _pooling_modes(pooling_config, root)
+            includes_prompt = bool(pooling_config.get("include_prompt", True))
+        elif short == "Dense":
+            dense.append(_dense_layer(module_dir))
+    architectures = tuple(str(a) for a in config.get("architectures") or ())
+    prompts = st_config.get("prompts") or {}
+    max_seq_length = read_json(root / "sentence_bert_config.json").get("max_seq_length")
+    tokenizer_max = tokenizer_config.get("model_max_length")
+    declared = max_seq_length or (
+        tokenizer_max if isinstance(tokenizer_max, int) and tokenizer_max < 10**7 else None
+    )
+    positions = config.get("max_position_embeddings")
+    return ModelLayout(
+        family=str(config.get("model_type", "")),
+        architectures=architectures,
+        module_types=module_types,
+        pooling=pooling,
+        pooling_includes_prompt=includes_prompt,
+        dense=tuple(dense),
+        normalizes="Normalize" in module_types,
+        prompts={str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {},
+        default_prompt_name=st_config.get("default_prompt_name") or None,
+        activation=_activation(config, st_config, root),
+        causal_lm="LogitScore" in module_types
+        or (not pooling and any(a.endswith("ForCausalLM") for a in architectures)),
+        type_vocab_size=int(config.get("type_vocab_size") or 0),
+        padding_side=str(tokenizer_config.get("padding_side") or "right"),
+        declared_max_length=int(declared) if declared else None,
+        position_limit=int(positions) if isinstance(positions, int) else None,
+        needs_remote_code=bool(config.get("auto_map")),
+    )
+
+
+def _module_type(module: dict, root: Path) -> str:
+    dotted = str(module.get("type", ""))
+    short = dotted.rsplit(".", 1)[-1]
+    if short not in UNDERSTOOD_MODULES or not dotted.startswith("sentence_transformers."):
+        raise StartupError(
+            f"model {root} has the sentence-transformers module {dotted or module!r} "
+            f"({module.get('path', '')!r}), which this server cannot run (it runs "
+            f"{', '.join(sorted(UNDERSTOOD_MODULES))}); it would be skipped, giving wrong answers"
+        )
+    return short
+
+
+def _pooling_modes(pooling_config: dict, root: Path) -> tuple[str, ...]:
+    """Pooling modes from ST 6's ``pooling_mode`` (a name or a list) or the old booleans."""
+    declared = pooling_config.get("pooling_mode")
+    if declared is None:
+        modes = tuple(mode for key, mode in LEGACY_POOLING_KEYS.items() if pooling_config.get(key))
+        modes = modes or ("mean",)
+    else:
+        modes = (declared,) if isinstance(declared, str) else tuple(str(m) for m in declared)
+    unknown = [m for m in modes if m not in POOLING_MODES]
+    if unknown or not modes:
+        raise StartupError(f"model {root}: unknown pooling mode {unknown or declared!r}")
+    return modes
+
+
+def _dense_layer(module_dir: Path) -> DenseLayer:
+    config = read_json(module_dir / "config.json")
+    try:
+        in_features, out_features = int(config["in_features"]), int(config["out_features"])
+    except (KeyError, TypeError, ValueError):
+        raise StartupError(
+            f"{module_dir}/config.json: a Dense module needs in_features and out_features"
+        ) from None
+    if config.get("use_residual"):
+        raise StartupError(f"{module_dir}: a residual Dense module cannot be served")
+    activation = str(config.get("activation_function") or "torch.nn.modules.linear.Identity")
+    return DenseLayer(
+        path=module_dir,
+        in_features=in_features,
+        out_features=out_features,
+        bias=bool(config.get("bias", True)),
+        activation=activation.rsplit(".", 1)[-1].lower(),
+    )
+
+
+def _activation(config: dict, st_config: dict, root: Path) -> str:
+    """The cross-encoder activation as sentence-transformers reads it: config_sentence_transformers
+    ``activation_fn`` (v4+), else config.json ``sentence_transformers.activation_fn``, else the
+    pre-v4 ``sbert_ce_default_activation_function``; sigmoid when none is declared (one label)."""
+    nested = config.get("sentence_transformers")
+    declared = (
+        st_config.get("activation_fn")
+        or (nested.get("activation_fn") if isinstance(nested, dict) else None)
+        or config.get("sbert_ce_default_activation_function")
+    )
+    if not declared:
+        return "sigmoid"
+    name = str(declared).rsplit(".", 1)[-1]
+    if not str(declared).startswith("torch.") or name not in ACTIVATIONS:
+        raise StartupError(
+            f"model {root} declares the activation {declared!r}; this server applies "
+            f"{', '.join(sorted(ACTIVATIONS))} (torch.nn), or none with raw_scores"
+        )
+    return ACTIVATIONS[name]
+
+
+def pooling_of(root: Path, who: str) -> tuple[str, bool]:
+    """(mean | cls, normalises) for backends that pool token embeddings themselves and
+    support only those two modes; ``who`` names the backend in the error for other poolings."""
+    layout = read_layout(root)
+    if layout.dense:
+        raise StartupError(
+            f"{who}: this model has a Dense module, which {who} does not run; use BACKEND=torch"
+        )
+    if layout.pooling_mode not in ("mean", "cls", ""):
+        raise StartupError(
+            f"{who}: {layout.pooling_mode} pooling is not supported for this model; use BACKEND=torch"
+        )
+    return layout.pooling_mode or "mean", layout.normalizes
 
 
 def module_list(root: Path) -> list[dict]:
