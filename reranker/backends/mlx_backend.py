@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from reranker.backends.base import Encoded, ModelInfo, ModelKind
 from reranker.backends.mlx_decoders import Decoder
 from reranker.backends.mlx_encoders import PREFIXES, Encoder, build_encoder
-from reranker.backends.mlx_families import DECODER_FAMILIES, mlx_refusal
+from reranker.backends.mlx_families import DECODER_FAMILIES, INSTEAD, mlx_refusal
 from reranker.backends.mlx_layers import Weights, load_weights
 from reranker.backends.mlx_modules import load_dense, pool
 from reranker.backends.source import ModelLayout, ModelSource, module_list, read_json
@@ -41,7 +41,7 @@ class MlxBackend(TokenizedBackend):
     def __init__(self, source: ModelSource) -> None:
         refusal = mlx_refusal(source)
         if refusal:
-            raise StartupError(refusal)
+            raise StartupError(f"{refusal}; {INSTEAD}")
         root = Path(source.path)
         self._source = source
         self._config = read_json(root / "config.json")

@@ -1,8 +1,8 @@
 """Which models the MLX backend serves, decided from the model's files alone (no mlx import).
 
-``BACKEND=auto`` asks ``mlx_refusal`` before it picks MLX, and the MLX backend asks it
-before it loads anything, so a model MLX cannot serve is refused by name at start-up
-with the backend that serves it, never half-run.
+``BACKEND=auto`` asks ``mlx_refusal`` before it picks MLX (and picks torch, saying why, when
+MLX cannot serve the model); the MLX backend asks it before it loads anything, so a model
+it cannot serve is a start-up error naming the family and the backend to use, never half-run.
 """
 
 from __future__ import annotations
@@ -22,28 +22,28 @@ INSTEAD = "use BACKEND=torch (or BACKEND=onnx)"
 
 
 def mlx_refusal(source: ModelSource) -> str | None:
-    """Why the MLX backend cannot serve this model (one sentence naming the family and the
-    backend to use instead), or None when it can."""
+    """Why the MLX backend cannot serve this model (a clause naming the family; ``INSTEAD`` says
+    what to use), or None when it can."""
     layout = source.layout
     family = layout.family or "unknown"
     config = read_json(Path(source.path) / "config.json")
     if family not in ENCODER_FAMILIES + DECODER_FAMILIES:
-        return f"MLX backend cannot serve {family!r} models (it serves {SERVED}); {INSTEAD}"
+        return f"MLX backend cannot serve {family!r} models (it serves {SERVED})"
     if config.get("quantization") or config.get("quantization_config"):
-        return f"MLX backend serves float32 checkpoints only; this {family} model is quantized; {INSTEAD}"
+        return f"MLX backend serves float32 checkpoints only; this {family} model is quantized"
     if not any(Path(source.path).glob("model*.safetensors")):
-        return f"MLX backend loads safetensors weights only and this {family} model has none; {INSTEAD}"
+        return f"MLX backend loads safetensors weights only and this {family} model has none"
     allowed = BI_ENCODER_MODULES if source.kind is ModelKind.BI_ENCODER else CROSS_ENCODER_MODULES
     for kind in layout.module_types:
         if kind not in allowed:
             return (
                 f"MLX backend cannot run the sentence-transformers module {kind!r} of this {family} "
-                f"{source.kind.value} (it runs {', '.join(allowed)}); {INSTEAD}"
+                f"{source.kind.value} (it runs {', '.join(allowed)})"
             )
     if not layout.pooling_includes_prompt:
-        return f"MLX backend cannot pool without the prompt tokens (include_prompt: false); {INSTEAD}"
+        return "MLX backend cannot pool without the prompt tokens (include_prompt: false)"
     if any(dense.activation not in DENSE_ACTIVATIONS for dense in layout.dense):
-        return f"MLX backend runs Dense activations {', '.join(DENSE_ACTIVATIONS)} only; {INSTEAD}"
+        return f"MLX backend runs the Dense activations {', '.join(DENSE_ACTIVATIONS)} only"
     if source.kind is ModelKind.CROSS_ENCODER:
         return _cross_encoder_refusal(layout.architectures, family, layout.causal_lm)
     return None
@@ -54,12 +54,9 @@ def _cross_encoder_refusal(architectures: tuple[str, ...], family: str, causal_l
         if not causal_lm and not any(a.endswith("ForSequenceClassification") for a in architectures):
             return (
                 f"MLX backend serves {family} rerankers as sequence classification or as a causal LM "
-                f"scored by yes/no, and this one is {', '.join(architectures) or 'neither'}; {INSTEAD}"
+                f"scored by yes/no, and this one is {', '.join(architectures) or 'neither'}"
             )
         return None
     if causal_lm or not any(a.endswith("ForSequenceClassification") for a in architectures):
-        return (
-            f"MLX backend serves {family} cross-encoders with their sequence-classification head only; "
-            + INSTEAD
-        )
+        return f"MLX backend serves {family} cross-encoders with their sequence-classification head only"
     return None
