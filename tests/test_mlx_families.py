@@ -100,6 +100,68 @@ def test_cross_encoder_logits_equal_sentence_transformers(
     np.testing.assert_allclose(model.forward(items[1:2]), logits[1:2], rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def qwen2_models(
+    family_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Qwen2 (gte-Qwen2, mxbai-rerank-v2 backbones: q/k/v biases, no q/k norm), beside tests/families.py's
+    Qwen3: a sequence-classification reranker and a last-token-pooled bi-encoder, on the Qwen tokenizer."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config
+
+    from tests.families import HEADS, HIDDEN, INIT_RANGE, INTERMEDIATE, LAYERS, SEED
+
+    root = tmp_path_factory.mktemp("qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(str(family_model("qwen3-seq-cls")))
+    built = {}
+    for name, model_class in (("cross", AutoModelForSequenceClassification), ("bi", AutoModel)):
+        torch.manual_seed(SEED)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=1,
+            intermediate_size=INTERMEDIATE,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+            initializer_range=INIT_RANGE,
+            num_labels=1,
+        )
+        built[name] = root / f"{name}-hf"
+        model_class.from_config(config).eval().save_pretrained(str(built[name]))
+        tokenizer.save_pretrained(str(built[name]))
+    transformer = Transformer(str(built["bi"]))
+    bi = SentenceTransformer(
+        modules=[transformer, Pooling(HIDDEN, pooling_mode="lasttoken"), Normalize()], device="cpu"
+    )
+    bi.save(str(root / "bi"))
+    return {"qwen2-seq-cls": built["cross"], "qwen2-last-token": root / "bi"}
+
+
+def test_qwen2_reranker_and_embedder_equal_sentence_transformers(
+    backend: str, qwen2_models: dict[str, Path]
+) -> None:
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    pairs = [(QUERY, document) for document in DOCUMENTS]
+    cross = mlx_backend(qwen2_models["qwen2-seq-cls"])
+    reference = CrossEncoder(str(qwen2_models["qwen2-seq-cls"]), device="cpu", local_files_only=True).predict(
+        pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True
+    )
+    np.testing.assert_allclose(
+        cross.forward(cross.tokenize_pairs(pairs)), reference.reshape(-1), atol=TOLERANCE, rtol=0
+    )
+    bi = mlx_backend(qwen2_models["qwen2-last-token"])
+    vectors = bi.forward(bi.tokenize_texts(DOCUMENTS))
+    reference = SentenceTransformer(str(qwen2_models["qwen2-last-token"]), device="cpu").encode(DOCUMENTS)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(vectors, reference, atol=TOLERANCE, rtol=0)
+
+
 def test_causal_lm_reranker_gives_qwen3_reranker_probability_of_yes(
     backend: str, family_model: Callable[[str], Path]
 ) -> None:

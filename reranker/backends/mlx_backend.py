@@ -86,7 +86,8 @@ class MlxBackend(TokenizedBackend):
             dimension=self._dimension() if self._source.kind is ModelKind.BI_ENCODER else None,
             normalize_embeddings=self._normalizes,
             dtype="float32",
-            details={"family": self._family},
+            details={"family": self._family}
+            | ({"pooling": "+".join(self._pooling)} if self._pooling else {}),
         )
 
     def _dimension(self) -> int:

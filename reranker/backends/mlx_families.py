@@ -31,6 +31,8 @@ def mlx_refusal(source: ModelSource) -> str | None:
         return f"MLX backend cannot serve {family!r} models (it serves {SERVED})"
     if config.get("quantization") or config.get("quantization_config"):
         return f"MLX backend serves float32 checkpoints only; this {family} model is quantized"
+    if family in DECODER_FAMILIES and config.get("use_sliding_window"):
+        return f"MLX backend does not run {family} sliding-window attention (use_sliding_window: true)"
     if not any(Path(source.path).glob("model*.safetensors")):
         return f"MLX backend loads safetensors weights only and this {family} model has none"
     allowed = BI_ENCODER_MODULES if source.kind is ModelKind.BI_ENCODER else CROSS_ENCODER_MODULES
