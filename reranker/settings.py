@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     onnx_cache_dir: str | None = None
     onnx_quantize: OnnxQuantize = "none"
     onnx_int8_min_agreement: float = Field(0.98, gt=0, le=1)
+    # Model families (issue 16)
+    max_model_length: int | None = Field(None, ge=8)  # caps the model's own max length
+    trust_remote_code: bool = False  # models whose config.json has auto_map (their own Python code)
+    default_prompt_name: str | None = None  # prompt applied to /embed texts without prompt_name
+    rerank_window_tokens: int | None = Field(None, ge=16)  # bi-encoder rerank windows; None: max length
 
     # Concurrency controller
     max_parallel_requests: int = Field(1, ge=1, le=64)
@@ -112,7 +117,13 @@ class Settings(BaseSettings):
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator(
-        "local_model_path", "onnx_cache_dir", "api_keys", "api_keys_file", "job_store_dir", mode="before"
+        "local_model_path",
+        "onnx_cache_dir",
+        "api_keys",
+        "api_keys_file",
+        "job_store_dir",
+        "default_prompt_name",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:

@@ -19,10 +19,17 @@ from reranker.errors import InvalidInputError
 
 
 async def _embed(
-    request: Request, service: InferenceService, texts: list[str], labels: list[str], **options: bool | None
+    request: Request,
+    service: InferenceService,
+    texts: list[str],
+    labels: list[str],
+    prompt_choice: EmbedRequest | OpenAIEmbeddingRequest,
+    **options: bool | None,
 ) -> EmbedOutcome:
+    """The service's embed with the prompt the request chose (an unknown one: 422 listing the model's)."""
+    prompt = service.embed_prompt(prompt_choice.prompt_name, prompt_choice.input_type)
     try:
-        return await unless_disconnected(request, service.embed(texts, **options))
+        return await unless_disconnected(request, service.embed(texts, prompt=prompt, **options))
     except TextTooLongError as exc:
         raise InvalidInputError(
             f"{labels[exc.position]}: longer than the model's {exc.max_tokens} tokens and truncate is false"
@@ -43,7 +50,7 @@ async def embed(request: Request) -> Response:
     check_embed_limits(runtime.settings, texts, labels)
     service = runtime.require_service()
     outcome = await _embed(
-        request, service, texts, labels, normalize=body.normalize, allow_truncation=body.truncate
+        request, service, texts, labels, body, normalize=body.normalize, allow_truncation=body.truncate
     )
     content = {
         "batch_id": body.batch_id,
@@ -78,7 +85,7 @@ async def openai_embeddings(request: Request) -> Response:
         raise InvalidInputError(
             f"dimensions: {body.dimensions} is larger than the model's {model_dimension} dimensions"
         )
-    outcome = await _embed(request, service, texts, labels)
+    outcome = await _embed(request, service, texts, labels, body)
     vectors = outcome.vectors
     if body.dimensions is not None and body.dimensions < vectors.shape[1]:
         vectors = l2_normalize(vectors[:, : body.dimensions])

@@ -26,6 +26,7 @@ from reranker.api.schemas import (
     CohereV2RerankRequest,
     LongDocumentOptions,
     RerankRequest,
+    ScoringOptions,
     check_limits,
 )
 from reranker.engine.runtime import Runtime
@@ -53,10 +54,12 @@ async def rerank(request: Request) -> Response:
     top_k, top_name = body.limit
     check_limits(runtime.settings, body.query, body.documents, top_k, top_name)
     service = runtime.require_service()
-    outcome = await unless_disconnected(request, service.rerank(body.query, body.documents))
+    rerank_call = service.rerank(body.query, body.documents, instruction=body.instruction)
+    outcome = await unless_disconnected(request, rerank_call)
+    scores = scores_of(outcome, body)
     results: list[dict[str, Any]] = []
     for index in ranked(outcome, top_k):
-        result: dict[str, Any] = {"index": index, "score": float(outcome.scores[index])}
+        result: dict[str, Any] = {"index": index, "score": float(scores[index])}
         if body.return_documents:
             result["document"] = body.documents[index]
         results.append(result)
@@ -75,19 +78,27 @@ async def rerank(request: Request) -> Response:
     )
 
 
+def scores_of(outcome: RerankOutcome, body: ScoringOptions) -> np.ndarray:
+    """The scores a request asked for: the model's activation of the logit, or with ``raw_scores``
+    the logit itself (a bi-encoder's cosine either way)."""
+    return outcome.ranking if body.raw_scores else outcome.scores
+
+
 def long_documents(
     body: LongDocumentOptions, settings: Settings, max_windows: int | None = None
 ) -> LongDocuments:
     mode = {"END": "truncate", "NONE": "refuse"}.get(body.truncate or "CHUNK", "chunk")
     windows = max_windows or body.max_chunks_per_doc or settings.max_chunks_per_doc
-    return LongDocuments(mode, windows, settings.chunk_overlap_tokens)
+    return LongDocuments(mode, windows, settings.chunk_overlap_tokens, settings.rerank_window_tokens)
 
 
-async def rerank_long(request: Request, query: str, texts: list[str], long: LongDocuments) -> RerankOutcome:
+async def rerank_long(
+    request: Request, query: str, texts: list[str], long: LongDocuments, instruction: str | None = None
+) -> RerankOutcome:
     """The service's rerank; a document refused for its length is a 422 naming it."""
     service = runtime_of(request).require_service()
     try:
-        return await unless_disconnected(request, service.rerank(query, texts, long))
+        return await unless_disconnected(request, service.rerank(query, texts, long, instruction=instruction))
     except TextTooLongError as exc:
         raise InvalidInputError(
             f"documents.{exc.position}: longer than the model's {exc.max_tokens}-token window "
@@ -129,10 +140,11 @@ async def rerank_v1(request: Request) -> Response:
     texts = body.texts()
     check_limits(runtime.settings, body.query, texts, body.top_n)
     long = long_documents(body, runtime.settings)
-    outcome = await rerank_long(request, body.query, texts, long)
+    outcome = await rerank_long(request, body.query, texts, long, body.instruction)
+    scores = scores_of(outcome, body)
     results: list[dict[str, Any]] = []
     for index in ranked(outcome, body.top_n):
-        result: dict[str, Any] = {"index": index, "relevance_score": float(outcome.scores[index])}
+        result: dict[str, Any] = {"index": index, "relevance_score": float(scores[index])}
         if body.return_documents:
             doc = body.documents[index]
             result["document"] = {"text": doc} if isinstance(doc, str) else doc
@@ -168,10 +180,11 @@ async def rerank_v2(request: Request) -> Response:
         i for i, (text, original) in enumerate(zip(texts, body.documents, strict=True)) if text != original
     ]
     long = long_documents(body, runtime.settings, max_windows=None if body.max_chunks_per_doc else 1000)
-    outcome = await rerank_long(request, body.query, texts, long)
+    outcome = await rerank_long(request, body.query, texts, long, body.instruction)
+    scores = scores_of(outcome, body)
     results: list[dict[str, Any]] = []
     for index in ranked(outcome, body.top_n):
-        result: dict[str, Any] = {"index": index, "relevance_score": float(outcome.scores[index])}
+        result: dict[str, Any] = {"index": index, "relevance_score": float(scores[index])}
         if body.return_details:
             result["details"] = result_details(outcome, index) | {
                 "truncated": index in cut_by_budget or index in outcome.truncated_documents

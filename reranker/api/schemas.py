@@ -75,7 +75,21 @@ class _QueryAndTextDocuments(_Body):
         return value
 
 
-class RerankRequest(_QueryAndTextDocuments):
+class ScoringOptions(_Body):
+    """What every rerank shape may ask of the scores (issue 16)."""
+
+    raw_scores: bool = Field(
+        False, description="Cross-encoders: the raw logit instead of the model's declared activation of it."
+    )
+    instruction: str | None = Field(
+        None,
+        min_length=1,
+        description="Instruction-style rerankers (Qwen3-Reranker): the task instruction "
+        "(default: the model's).",
+    )
+
+
+class RerankRequest(_QueryAndTextDocuments, ScoringOptions):
     top_k: int | None = Field(None, gt=0)
     top_n: int | None = Field(None, gt=0, description="Cohere's name for top_k (top_k wins over it).")
     return_documents: bool = False
@@ -86,7 +100,7 @@ class RerankRequest(_QueryAndTextDocuments):
         return (self.top_k, "top_k") if self.top_k is not None else (self.top_n, "top_n")
 
 
-class LongDocumentOptions(_Body):
+class LongDocumentOptions(ScoringOptions):
     """How /v1/rerank and /v2/rerank treat a document longer than the model window."""
 
     truncate: Literal["CHUNK", "END", "NONE"] | None = Field(
@@ -188,6 +202,13 @@ class EmbedRequest(_Body):
     chunks: list[Chunk] = Field(min_length=1)
     normalize: bool | None = None
     truncate: bool = True
+    prompt_name: str | None = Field(None, min_length=1, description="One of the model's prompts (/health).")
+    input_type: str | None = Field(
+        None,
+        min_length=1,
+        description="Cohere's name: query/search_query or document/search_document select the model's "
+        "query or document prompt (prompt_name wins).",
+    )
 
     @model_validator(mode="after")
     def _chunks_are_usable(self) -> EmbedRequest:
@@ -211,6 +232,13 @@ class OpenAIEmbeddingRequest(_Body):
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0)
+    prompt_name: str | None = Field(None, min_length=1, description="One of the model's prompts (/health).")
+    input_type: str | None = Field(
+        None,
+        min_length=1,
+        description="Cohere's name: query/search_query or document/search_document select the model's "
+        "query or document prompt (prompt_name wins).",
+    )
 
     @field_validator("input")
     @classmethod

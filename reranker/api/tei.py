@@ -133,13 +133,11 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     runtime = runtime_of(request)
     body = validate(TeiEmbedRequest, data)
     texts = body.texts()
-    if body.prompt_name is not None:
-        prefix = (await model_files(request)).prompt(body.prompt_name)
-        texts = [prefix + text for text in texts]
     check_embed_limits(runtime.settings, texts, [f"inputs.{i}" for i in range(len(texts))])
     service = runtime.require_service()
+    prompt = service.embed_prompt(body.prompt_name, None)  # None: the default prompt, if any
     work = unless_disconnected(
-        request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate)
+        request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate, prompt=prompt)
     )
     outcome = await _long_refused(work, "inputs", _window(request))
     headers = timing_headers(request, outcome.timing, started, len(texts))

@@ -32,6 +32,11 @@ class ModelInfo:
     normalize_embeddings: bool = True
     dtype: str = "float32"
     details: dict[str, str] = field(default_factory=dict)
+    family: str = ""  # config.json model_type
+    activation: str = "sigmoid"  # cross-encoders: the declared activation of the logit
+    prompts: dict[str, str] = field(default_factory=dict)  # bi-encoders: name -> text prepended
+    default_prompt_name: str | None = None
+    instruction: str | None = None  # instruction-style rerankers (Qwen3-Reranker): the default
 
     @property
     def capabilities(self) -> list[str]:
@@ -87,7 +92,10 @@ class Backend(ABC):
     def pair_windows(self, pairs: Sequence[tuple[str, str]], overlap: int, max_windows: int) -> list[Windows]:
         return [Windows([item], item.truncated) for item in self.tokenize_pairs(pairs)]
 
-    def text_windows(self, texts: Sequence[str], overlap: int, max_windows: int) -> list[Windows]:
+    def text_windows(
+        self, texts: Sequence[str], overlap: int, max_windows: int, window: int | None = None
+    ) -> list[Windows]:
+        """``window``: tokens per window (default and most: the model's max length)."""
         return [Windows([item], item.truncated) for item in self.tokenize_texts(texts)]
 
     def truncate_text(self, text: str, max_tokens: int) -> str:

@@ -214,6 +214,11 @@ class OnnxBackend(TokenizedBackend):
             dimension=base.dimension,
             normalize_embeddings=base.normalize_embeddings,
             dtype="float32" if self._int8 is None else "int8",
+            family=base.family,
+            activation=base.activation,
+            prompts=base.prompts,
+            default_prompt_name=base.default_prompt_name,
+            instruction=base.instruction,
             details={
                 "onnx_file": str(self.path),
                 "onnx_origin": self.origin,

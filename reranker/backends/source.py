@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reranker.backends.base import ModelKind
+from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.errors import StartupError
 from reranker.settings import EMBEDDED_MODEL, Settings
 
@@ -21,6 +22,7 @@ class ModelSource:
     path: Path  # a local directory holding the model's files
     kind: ModelKind
     layout: ModelLayout  # what its sentence-transformers files declare (read_layout)
+    max_length_cap: int | None = None  # MAX_MODEL_LENGTH: the most tokens per input, whatever the model says
 
 
 def resolve_model_source(settings: Settings) -> ModelSource:
@@ -29,7 +31,33 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     detected = detect_kind(path)
     kind = detected if settings.model_kind == "auto" else ModelKind(settings.model_kind)
     name = "all-MiniLM-L6-v2" if requested == EMBEDDED_MODEL else requested
-    return ModelSource(name=name, path=path, kind=kind, layout=read_layout(path))
+    layout = read_layout(path)
+    if layout.needs_remote_code and not settings.trust_remote_code:
+        raise StartupError(
+            f"model {name} ships its own Python code (config.json auto_map), which runs only with "
+            "TRUST_REMOTE_CODE=true: set it if you trust the model's authors"
+        )
+    if layout.causal_lm and kind is ModelKind.CROSS_ENCODER and layout.family not in CAUSAL_TEMPLATES:
+        raise StartupError(
+            f"model {name} is a {layout.family} causal LM; only Qwen3-Reranker-style yes/no rerankers "
+            f"({', '.join(sorted(CAUSAL_TEMPLATES))} families) can be served as cross-encoders"
+        )
+    return ModelSource(name, path, kind, layout, settings.max_model_length)
+
+
+def layout_facts(source: ModelSource) -> dict[str, object]:
+    """The ModelInfo fields every backend reports from the model's layout:
+    ``ModelInfo(..., **layout_facts(source))``."""
+    layout = source.layout
+    template = CAUSAL_TEMPLATES[layout.family] if layout.causal_lm else None
+    bi_encoder = source.kind is ModelKind.BI_ENCODER
+    return {
+        "family": layout.family,
+        "activation": layout.activation,
+        "prompts": dict(layout.prompts) if bi_encoder else {},
+        "default_prompt_name": layout.default_prompt_name if bi_encoder else None,
+        "instruction": template.default_instruction if template else None,
+    }
 
 
 def embedded_model_path() -> Path:

@@ -13,44 +13,79 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from reranker.backends.base import Backend, Encoded, Windows
+from reranker.backends.templates import CausalRerankTemplate
 from reranker.errors import StartupError
 
 
 class TextTokenizer:
-    def __init__(self, hf_tokenizer: object, max_length: int) -> None:
+    """``token_types`` False (a model with one token type, XLM-R or a decoder): every type id is 0,
+    whatever the tokenizer's pair template or overflow windows say. ``padding_side`` as the
+    tokenizer declares ("left" for decoders read at the last position). ``template``: a causal-LM
+    reranker's prompt, around which pairs are tokenized (templates.py)."""
+
+    def __init__(
+        self,
+        hf_tokenizer: object,
+        max_length: int,
+        token_types: bool = True,
+        padding_side: str = "right",
+        template: CausalRerankTemplate | None = None,
+    ) -> None:
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise StartupError("the model's tokenizer has no fast (Rust) implementation")
-        self._setup(Tokenizer.from_str(backend.to_str()), max_length)
+        self._setup(Tokenizer.from_str(backend.to_str()), max_length, token_types, padding_side, template)
         self.pad_id = int(getattr(hf_tokenizer, "pad_token_id", None) or 0)
 
     @classmethod
-    def from_file(cls, tokenizer_json: Path, max_length: int, pad_id: int) -> TextTokenizer:
+    def from_file(
+        cls,
+        tokenizer_json: Path,
+        max_length: int,
+        pad_id: int,
+        token_types: bool = True,
+        padding_side: str = "right",
+        template: CausalRerankTemplate | None = None,
+    ) -> TextTokenizer:
         """From the model's own tokenizer.json, without transformers (the MLX backend's way)."""
         if not tokenizer_json.is_file():
             raise StartupError(f"{tokenizer_json} is missing: the model has no fast tokenizer file")
         tokenizer = cls.__new__(cls)
-        tokenizer._setup(Tokenizer.from_file(str(tokenizer_json)), max_length)
+        tokenizer._setup(
+            Tokenizer.from_file(str(tokenizer_json)), max_length, token_types, padding_side, template
+        )
         tokenizer.pad_id = pad_id
         return tokenizer
 
-    def _setup(self, tokenizer: Tokenizer, max_length: int) -> None:
+    def _setup(
+        self,
+        tokenizer: Tokenizer,
+        max_length: int,
+        token_types: bool,
+        padding_side: str,
+        template: CausalRerankTemplate | None,
+    ) -> None:
+        self.token_types = token_types
+        self.left_padding = padding_side == "left"
+        self.template = template
         self.max_length = max_length
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
-        self._windowing: dict[tuple[str, int], Tokenizer] = {}  # (pair|text, overlap) -> tokenizer
+        self._windowing: dict[tuple[str, int, int], Tokenizer] = {}  # (pair|text, overlap, length)
         self._unbounded = Tokenizer.from_str(tokenizer.to_str())
         self._unbounded.no_truncation()
 
-    def _windower(self, kind: str, overlap: int) -> Tokenizer:
+    def _windower(self, kind: str, overlap: int, window: int | None = None) -> Tokenizer:
         """A copy of the tokenizer that cuts what overflows the window into overlapping windows."""
-        key = (kind, overlap)
+        length = min(window or self.max_length, self.max_length)
+        key = (kind, overlap, length)
         if key not in self._windowing:
             windower = Tokenizer.from_str(self._tokenizer.to_str())
             windower.no_padding()
             strategy = "only_second" if kind == "pair" else "longest_first"
-            windower.enable_truncation(max_length=self.max_length, stride=overlap, strategy=strategy)
+            stride = min(overlap, max(length // 2 - 1, 0))  # tokenizers needs stride < window content
+            windower.enable_truncation(max_length=length, stride=stride, strategy=strategy)
             self._windowing[key] = windower
         return self._windowing[key]
 
@@ -58,21 +93,28 @@ class TextTokenizer:
         """Each (query, document) as windows of query + a slice of the document (``overlap`` tokens
         shared by neighbours), at most ``max_windows``; a query too long to leave room for the
         document falls back to plain truncation."""
+        if self.template is not None:
+            return [self._templated(query, doc, overlap, max_windows) for query, doc in pairs]
         windower = self._windower("pair", overlap)
         result = []
         for pair in pairs:
             try:
                 encoding = windower.encode(*pair)
             except Exception:  # noqa: BLE001 - tokenizers' truncation error: the query fills the window
-                result.append(Windows([_to_encoded(self._tokenizer.encode(*pair))], truncated=True))
+                encoded = _to_encoded(self._tokenizer.encode(*pair), self.token_types)
+                result.append(Windows([encoded], truncated=True))
                 continue
-            result.append(_windows(encoding, max_windows))
+            result.append(_windows(encoding, max_windows, self.token_types))
         return result
 
-    def text_windows(self, texts: Sequence[str], overlap: int, max_windows: int) -> list[Windows]:
-        """Each text as overlapping windows of the model's length, at most ``max_windows``."""
-        windower = self._windower("text", overlap)
-        return [_windows(encoding, max_windows) for encoding in _encode_all(windower, list(texts))]
+    def text_windows(
+        self, texts: Sequence[str], overlap: int, max_windows: int, window: int | None = None
+    ) -> list[Windows]:
+        """Each text as overlapping windows of ``window`` tokens (default: the model's length),
+        at most ``max_windows``."""
+        windower = self._windower("text", overlap, window)
+        encodings = _encode_all(windower, list(texts))
+        return [_windows(encoding, max_windows, self.token_types) for encoding in encodings]
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """``text`` cut after its first ``max_tokens`` tokens (at a token boundary)."""
@@ -80,22 +122,48 @@ class TextTokenizer:
         return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
 
     def texts(self, texts: Sequence[str]) -> list[Encoded]:
-        return [_to_encoded(e) for e in _encode_all(self._tokenizer, list(texts))]
+        return [_to_encoded(e, self.token_types) for e in _encode_all(self._tokenizer, list(texts))]
 
     def pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-        return [_to_encoded(e) for e in _encode_all(self._tokenizer, [tuple(p) for p in pairs])]
+        if self.template is not None:
+            return [self._templated(query, doc, 0, 1).items[0] for query, doc in pairs]
+        encodings = _encode_all(self._tokenizer, [tuple(p) for p in pairs])
+        return [_to_encoded(e, self.token_types) for e in encodings]
+
+    def _templated(self, query_part: str, document: str, overlap: int, max_windows: int) -> Windows:
+        """A causal-LM reranker's input: prefix + query part + a window of the document + suffix,
+        each tokenized apart (they meet at pre-tokenizer boundaries, so for a document that fits
+        the ids equal the whole text's); the suffix ends every window, as the model reads it."""
+        template = self.template
+        assert template is not None
+        pieces = self._unbounded.encode_batch(
+            [template.prefix, query_part, template.document_part(document), template.suffix],
+            add_special_tokens=False,
+        )
+        prefix, query, doc, suffix = (list(piece.ids) for piece in pieces)
+        head = (prefix + query)[: max(self.max_length - len(suffix) - 1, 1)]
+        room = max(self.max_length - len(head) - len(suffix), 1)
+        step = max(room - min(overlap, room - 1), 1)
+        starts = list(range(0, max(len(doc) - room, 0) + step, step)) if len(doc) > room else [0]
+        kept = [head + doc[start : start + room] + suffix for start in starts[:max_windows]]
+        truncated = len(starts) > max_windows or len(head) < len(prefix) + len(query)
+        items = [Encoded(ids, [0] * len(ids), truncated=len(doc) > room) for ids in kept]
+        return Windows(items, truncated=truncated or (max_windows == 1 and len(doc) > room))
 
     def collate(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
-        """input_ids, token_type_ids, attention_mask: int64 [items, longest item], right-padded."""
+        """input_ids, token_type_ids, attention_mask: int64 [items, longest item], padded on the
+        tokenizer's side; type ids all 0 for a model with one token type."""
         width = max(len(item) for item in batch)
         ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
         type_ids = np.zeros((len(batch), width), dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)
         for row, item in enumerate(batch):
             n = len(item)
-            ids[row, :n] = item.ids
-            type_ids[row, :n] = item.type_ids
-            mask[row, :n] = 1
+            span = slice(width - n, width) if self.left_padding else slice(0, n)
+            ids[row, span] = item.ids
+            if self.token_types:
+                type_ids[row, span] = item.type_ids
+            mask[row, span] = 1
         return {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask}
 
 
@@ -114,9 +182,9 @@ def _encode_all(tokenizer: Tokenizer, inputs: list) -> list:  # type: ignore[typ
     return tokenizer.encode_batch(inputs)
 
 
-def _windows(encoding: object, max_windows: int) -> Windows:
+def _windows(encoding: object, max_windows: int, token_types: bool = True) -> Windows:
     every = [encoding, *encoding.overflowing]  # type: ignore[attr-defined]
-    kept = [Encoded(e.ids, e.type_ids) for e in every[:max_windows]]
+    kept = [Encoded(e.ids, e.type_ids if token_types else [0] * len(e.ids)) for e in every[:max_windows]]
     return Windows(kept, truncated=len(every) > max_windows)
 
 
@@ -134,16 +202,19 @@ class TokenizedBackend(Backend):
     def pair_windows(self, pairs: Sequence[tuple[str, str]], overlap: int, max_windows: int) -> list[Windows]:
         return self.tokenizer.pair_windows(pairs, overlap, max_windows)
 
-    def text_windows(self, texts: Sequence[str], overlap: int, max_windows: int) -> list[Windows]:
-        return self.tokenizer.text_windows(texts, overlap, max_windows)
+    def text_windows(
+        self, texts: Sequence[str], overlap: int, max_windows: int, window: int | None = None
+    ) -> list[Windows]:
+        return self.tokenizer.text_windows(texts, overlap, max_windows, window)
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         return self.tokenizer.truncate_text(text, max_tokens)
 
 
-def _to_encoded(encoding: object) -> Encoded:
+def _to_encoded(encoding: object, token_types: bool = True) -> Encoded:
+    ids = encoding.ids  # type: ignore[attr-defined]
     return Encoded(
-        ids=encoding.ids,  # type: ignore[attr-defined]
-        type_ids=encoding.type_ids,  # type: ignore[attr-defined]
+        ids=ids,
+        type_ids=encoding.type_ids if token_types else [0] * len(ids),  # type: ignore[attr-defined]
         truncated=bool(encoding.overflowing),  # type: ignore[attr-defined]
     )

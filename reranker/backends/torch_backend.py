@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from reranker.backends.base import Encoded, ModelInfo, ModelKind
-from reranker.backends.source import ModelSource
+from reranker.backends.source import ModelSource, layout_facts
+from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
@@ -30,13 +31,31 @@ class TorchBackend(TokenizedBackend):
         else:
             self._load_bi_encoder()
         self._model.eval()
-        self.tokenizer = TextTokenizer(self._model.tokenizer, self._max_length)
+        layout = source.layout
+        if source.max_length_cap:
+            self._max_length = min(self._max_length, source.max_length_cap)
+        self._template = CAUSAL_TEMPLATES[layout.family] if layout.causal_lm else None
+        self.tokenizer = TextTokenizer(
+            self._model.tokenizer,
+            self._max_length,
+            token_types=layout.uses_token_types,
+            padding_side="left" if layout.causal_lm else layout.padding_side,
+            template=self._template,
+        )
 
     def _load_bi_encoder(self) -> None:
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.base.modules.normalize import Normalize
 
-        model = SentenceTransformer(str(self._source.path), device=str(self._device), local_files_only=True)
+        layout = self._source.layout
+        if not layout.pooling_includes_prompt and any(layout.prompts.values()):
+            raise StartupError(
+                f"model {self._source.name} leaves its prompt out of pooling (include_prompt: false), "
+                "which this server does not do; serve it with sentence-transformers"
+            )
+        model = SentenceTransformer(
+            str(self._source.path), device=str(self._device), local_files_only=True, trust_remote_code=False
+        )
         modules = list(model.children())
         # Normalisation is post-processing (per request), so run everything before it.
         self._layers = [m for m in modules if not isinstance(m, Normalize)]
@@ -49,6 +68,7 @@ class TorchBackend(TokenizedBackend):
         from sentence_transformers import CrossEncoder
 
         model = CrossEncoder(str(self._source.path), device=str(self._device), local_files_only=True)
+        self._model = model  # (for the error below)
         if model.num_labels != 1:
             raise StartupError(
                 f"model {self._source.name} has {model.num_labels} labels; only single-label "
@@ -57,7 +77,7 @@ class TorchBackend(TokenizedBackend):
         self._layers = list(model.children())
         self._normalizes = False
         self._model = model
-        self._max_length = int(model.max_length or 512)
+        self._max_length = int(model.max_length or self._source.layout.position_limit or 512)
         self._dimension = None
 
     def info(self) -> ModelInfo:
@@ -70,6 +90,7 @@ class TorchBackend(TokenizedBackend):
             dimension=self._dimension,
             normalize_embeddings=self._normalizes,
             dtype=str(next(self._model.parameters()).dtype).removeprefix("torch."),
+            **layout_facts(self._source),
         )
 
     @torch.inference_mode()
@@ -85,6 +106,9 @@ class TorchBackend(TokenizedBackend):
 
     def run_layers(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model from token ids to its output: logits [n] or pooled vectors [n, dim]."""
+        if self._template is not None:  # a causal LM reranker: the logits of the last position only
+            features = {**features, "logits_to_keep": 1}
+            features.pop("token_type_ids", None)
         for layer in self._layers:
             features = layer(features)
         if self._source.kind is ModelKind.CROSS_ENCODER:

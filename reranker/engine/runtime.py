@@ -154,7 +154,9 @@ class Runtime:
             self.backend, self.controller = backend, controller
             info = backend.info()
             self.cache = prediction_cache(settings, info)
-            self.service = InferenceService(backend, controller, settings.request_timeout_s, self.cache)
+            self.service = InferenceService(
+                backend, controller, settings.request_timeout_s, self.cache, settings.default_prompt_name
+            )
             self.status = Status.HEALTHY
             log.info("ready: %s (%s) on %s/%s", info.name, info.kind.value, info.backend, info.device)
         except Exception as exc:  # noqa: BLE001 - any load failure makes the server unhealthy
@@ -222,6 +224,13 @@ class Runtime:
                 "selected_because": self.backend.selection if info and self.backend else None,
                 "details": dict(info.details) if info else {},
                 "capabilities": info.capabilities if info else [],
+                "family": info.family if info else None,
+                "activation": info.activation if info and info.kind.value == "cross-encoder" else None,
+                "prompts": dict(info.prompts) if info else {},
+                "default_prompt_name": (settings.default_prompt_name or info.default_prompt_name)
+                if info
+                else None,
+                "instruction": info.instruction if info else None,
             },
             "controller": {
                 "max_parallel_requests": settings.max_parallel_requests,

@@ -1,8 +1,10 @@
 """What a request means for the model: tokenize, run through the controller, post-process.
 
-Rerank on a cross-encoder scores (query, document) pairs and applies our own
-sigmoid to the single logit. Rerank on a bi-encoder embeds the query and the
-documents and returns cosine similarities. A document longer than the model window
+Rerank on a cross-encoder scores (query, document) pairs and applies the activation
+the model declares (sigmoid unless it says identity, softmax or tanh) to the single
+logit; an instruction-style causal LM reranker gets its query part from its template.
+Rerank on a bi-encoder embeds the query and the documents (with the model's query and
+document prompts) and returns cosine similarities. A document longer than the model window
 is scored as the best of its overlapping windows when the request asks for chunking.
 With a prediction cache, items already computed are answered from it and only the rest
 are tokenized and queued.
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from reranker.backends.base import Backend, ModelKind, Windows
+from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.engine.cache import CachedOutput, PredictionCache
 from reranker.engine.controller import InferenceController
-from reranker.errors import InvalidInputError, UnsupportedOperationError
+from reranker.engine.prompts import document_prompt, embed_prompt, query_prompt
+from reranker.errors import InvalidInputError, StartupError, UnsupportedOperationError
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,11 @@ class LongDocuments:
     mode: str = "truncate"  # chunk | truncate | refuse
     max_windows: int = 1
     overlap: int = 0
+    window: int | None = None  # bi-encoder documents: tokens per window (RERANK_WINDOW_TOKENS)
 
     @property
     def cache_tag(self) -> str:
-        return f"w{self.max_windows}o{self.overlap}" if self.mode == "chunk" else ""
+        return f"w{self.max_windows}o{self.overlap}l{self.window or ''}" if self.mode == "chunk" else ""
 
 
 TRUNCATE = LongDocuments()
@@ -105,6 +110,17 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 
+def activate(logits: np.ndarray, activation: str) -> np.ndarray:
+    """A cross-encoder's score from its logit, by the activation the model declares."""
+    if activation == "identity":
+        return logits.astype(np.float32)
+    if activation == "softmax":  # over one logit: 1.0 (what sentence-transformers returns)
+        return np.ones_like(logits, dtype=np.float32)
+    if activation == "tanh":
+        return np.tanh(logits.astype(np.float64)).astype(np.float32)
+    return sigmoid(logits)
+
+
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
@@ -117,12 +133,22 @@ class InferenceService:
         controller: InferenceController,
         timeout_s: float,
         cache: PredictionCache | None = None,
+        default_prompt_name: str | None = None,
     ) -> None:
         self._backend = backend
         self._controller = controller
         self._timeout_s = timeout_s
         self._cache = cache
-        self.kind = backend.info().kind
+        info = backend.info()
+        self.kind = info.kind
+        self._template = CAUSAL_TEMPLATES.get(info.family) if info.instruction is not None else None
+        if default_prompt_name is not None and default_prompt_name not in info.prompts:
+            declared = ", ".join(sorted(info.prompts)) or "none"
+            raise StartupError(
+                f"DEFAULT_PROMPT_NAME={default_prompt_name!r}: the model {info.name} declares no such "
+                f"prompt (its prompts: {declared})"
+            )
+        self.default_prompt_name = default_prompt_name
 
     async def _compute(
         self,
@@ -183,7 +209,7 @@ class InferenceService:
     def _windows(self, texts: list[str], positions: list[int], long: LongDocuments) -> list[Windows]:
         chosen = [texts[i] for i in positions]
         if long.mode == "chunk":
-            return self._backend.text_windows(chosen, long.overlap, long.max_windows)
+            return self._backend.text_windows(chosen, long.overlap, long.max_windows, long.window)
         return [Windows([item], item.truncated) for item in self._backend.tokenize_texts(chosen)]
 
     def _pair_windows(
@@ -201,25 +227,34 @@ class InferenceService:
         long: LongDocuments = TRUNCATE,
         background: bool = False,
         query_vector: np.ndarray | None = None,
+        instruction: str | None = None,
     ) -> RerankOutcome:
         """Scores of ``documents`` for ``query``. A document over the model window is, by
         ``long``: the max over its windows' scores (Cohere's semantics), its beginning's score,
         or refused (``TextTooLongError`` naming its position). A bi-encoder may be given the
-        query's normalised vector (``query_vector_of``), so a job's slices embed it once."""
+        query's normalised vector (``query_vector_of``), so a job's slices embed it once; it
+        applies the model's query and document prompts (prompts.py). An instruction-style
+        reranker (Qwen3-Reranker) takes ``instruction``, else its default."""
         refuse = self._refuse_document if long.mode == "refuse" else None
+        info = self._backend.info()
+        if instruction is not None and self._template is None:
+            raise InvalidInputError(f"instruction: the model {info.name} takes no instruction")
         if self.kind is ModelKind.CROSS_ENCODER:
+            if self._template is not None:
+                query = self._template.query_part(query, instruction)
             pairs = [(query, doc) for doc in documents]
             keys = [("pair" + long.cache_tag, query, doc) for doc in documents]
             computed = await self._compute(
                 keys, lambda pos: self._pair_windows(pairs, pos, long), refuse, background
             )
             ranking = np.array([logits.max() for logits in computed.outputs], dtype=np.float64)
-            scores = sigmoid(ranking)
+            scores = activate(ranking, info.activation)
             windows = [len(logits) for logits in computed.outputs]
             cut = computed.truncated
         else:
-            texts = [query, *documents]
-            keys = [("text", query)] + [("text" + long.cache_tag, doc) for doc in documents]
+            document_text = document_prompt(info)
+            texts = [query_prompt(info) + query, *(document_text + doc for doc in documents)]
+            keys = [("text", texts[0])] + [("text" + long.cache_tag, text) for text in texts[1:]]
             given = query_vector is not None
             if given:  # position 0 (the query) is answered already: nothing to compute for it
                 texts[0], keys[0] = "", ("given-query",)
@@ -248,8 +283,9 @@ class InferenceService:
         return RerankOutcome(scores, ranking, computed.tokens, computed.timing, windows, cut)
 
     async def query_vector_of(self, query: str, background: bool = False) -> np.ndarray:
-        """The normalised embedding a bi-encoder rerank compares documents with."""
-        outcome = await self.embed([query], normalize=True, background=background)
+        """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied)."""
+        prompt = query_prompt(self._backend.info())
+        outcome = await self.embed([prompt + query], normalize=True, background=background, prompt="")
         return outcome.vectors[0]
 
     @property
@@ -261,6 +297,10 @@ class InferenceService:
         """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
         return [self._backend.truncate_text(text, max_tokens) for text in texts]
 
+    def embed_prompt(self, prompt_name: str | None, input_type: str | None) -> str:
+        """The prompt text a request's ``prompt_name`` / ``input_type`` select (UnknownPromptError: 422)."""
+        return embed_prompt(self._backend.info(), prompt_name, input_type, self.default_prompt_name)
+
     def _refuse_document(self, position: int) -> None:
         raise TextTooLongError(position, self._backend.info().max_length)
 
@@ -270,9 +310,12 @@ class InferenceService:
         normalize: bool | None = None,
         allow_truncation: bool = True,
         background: bool = False,
+        prompt: str | None = None,
     ) -> EmbedOutcome:
         """Embed ``texts``; ``normalize`` None follows the model's own configuration.
 
+        ``prompt``: the text prepended to each (prompts.embed_prompt); None: the default prompt
+        (DEFAULT_PROMPT_NAME, else the model's default_prompt_name, else none).
         With ``allow_truncation`` False a text longer than the model window raises
         ``TextTooLongError`` naming its position, before any model work.
         """
@@ -282,6 +325,10 @@ class InferenceService:
                 f"the loaded model {info.name} is a cross-encoder: it scores pairs and cannot embed; "
                 "use /rerank, or serve a bi-encoder"
             )
+        if prompt is None:
+            prompt = self.embed_prompt(None, None)
+        if prompt:
+            texts = [prompt + text for text in texts]
 
         def refuse(position: int) -> None:
             raise TextTooLongError(position, info.max_length)
