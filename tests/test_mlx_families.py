@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reranker.backends.base import Backend, ModelKind
+from reranker.backends.base import Backend, Encoded, ModelKind
 from reranker.backends.factory import create_backend
 from reranker.backends.source import resolve_model_source
+from reranker.backends.templates import QWEN3_RERANKER
 from reranker.errors import StartupError
 from tests.conftest import backend_param, make_settings
-from tests.families import BI_ENCODER, CORPUS_WORDS, family_kind, qwen3_reranker_scores, qwen3_reranker_text
+from tests.families import BI_ENCODER, CORPUS_WORDS, family_kind, qwen3_reranker_scores
 
 pytestmark = pytest.mark.parametrize("backend", [backend_param("mlx")])
 
@@ -166,21 +167,46 @@ def test_causal_lm_reranker_gives_qwen3_reranker_probability_of_yes(
     backend: str, family_model: Callable[[str], Path]
 ) -> None:
     """sigmoid(logit(yes) - logit(no)) at the last real token = softmax([no, yes])[yes] of the
-    model card's computation (left-padded there, right-padded here)."""
+    model card's computation (left-padded there, right-padded here), through the template."""
     path = family_model("qwen3-reranker")
     model = mlx_backend(path)
     pairs = [(QUERY, document) for document in DOCUMENTS]
-    items = model.tokenize_texts([qwen3_reranker_text(query, document) for query, document in pairs])
+    items = model.tokenize_pairs([(QWEN3_RERANKER.query_part(query), document) for query, document in pairs])
     probabilities = 1.0 / (1.0 + np.exp(-model.forward(items).astype(np.float64)))
     np.testing.assert_allclose(probabilities, qwen3_reranker_scores(path, pairs), rtol=0, atol=TOLERANCE)
+    assert model.info().instruction == QWEN3_RERANKER.default_instruction
+
+
+def test_causal_lm_reranker_long_document_windows_equal_transformers(
+    backend: str, family_model: Callable[[str], Path]
+) -> None:
+    """Each window (prefix, query part, a slice of the document, suffix) scores as transformers'
+    causal LM does on the same tokens: logit(yes) - logit(no) at its last position."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = family_model("qwen3-reranker")
+    model = mlx_backend(path)
+    document = " ".join(CORPUS_WORDS[i * 5 % len(CORPUS_WORDS)] for i in range(2600))
+    [windows] = model.pair_windows([(QWEN3_RERANKER.query_part(QUERY), document)], overlap=32, max_windows=8)
+    assert len(windows.items) >= 2
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    lm = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.inference_mode():
+        last = [lm(input_ids=torch.tensor([list(item.ids)])).logits[0, -1] for item in windows.items]
+    np.testing.assert_allclose(
+        model.forward(windows.items), [float(row[yes] - row[no]) for row in last], rtol=0, atol=TOLERANCE
+    )
 
 
 def test_xlm_roberta_long_document_windows_equal_the_model_in_process(
     backend: str, family_model: Callable[[str], Path]
 ) -> None:
-    """A document over the window is cut by the tokenizer into overlapping windows whose document
-    part carries token type 1; XLM-R has one token type, and every window scores as the model
-    does in-process on the same tokens (positions from padding_idx + 1)."""
+    """A document over the window is cut into overlapping windows (the tokenizer's overflow, whose
+    document part it marks type 1); XLM-R has one token type, so every window is all type 0 (and
+    the encoder reads type 0 whatever it is given), and scores as the model does in-process on
+    the same tokens (positions from padding_idx + 1)."""
     import torch
     from sentence_transformers import CrossEncoder
 
@@ -190,8 +216,10 @@ def test_xlm_roberta_long_document_windows_equal_the_model_in_process(
     [windows] = model.pair_windows([(QUERY, document)], overlap=32, max_windows=8)
     assert len(windows.items) >= 3 and not windows.truncated
     assert max(len(item) for item in windows.items) == model.info().max_length
-    assert any(1 in item.type_ids for item in windows.items), "the tokenizer's windows carry type 1"
+    assert all(set(item.type_ids) == {0} for item in windows.items)
     logits = model.forward(windows.items)
+    typed = [Encoded(item.ids, [1] * len(item.ids)) for item in windows.items]
+    np.testing.assert_array_equal(model.forward(typed), logits)
     hf_model = CrossEncoder(str(path), device="cpu", local_files_only=True).model.eval()
     with torch.inference_mode():
         reference = [

@@ -23,7 +23,8 @@ from reranker.backends.mlx_encoders import PREFIXES, Encoder, build_encoder
 from reranker.backends.mlx_families import DECODER_FAMILIES, INSTEAD, mlx_refusal
 from reranker.backends.mlx_layers import Weights, load_weights
 from reranker.backends.mlx_modules import load_dense, pool
-from reranker.backends.source import ModelLayout, ModelSource, module_list, read_json
+from reranker.backends.source import ModelLayout, ModelSource, layout_facts, module_list, read_json
+from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
@@ -47,6 +48,8 @@ class MlxBackend(TokenizedBackend):
         self._config = read_json(root / "config.json")
         self._family = str(self._config["model_type"])
         self._max_length = _max_length(source.layout, self._family)
+        if source.max_length_cap:
+            self._max_length = min(self._max_length, source.max_length_cap)
         self._encoder: Encoder | None = None
         self._decoder: Decoder | None = None
         if self._family in DECODER_FAMILIES:
@@ -60,7 +63,14 @@ class MlxBackend(TokenizedBackend):
         self._normalizes = layout.normalizes and bi_encoder
         self._yes_no: list[int] | None = None
         pad_id = int(self._config.get("pad_token_id") or 0)
-        self.tokenizer = TextTokenizer.from_file(root / "tokenizer.json", self._max_length, pad_id)
+        self.tokenizer = TextTokenizer.from_file(
+            root / "tokenizer.json",
+            self._max_length,
+            pad_id,
+            token_types=layout.uses_token_types,
+            padding_side="right",  # always: decoders read each item's last real token (mlx_decoders.py)
+            template=CAUSAL_TEMPLATES[self._family] if layout.causal_lm else None,
+        )
         if source.kind is ModelKind.CROSS_ENCODER:
             self._check_head(root)
 
@@ -86,8 +96,8 @@ class MlxBackend(TokenizedBackend):
             dimension=self._dimension() if self._source.kind is ModelKind.BI_ENCODER else None,
             normalize_embeddings=self._normalizes,
             dtype="float32",
-            details={"family": self._family}
-            | ({"pooling": "+".join(self._pooling)} if self._pooling else {}),
+            details={"pooling": "+".join(self._pooling)} if self._pooling else {},
+            **layout_facts(self._source),
         )
 
     def _dimension(self) -> int:
