@@ -271,6 +271,13 @@ def test_an_unserved_family_is_refused_by_name(
             {"activation_function": "torch.nn.modules.activation.LeakyReLU"},
             "runs the Dense activations identity, tanh, relu, gelu, silu, sigmoid only",
         ),
+        (
+            "bert-cross",
+            "",
+            {"hidden_act": "quick_gelu"},
+            "does not implement the bert activation hidden_act=",
+        ),
+        ("qwen3-seq-cls", "", {"use_sliding_window": True}, "does not run qwen3 sliding-window attention"),
     ],
 )
 def test_a_module_mlx_cannot_run_is_refused(
@@ -323,3 +330,13 @@ def test_auto_on_apple_silicon_serves_mlx_only_what_mlx_serves(
         make_settings(local_model_path=str(family_model("xlm-roberta-cross")), backend="auto"), machine=mac
     )
     assert (served.info().backend, served.selection) == ("mlx", "auto: Apple Silicon with mlx installed")
+
+
+def test_the_start_up_lists_name_what_the_mlx_code_implements(backend: str) -> None:
+    """mlx_families decides without importing mlx: its lists must be the implementations' own."""
+    from reranker.backends import mlx_families
+    from reranker.backends.mlx_layers import ACTIVATIONS
+    from reranker.backends.mlx_modules import DENSE_FUNCTIONS
+
+    assert set(mlx_families.DENSE_ACTIVATIONS) == set(DENSE_FUNCTIONS)
+    assert set(mlx_families.ENCODER_ACTIVATIONS) == set(ACTIVATIONS)

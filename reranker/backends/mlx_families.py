@@ -18,6 +18,10 @@ SERVED = ", ".join(ENCODER_FAMILIES + DECODER_FAMILIES)
 BI_ENCODER_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")  # read by source.read_layout
 CROSS_ENCODER_MODULES = ("Transformer", "LogitScore")
 DENSE_ACTIVATIONS = ("identity", "tanh", "relu", "gelu", "silu", "sigmoid")
+# transformers' activation names the encoders implement (mlx_layers.ACTIVATIONS), and the config
+# keys that name them per family
+ENCODER_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
+ACTIVATION_KEYS = ("hidden_act", "activation", "hidden_activation", "classifier_activation")
 INSTEAD = "use BACKEND=torch (or BACKEND=onnx)"
 
 
@@ -31,6 +35,9 @@ def mlx_refusal(source: ModelSource) -> str | None:
         return f"MLX backend cannot serve {family!r} models (it serves {SERVED})"
     if config.get("quantization") or config.get("quantization_config"):
         return f"MLX backend serves float32 checkpoints only; this {family} model is quantized"
+    for key in ACTIVATION_KEYS if family in ENCODER_FAMILIES else ():
+        if key in config and config[key] not in ENCODER_ACTIVATIONS:
+            return f"MLX backend does not implement the {family} activation {key}={config[key]!r}"
     if family in DECODER_FAMILIES and config.get("use_sliding_window"):
         return f"MLX backend does not run {family} sliding-window attention (use_sliding_window: true)"
     if not any(Path(source.path).glob("model*.safetensors")):
