@@ -2,6 +2,13 @@
 """test_multi_backend.py: the model on every available backend, against torch and on TREC-DL 2019.
 
     .venv/bin/python test_multi_backend.py [--model NAME_OR_PATH] [--data DIR] [--batch-size 32]
+    .venv/bin/python test_multi_backend.py --families
+
+``--families`` builds the tiny random-weight model of every family of tests/families.py (BERT,
+DistilBERT, RoBERTa, XLM-R, ModernBERT, Qwen3, a Qwen3-Reranker-style causal LM) and prints the
+family x backend matrix: each cell is "exact" (within 1e-4 of in-process sentence-transformers, or
+of the Qwen3-Reranker formula), "WRONG" with the largest difference, or the start-up refusal.
+Exits 1 on a WRONG cell.
 
 Prints the CPU (instruction-set flags, and the int8 settings they call for), then for each
 backend (torch fp32, ONNX fp32, ONNX int8, MLX fp32): device, load time, items/s (real
@@ -222,6 +229,42 @@ def _cpuinfo() -> str:
         return ""
 
 
+def family_matrix() -> int:
+    """Every family of tests/families.py on torch, ONNX fp32 and MLX, against its library."""
+    from reranker.backends.factory import create_backend
+    from reranker.errors import StartupError
+    from reranker.settings import load_settings
+    from tests.families import FAMILIES, TOLERANCE, build_family, reference_output, served_output
+
+    backends = {"torch": {"BACKEND": "torch"}, "onnx fp32": {"BACKEND": "onnx"}, "mlx": {"BACKEND": "mlx"}}
+    root = Path(tempfile.mkdtemp(prefix="reranker-families-"))
+    cache = str(root / "onnx-cache")
+    wrong = 0
+    print("| family | " + " | ".join(backends) + " |")
+    print("|---|" + "---|" * len(backends))
+    for family in FAMILIES:
+        path = build_family(family, root / family)
+        want = reference_output(path, family)
+        cells = []
+        for env in backends.values():
+            environ = {
+                "LOCAL_MODEL_PATH": str(path),
+                "ONNX_CACHE_DIR": cache,
+                "DEVICE_PREFERENCE": "cpu",
+                **env,
+            }
+            try:
+                backend = create_backend(load_settings(environ=environ))
+            except StartupError as exc:
+                cells.append(f"refused: {exc.message}")
+                continue
+            gap = float(np.abs(np.asarray(served_output(backend, family)) - want).max())
+            wrong += gap > TOLERANCE
+            cells.append(f"exact ({gap:.0e})" if gap <= TOLERANCE else f"**WRONG** ({gap:.3f})")
+        print(f"| {family} | " + " | ".join(cells) + " |", flush=True)
+    return 1 if wrong else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -233,8 +276,11 @@ def main() -> int:
     parser.add_argument(
         "--full-budget-s", type=float, default=600.0, help="longest full run a backend may take"
     )
+    parser.add_argument("--families", action="store_true", help="the model-family x backend matrix")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.families:
+        return family_matrix()
 
     from reranker.backends.factory import create_backend, preflight
     from reranker.backends.selection import choose, probe_machine

@@ -379,3 +379,54 @@ def qwen3_reranker_scores(
         logits = model(**inputs).logits[:, -1, :]
     pair_logits = torch.stack([logits[:, no], logits[:, yes]], dim=1)
     return torch.softmax(pair_logits.float(), dim=1)[:, 1].tolist()
+
+
+# --- the oracle of the family matrix (tests/test_model_families.py, test_multi_backend.py) ----
+
+TOLERANCE = 1e-4
+QUERY = "what is the population of berlin"
+DOCUMENTS = [
+    "berlin has 3 million people living in the city",
+    "rain today",
+    "hamburg has a large port on the river",
+    "the weather in paris is warm and the sun is out today, no wind and no cloud",
+]
+TEXTS = [QUERY, *DOCUMENTS]
+
+
+def reference_scores(path: Path, name: str, pairs: Sequence[tuple[str, str]]):
+    """What the model's own library answers for ``pairs``: its activation of the logit (P(yes)
+    for the causal-LM reranker, by the model card's formula)."""
+    import numpy as np
+
+    if family_kind(name) == CAUSAL_RERANKER:
+        return np.array(qwen3_reranker_scores(path, pairs))
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(path), device="cpu").predict(list(pairs))
+
+
+def reference_output(path: Path, name: str):
+    """sentence-transformers' vectors of TEXTS (bi-encoder) or scores of (QUERY, DOCUMENTS)."""
+    if family_kind(name) == BI_ENCODER:
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(path), device="cpu").encode(TEXTS)
+    return reference_scores(path, name, [(QUERY, doc) for doc in DOCUMENTS])
+
+
+def served_output(backend, name: str):
+    """A backend's answer to what ``reference_output`` answers (vectors normalised as the model
+    does; scores through the sigmoid every family here declares)."""
+    import numpy as np
+
+    from reranker.backends.templates import QWEN3_RERANKER
+
+    if family_kind(name) == BI_ENCODER:
+        vectors = backend.embed_texts(TEXTS)
+        if backend.info().normalize_embeddings:
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors
+    query = QWEN3_RERANKER.query_part(QUERY) if family_kind(name) == CAUSAL_RERANKER else QUERY
+    logits = backend.score_pairs([(query, doc) for doc in DOCUMENTS])
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))

@@ -158,3 +158,46 @@ def test_v2_requires_a_model(bi_server: ServerThread) -> None:
     with bi_server.client() as client:
         answer = client.post("/v2/rerank", json={"query": QUERY, "documents": ["a"]})
     assert answer.status_code == 422 and "model" in answer.json()["error"]["message"]
+
+
+WEATHER = (
+    "The weather today is mild with light winds and scattered clouds, and tomorrow brings more of the same. "
+)
+BERLIN = "Berlin has a population of about 3.8 million people."
+BERLIN_QUERY = "What is the population of Berlin?"
+HAMBURG = "Hamburg has a large port."
+
+
+def test_rerank_window_tokens_keeps_a_short_passage_from_being_diluted(
+    bi_server: ServerThread, sentence_transformer
+) -> None:
+    """Issue 16's example: a Berlin-population sentence after ~240 tokens of weather filler,
+    mean-pooled in one 256-token window, ranks below an unrelated Hamburg sentence; windows of
+    RERANK_WINDOW_TOKENS=64 tokens rank it first. Its score is the best window's cosine,
+    computed in-process on the same token ids."""
+    document = WEATHER * 12 + BERLIN
+    body = {"query": BERLIN_QUERY, "documents": [document, HAMBURG], "return_details": True}
+    with bi_server.client() as client:
+        whole = client.post("/v1/rerank", json=body).json()["results"]
+    settings = make_settings(chunk_overlap_tokens=OVERLAP, rerank_window_tokens=64)
+    with ServerThread(create_app(settings)) as small_windows, small_windows.client() as client:
+        windowed = client.post("/v1/rerank", json=body).json()["results"]
+        windows = small_windows.runtime.backend.text_windows([document], OVERLAP, 10, 64)[0].items
+    assert [r["index"] for r in whole] == [1, 0]  # diluted: Hamburg first
+    assert whole[0]["details"]["windows"] == 1
+    assert [r["index"] for r in windowed] == [0, 1]  # Berlin's own window wins
+    assert windowed[0]["details"]["windows"] == len(windows) > 3 and max(len(w) for w in windows) <= 64
+    query = sentence_transformer.encode([BERLIN_QUERY], normalize_embeddings=True)[0]
+    best = -1.0
+    with torch.no_grad():
+        for window in windows:
+            features = {
+                "input_ids": torch.tensor([list(window.ids)]),
+                "token_type_ids": torch.tensor([list(window.type_ids)]),
+                "attention_mask": torch.ones(1, len(window), dtype=torch.long),
+            }
+            vector = sentence_transformer(features)["sentence_embedding"][0].numpy()
+            best = max(best, float(vector @ query / np.linalg.norm(vector)))
+    assert windowed[0]["relevance_score"] == pytest.approx(best, abs=1e-5)
+    hamburg = {r["index"]: r["relevance_score"] for r in whole}[1]
+    assert {r["index"]: r["relevance_score"] for r in windowed}[1] == pytest.approx(hamburg, abs=1e-6)

@@ -161,6 +161,11 @@ def test_health_and_metrics_describe_the_server(
         "dimension": 384,
         "dtype": "float32",
         "capabilities": ["rerank", "embed"],
+        "family": "bert",
+        "activation": None,  # a bi-encoder's score is a cosine
+        "prompts": {},
+        "default_prompt_name": None,
+        "instruction": None,
     }
     if serving_backend["backend"] == "onnx":
         assert details["onnx_origin"] == "exported" and details["onnx_file"].endswith("-fp32.onnx")

@@ -1,0 +1,270 @@
+"""Every model family on every backend: a tiny random-weight model per family (tests/families.py),
+served by torch and ONNX fp32 (and MLX where it is installed), compared with in-process
+sentence-transformers - or, for the Qwen3-Reranker-style causal LM, with the transformers
+computation of its documented formula - to 1e-4. A backend that cannot serve a family refuses
+at start-up with a StartupError naming the family and a backend that can.
+
+In-process backend objects cover the matrix (a server per cell would be slow); one HTTP server
+per family on torch covers the served path, and the XLM-R cross-encoder's long documents are
+checked over HTTP on torch and ONNX (the 500 of issue 16).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reranker.api.app import create_app
+from reranker.backends.factory import create_backend
+from reranker.backends.templates import QWEN3_RERANKER
+from reranker.errors import StartupError
+from tests.conftest import backend_param, make_settings
+from tests.families import (
+    BI_ENCODER,
+    DOCUMENTS,
+    FAMILIES,
+    QUERY,
+    TEXTS,
+    TOLERANCE,
+    family_kind,
+    qwen3_reranker_scores,
+    reference_output,
+    reference_scores,
+    served_output,
+)
+from tests.server import ServerThread
+
+BACKENDS = [backend_param(name) for name in ("torch", "onnx", "mlx")]
+LONG_DOCUMENT = "the weather is cold and the wind is warm today " * 120 + "berlin has 3 million people"
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_is_served_exactly_or_refused_clearly(
+    name: str, backend_name: str, family_model: Callable[[str], Path], onnx_cache: Path
+) -> None:
+    path = family_model(name)
+    settings = make_settings(
+        local_model_path=str(path), backend=backend_name, onnx_quantize="none", onnx_cache_dir=str(onnx_cache)
+    )
+    try:
+        backend = create_backend(settings)
+    except StartupError as exc:
+        assert backend_name == "mlx", f"{backend_name} must serve {name}: {exc}"
+        assert "BACKEND=" in str(exc), f"the refusal must name a backend to use: {exc}"
+        return
+    got, want = served_output(backend, name), reference_output(path, name)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)
+    assert float(np.ptp(want)) > 100 * TOLERANCE, "the oracle must tell inputs apart"
+
+
+# --- over HTTP ---------------------------------------------------------------------------
+
+
+def _serve(path: Path, **values: object) -> ServerThread:
+    server = ServerThread(create_app(make_settings(local_model_path=str(path), **values))).start()
+    assert server.runtime.status.value == "healthy", server.runtime.error
+    return server
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_over_http_equals_its_library(name: str, family_model: Callable[[str], Path]) -> None:
+    path = family_model(name)
+    server = _serve(path)
+    try:
+        with server.client() as client:
+            ranked = client.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+            raw = client.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS, "raw_scores": True})
+            health = client.get("/health").json()["model"]
+            embedded = (
+                client.post("/v1/embeddings", json={"input": TEXTS})
+                if family_kind(name) == BI_ENCODER
+                else None
+            )
+    finally:
+        server.stop()
+    assert ranked.status_code == 200, ranked.text
+    assert health["family"] == _model_type(path)
+    got = np.zeros(len(DOCUMENTS))
+    for result in ranked.json()["results"]:
+        got[result["index"]] = result["score"]
+    raw_got = np.zeros(len(DOCUMENTS))
+    for result in raw.json()["results"]:
+        raw_got[result["index"]] = result["score"]
+    if family_kind(name) == BI_ENCODER:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(path), device="cpu")
+        query = model.encode_query([QUERY], normalize_embeddings=True)
+        documents = model.encode_document(DOCUMENTS, normalize_embeddings=True)
+        np.testing.assert_allclose(got, (documents @ query.T)[:, 0], atol=TOLERANCE)
+        np.testing.assert_allclose(raw_got, got, atol=1e-7)  # a cosine has no activation
+        assert embedded is not None and embedded.status_code == 200
+        vectors = np.array([item["embedding"] for item in embedded.json()["data"]])
+        np.testing.assert_allclose(vectors, model.encode(TEXTS), atol=TOLERANCE)
+    else:
+        want = reference_scores(path, name, [(QUERY, doc) for doc in DOCUMENTS])
+        np.testing.assert_allclose(got, want, atol=TOLERANCE)
+        np.testing.assert_allclose(_sigmoid(raw_got), want, atol=TOLERANCE)  # the logit, before sigmoid
+        assert health["activation"] == "sigmoid"
+
+
+def _model_type(path: Path) -> str:
+    import json
+
+    return json.loads((path / "config.json").read_text())["model_type"]
+
+
+@pytest.mark.parametrize("backend_name", [backend_param("torch"), backend_param("onnx")])
+def test_xlm_roberta_cross_encoder_scores_long_documents_over_http(
+    backend_name: str, family_model: Callable[[str], Path], onnx_cache: Path
+) -> None:
+    """Windows past the first carry type id 1 from XLM-R's pair template: a model with one token
+    type must get 0 (issue 16's 500). The served score is the best window's, as computed in-process."""
+    path = family_model("xlm-roberta-cross")
+    settings = {"backend": backend_name, "onnx_quantize": "none", "onnx_cache_dir": str(onnx_cache)}
+    server = _serve(path, **settings)
+    try:
+        with server.client() as client:
+            body = {"query": QUERY, "documents": [LONG_DOCUMENT, DOCUMENTS[0]], "return_details": True}
+            response = client.post("/v1/rerank", json=body)
+        backend = server.runtime.backend
+        windows = backend.pair_windows([(QUERY, LONG_DOCUMENT)], overlap=32, max_windows=10)[0]
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    results = {r["index"]: r for r in response.json()["results"]}
+    assert results[0]["details"]["windows"] == len(windows.items) > 1
+    assert all(set(item.type_ids) == {0} for item in windows.items)
+    from sentence_transformers import CrossEncoder
+
+    reference = CrossEncoder(str(path), device="cpu")
+    texts = [reference.tokenizer.decode(item.ids, skip_special_tokens=False) for item in windows.items]
+    assert texts  # the windows, scored in-process by the model's own library on its own token ids
+    import torch
+
+    with torch.no_grad():
+        logits = [
+            reference.model(
+                input_ids=torch.tensor([item.ids]),
+                attention_mask=torch.ones(1, len(item.ids), dtype=torch.long),
+            )
+            .logits[0, 0]
+            .item()
+            for item in windows.items
+        ]
+    assert results[0]["relevance_score"] == pytest.approx(float(_sigmoid(max(logits))), abs=TOLERANCE)
+
+
+def test_causal_reranker_takes_an_instruction(family_model: Callable[[str], Path]) -> None:
+    path = family_model("qwen3-reranker")
+    instruction = "Judge whether the passage names a city"
+    server = _serve(path)
+    try:
+        with server.client() as client:
+            given = client.post(
+                "/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS, "instruction": instruction}
+            )
+            health = client.get("/health").json()["model"]
+    finally:
+        server.stop()
+    assert given.status_code == 200, given.text
+    got = np.zeros(len(DOCUMENTS))
+    for result in given.json()["results"]:
+        got[result["index"]] = result["relevance_score"]
+    want = qwen3_reranker_scores(path, [(QUERY, doc) for doc in DOCUMENTS], instruction)
+    np.testing.assert_allclose(got, want, atol=TOLERANCE)
+    default = qwen3_reranker_scores(path, [(QUERY, doc) for doc in DOCUMENTS])
+    assert np.abs(np.array(default) - want).max() > 100 * TOLERANCE  # the instruction mattered
+    assert health["instruction"] == QWEN3_RERANKER.default_instruction
+
+
+# --- what the model declares: activation, modules, remote code, max length -----------------
+
+
+def _copy(path: Path, target: Path) -> Path:
+    shutil.copytree(path, target)
+    return target
+
+
+def _edit_json(path: Path, edit: Callable[[object], object]) -> None:
+    import json
+
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def test_declared_identity_activation_is_applied(family_model: Callable[[str], Path], tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    path = _copy(family_model("bert-cross"), tmp_path / "identity")
+    _edit_json(
+        path / "config_sentence_transformers.json",
+        lambda c: {**c, "activation_fn": "torch.nn.modules.linear.Identity"},
+    )
+    want = CrossEncoder(str(path), device="cpu").predict([(QUERY, doc) for doc in DOCUMENTS])
+    assert (want < 0).any() or (want > 1).any(), "identity must leave logits outside (0, 1) here"
+    server = _serve(path)
+    try:
+        with server.client() as client:
+            response = client.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+    finally:
+        server.stop()
+    got = np.zeros(len(DOCUMENTS))
+    for result in response.json()["results"]:
+        got[result["index"]] = result["score"]
+    np.testing.assert_allclose(got, want, atol=TOLERANCE)
+
+
+def test_a_module_the_server_cannot_run_is_refused_by_name(
+    family_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    path = _copy(family_model("bert-mean"), tmp_path / "layer-norm")
+    _edit_json(
+        path / "modules.json",
+        lambda m: [
+            *m,
+            {"idx": 3, "name": "3", "path": "3_LayerNorm", "type": "sentence_transformers.models.LayerNorm"},
+        ],
+    )
+    with pytest.raises(StartupError, match=r"sentence_transformers\.models\.LayerNorm"):
+        create_backend(make_settings(local_model_path=str(path)))
+
+
+def test_remote_code_models_need_trust_remote_code(
+    family_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from reranker.backends.source import resolve_model_source
+
+    path = _copy(family_model("bert-cross"), tmp_path / "remote")
+    _edit_json(path / "config.json", lambda c: {**c, "auto_map": {"AutoModel": "modeling_x.XModel"}})
+    with pytest.raises(StartupError, match="TRUST_REMOTE_CODE=true"):
+        resolve_model_source(make_settings(local_model_path=str(path)))
+    assert resolve_model_source(
+        make_settings(local_model_path=str(path), trust_remote_code=True)
+    ).layout.needs_remote_code
+
+
+def test_max_model_length_caps_the_models_own(family_model: Callable[[str], Path]) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    path = family_model("modernbert-bi")
+    backend = create_backend(make_settings(local_model_path=str(path), max_model_length=12))
+    assert backend.info().max_length == 12
+    reference = SentenceTransformer(str(path), device="cpu")
+    own = reference.max_seq_length
+    reference.max_seq_length = 12
+    vectors = backend.embed_texts([DOCUMENTS[3]])
+    np.testing.assert_allclose(
+        vectors / np.linalg.norm(vectors), reference.encode([DOCUMENTS[3]]), atol=TOLERANCE
+    )
+    uncapped = create_backend(make_settings(local_model_path=str(path)))
+    assert uncapped.info().max_length == own > 12

@@ -1,0 +1,125 @@
+"""The model's declared prompts, applied as sentence-transformers applies them (issue 16 item 4):
+checked over HTTP against ``SentenceTransformer.encode(prompt_name=...)``, ``encode_query`` and
+``encode_document`` on a tiny e5-style model (``query: `` / ``passage: `` prompts)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reranker.api.app import create_app
+from tests.conftest import make_settings
+from tests.families import E5_PROMPTS
+from tests.server import ServerThread
+
+TOLERANCE = 1e-4
+QUERY = "how many people live in berlin"
+DOCUMENTS = ["berlin has 3 million people", "hamburg has a large port", "rain today in paris"]
+
+
+@pytest.fixture(scope="module")
+def e5_path(family_model: Callable[[str], Path]) -> Path:
+    return family_model("bert-prompts")
+
+
+@pytest.fixture(scope="module")
+def reference(e5_path: Path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(e5_path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(e5_path: Path) -> Iterator[ServerThread]:
+    settings = make_settings(local_model_path=str(e5_path), enable_prediction_cache=True)
+    with ServerThread(create_app(settings)) as running:
+        yield running
+
+
+def _openai(server: ServerThread, **options: object) -> np.ndarray:
+    with server.client() as client:
+        response = client.post("/v1/embeddings", json={"input": DOCUMENTS, **options})
+    assert response.status_code == 200, response.text
+    return np.array([item["embedding"] for item in response.json()["data"]])
+
+
+def test_prompt_name_and_input_type_select_the_models_prompts(server: ServerThread, reference) -> None:
+    plain = reference.encode(DOCUMENTS)
+    as_query = reference.encode(DOCUMENTS, prompt_name="query")
+    as_document = reference.encode(DOCUMENTS, prompt_name="document")
+    assert np.abs(as_query - plain).max() > 100 * TOLERANCE  # the prompt changes the vectors
+    np.testing.assert_allclose(_openai(server), plain, atol=TOLERANCE)
+    np.testing.assert_allclose(_openai(server, prompt_name="query"), as_query, atol=TOLERANCE)
+    np.testing.assert_allclose(_openai(server, input_type="search_query"), as_query, atol=TOLERANCE)
+    np.testing.assert_allclose(_openai(server, input_type="query"), as_query, atol=TOLERANCE)
+    np.testing.assert_allclose(_openai(server, input_type="search_document"), as_document, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        reference.encode_document(DOCUMENTS), as_document, atol=1e-6
+    )  # the document role is encode_document's prompt
+    with server.client() as client:
+        chunks = [{"chunk_id": str(i), "content": text} for i, text in enumerate(DOCUMENTS)]
+        embed = client.post("/embed", json={"batch_id": "b", "chunks": chunks, "prompt_name": "query"})
+    assert embed.status_code == 200, embed.text
+    vectors = np.array([item["vector"] for item in embed.json()["vectors"]])
+    np.testing.assert_allclose(vectors, as_query, atol=TOLERANCE)
+
+
+def test_the_prediction_cache_keeps_prompts_apart(server: ServerThread, reference) -> None:
+    """The same text asked with and without a prompt: the cache must answer each with its own vector."""
+    first = _openai(server, prompt_name="query")
+    second = _openai(server)  # the same texts, no prompt: must not be the cached query vectors
+    np.testing.assert_allclose(first, reference.encode(DOCUMENTS, prompt_name="query"), atol=TOLERANCE)
+    np.testing.assert_allclose(second, reference.encode(DOCUMENTS), atol=TOLERANCE)
+
+
+def test_an_unknown_prompt_is_a_422_listing_the_models_prompts(server: ServerThread) -> None:
+    with server.client() as client:
+        unknown = client.post("/v1/embeddings", json={"input": "x", "prompt_name": "classification"})
+        unknown_type = client.post("/v1/embeddings", json={"input": "x", "input_type": "clustering"})
+        health = client.get("/health").json()["model"]
+    for response, field in ((unknown, "prompt_name"), (unknown_type, "input_type")):
+        assert response.status_code == 422
+        message = response.json()["error"]["message"]
+        assert field in message and "'query'" in message and "'document'" in message, message
+    assert health["prompts"] == E5_PROMPTS
+
+
+def test_rerank_on_a_bi_encoder_uses_the_query_and_document_prompts(server: ServerThread, reference) -> None:
+    query = reference.encode_query([QUERY], normalize_embeddings=True)[0]
+    documents = reference.encode_document(DOCUMENTS, normalize_embeddings=True)
+    want = documents @ query
+    plain = (
+        reference.encode(DOCUMENTS, normalize_embeddings=True)
+        @ reference.encode([QUERY], normalize_embeddings=True)[0]
+    )
+    assert np.abs(want - plain).max() > 100 * TOLERANCE
+    with server.client() as client:
+        response = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+        refused = client.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS, "instruction": "x"})
+    got = np.zeros(len(DOCUMENTS))
+    for result in response.json()["results"]:
+        got[result["index"]] = result["relevance_score"]
+    np.testing.assert_allclose(got, want, atol=TOLERANCE)
+    assert refused.status_code == 422 and "instruction" in refused.json()["error"]["message"]
+
+
+def test_default_prompt_name_applies_to_requests_without_one(e5_path: Path, reference) -> None:
+    settings = make_settings(local_model_path=str(e5_path), default_prompt_name="query")
+    with ServerThread(create_app(settings)) as server:
+        vectors = _openai(server)
+        health = server.client().get("/health").json()["model"]
+    np.testing.assert_allclose(vectors, reference.encode(DOCUMENTS, prompt_name="query"), atol=TOLERANCE)
+    assert health["default_prompt_name"] == "query"
+
+
+def test_an_unknown_default_prompt_name_fails_start_up(e5_path: Path) -> None:
+    settings = make_settings(local_model_path=str(e5_path), default_prompt_name="nope")
+    server = ServerThread(create_app(settings)).start()
+    try:
+        assert server.runtime.status.value == "unhealthy"
+        assert "DEFAULT_PROMPT_NAME='nope'" in server.runtime.error and "query" in server.runtime.error
+    finally:
+        server.stop()
