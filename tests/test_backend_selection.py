@@ -59,6 +59,28 @@ def test_choice_on_each_kind_of_machine(
     assert reason in choice.reason
 
 
+MLX_CANNOT = "MLX backend cannot serve 'mpnet' models (it serves bert, ...)"
+
+
+@pytest.mark.parametrize(
+    ("machine", "settings", "expected"),
+    [
+        (MAC_MLX, {}, ("torch", "mps")),
+        (replace(MAC_MLX, mps=False), {}, ("torch", "cpu")),
+        (MAC_MLX, {"backend": "mlx"}, ("mlx", "mlx")),  # asked for: the backend refuses at start-up
+        (CPU, {"use_mlx": True}, ("mlx", "mlx")),
+        (CUDA_BOX, {}, ("torch", "cuda")),
+    ],
+)
+def test_auto_never_picks_mlx_for_a_model_it_cannot_serve(
+    machine: Machine, settings: dict, expected: tuple[str, str]
+) -> None:
+    choice = choose(make_settings(**{"backend": "auto", **settings}), machine, mlx_refusal=MLX_CANNOT)
+    assert (choice.backend, choice.device) == expected
+    if machine.apple_silicon and "backend" not in settings:
+        assert choice.reason == f"auto: Apple Silicon, but {MLX_CANNOT}: torch on {expected[1]}"
+
+
 @pytest.mark.parametrize("machine", EVERY_MACHINE)
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_auto_never_serves_onnx_or_int8(machine: Machine, quantize: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reranker.backends.base import Backend
+from reranker.backends.mlx_families import mlx_refusal
 from reranker.backends.selection import Choice, Machine, choose, probe_machine
 from reranker.backends.source import ModelSource, resolve_model_source
 from reranker.errors import StartupError
@@ -36,7 +37,7 @@ def create_backend(
     """Load the model (heavy: call it off the event loop)."""
     source = source or preflight(settings)
     machine = machine or probe_machine()
-    choice = choose(settings, machine)
+    choice = choose(settings, machine, mlx_refusal(source))
     log.info(
         "backend %s on %s for %s (%s): %s",
         choice.backend,

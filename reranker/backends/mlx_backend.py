@@ -1,68 +1,90 @@
-"""MLX backend: a BERT-family encoder written with mlx.core, on Apple Silicon (or CPU elsewhere).
+"""MLX backend: the model run with mlx.core, on Apple Silicon (or CPU elsewhere), in float32.
 
-Our own small module, not a model zoo: it reads the model's ``config.json``,
-``model.safetensors`` and ``tokenizer.json``, and runs embeddings -> N encoder layers
-(self-attention, GELU feed-forward, post-LayerNorm) in float32. Bi-encoders then pool
-as their sentence-transformers config says (mean or CLS); cross-encoders run the BERT
-pooler (tanh) and the single-logit classifier. There is no dropout in this forward
-pass, so it is always the model in eval mode.
+Families (``mlx_families.py`` decides, before anything loads): BERT, RoBERTa / XLM-RoBERTa /
+CamemBERT, DistilBERT and ModernBERT run in our own encoder module (``mlx_encoders.py``);
+Qwen2 / Qwen3 decoders run through mlx-lm's model implementations (``mlx_decoders.py``).
+Cross-encoders give one logit per pair (their classification head, or logit(yes) -
+logit(no) for a causal-LM reranker); bi-encoders run their sentence-transformers Pooling and
+Dense modules (``mlx_modules.py``). There is no dropout anywhere: the model in eval mode.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from tokenizers import Tokenizer
 
 from reranker.backends.base import Encoded, ModelInfo, ModelKind
-from reranker.backends.source import ModelSource, pooling_of, read_json
+from reranker.backends.mlx_decoders import Decoder
+from reranker.backends.mlx_encoders import PREFIXES, Encoder, build_encoder
+from reranker.backends.mlx_families import DECODER_FAMILIES, INSTEAD, mlx_refusal
+from reranker.backends.mlx_layers import Weights, load_weights
+from reranker.backends.mlx_modules import load_dense, pool
+from reranker.backends.source import ModelLayout, ModelSource, layout_facts, module_list, read_json
+from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
-SUPPORTED = ("bert",)
 
-
-def _max_length(root: Path, config: dict[str, Any]) -> int:
-    sentence = read_json(root / "sentence_bert_config.json").get("max_seq_length")
-    if sentence:
-        return int(sentence)
-    declared = read_json(root / "tokenizer_config.json").get("model_max_length")
-    if isinstance(declared, int) and declared < 100_000:
-        return declared
-    return int(config.get("max_position_embeddings", 512))
+def _max_length(layout: ModelLayout, family: str) -> int:
+    """The declared length (sentence-transformers, else the tokenizer), at most what the
+    position table holds (RoBERTa-style tables start after the padding id: 514 -> 512)."""
+    offset = 2 if family in ("roberta", "xlm-roberta", "camembert") else 0
+    limit = layout.position_limit - offset if layout.position_limit else None
+    declared = layout.declared_max_length or limit or 512
+    return min(declared, limit) if limit else declared
 
 
 class MlxBackend(TokenizedBackend):
     def __init__(self, source: ModelSource) -> None:
+        refusal = mlx_refusal(source)
+        if refusal:
+            raise StartupError(f"{refusal}; {INSTEAD}")
         root = Path(source.path)
         self._source = source
         self._config = read_json(root / "config.json")
-        if self._config.get("model_type") not in SUPPORTED:
-            raise StartupError(
-                f"MLX backend: model type {self._config.get('model_type')!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED)}); use BACKEND=torch"
-            )
-        weights_file = root / "model.safetensors"
-        if not weights_file.is_file():
-            raise StartupError(f"MLX backend: {weights_file} is missing (only safetensors weights load)")
-        weights = mx.load(str(weights_file))
-        self._w = {name.removeprefix("bert."): value.astype(mx.float32) for name, value in weights.items()}
-        self._max_length = _max_length(root, self._config)
-        self._pooling, self._normalizes = pooling_of(root, "MLX backend")
-        self._heads = int(self._config["num_attention_heads"])
-        self._layers = int(self._config["num_hidden_layers"])
-        self._eps = float(self._config.get("layer_norm_eps", 1e-12))
-        if source.kind is ModelKind.CROSS_ENCODER and "classifier.weight" not in self._w:
-            raise StartupError("MLX backend: the cross-encoder has no classifier weights")
-        if source.kind is ModelKind.CROSS_ENCODER and self._w["classifier.weight"].shape[0] != 1:
-            raise StartupError("MLX backend: only single-label cross-encoders can be served")
+        self._family = str(self._config["model_type"])
+        self._max_length = _max_length(source.layout, self._family)
+        if source.max_length_cap:
+            self._max_length = min(self._max_length, source.max_length_cap)
+        self._encoder: Encoder | None = None
+        self._decoder: Decoder | None = None
+        if self._family in DECODER_FAMILIES:
+            self._decoder = Decoder(root, self._config)
+        else:
+            self._encoder = build_encoder(self._config, Weights(load_weights(root, PREFIXES)))
+        layout = source.layout
+        bi_encoder = source.kind is ModelKind.BI_ENCODER
+        self._pooling = (layout.pooling or ("mean",)) if bi_encoder else ()
+        self._dense = [load_dense(layer) for layer in layout.dense] if bi_encoder else []
+        self._normalizes = layout.normalizes and bi_encoder
+        self._yes_no: list[int] | None = None
         pad_id = int(self._config.get("pad_token_id") or 0)
-        self.tokenizer = TextTokenizer.from_file(root / "tokenizer.json", self._max_length, pad_id)
-        mx.eval(self._w)
+        self.tokenizer = TextTokenizer.from_file(
+            root / "tokenizer.json",
+            self._max_length,
+            pad_id,
+            token_types=layout.uses_token_types,
+            padding_side="right",  # always: decoders read each item's last real token (mlx_decoders.py)
+            template=CAUSAL_TEMPLATES[self._family] if layout.causal_lm else None,
+        )
+        if source.kind is ModelKind.CROSS_ENCODER:
+            self._check_head(root)
+
+    def _check_head(self, root: Path) -> None:
+        if self._decoder is not None and self._source.layout.causal_lm:
+            self._yes_no = _yes_no_ids(root)
+            self._decoder.vocabulary_rows(self._yes_no)
+            return
+        labels = self._logits(self.tokenizer.collate(self.tokenizer.pairs([("a", "b")]))).shape[1]
+        if labels != 1:
+            raise StartupError(
+                f"MLX backend: the {self._family} cross-encoder has {labels} labels; only single-label "
+                "cross-encoders (rerankers) can be served"
+            )
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -71,69 +93,68 @@ class MlxBackend(TokenizedBackend):
             backend="mlx",
             device=str(mx.default_device()).removeprefix("Device(").split(",")[0],
             max_length=self._max_length,
-            dimension=int(self._config["hidden_size"]) if self._source.kind is ModelKind.BI_ENCODER else None,
+            dimension=self._dimension() if self._source.kind is ModelKind.BI_ENCODER else None,
             normalize_embeddings=self._normalizes,
             dtype="float32",
+            details={"pooling": "+".join(self._pooling)} if self._pooling else {},
+            **layout_facts(self._source),
         )
 
+    def _dimension(self) -> int:
+        if self._dense:
+            return self._dense[-1].out_features
+        width = self._encoder.width if self._encoder is not None else self._decoder.width  # type: ignore[union-attr]
+        return width * len(self._pooling)
+
     def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
-        arrays = self.tokenizer.collate(batch)
-        ids = mx.array(arrays["input_ids"].astype(np.int32))
-        types = mx.array(arrays["token_type_ids"].astype(np.int32))
-        mask = mx.array(arrays["attention_mask"].astype(np.float32))
-        hidden = self._encode(ids, types, mask)
+        output = self._logits(self.tokenizer.collate(batch))
         if self._source.kind is ModelKind.CROSS_ENCODER:
-            pooled = mx.tanh(self._linear(hidden[:, 0], "pooler.dense"))
-            output = self._linear(pooled, "classifier").reshape(-1)
-        elif self._pooling == "cls":
-            output = hidden[:, 0]
-        else:
-            weights = mask[:, :, None]
-            output = (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1e-9)
+            output = output[:, 0]
         mx.eval(output)
         return np.array(output, dtype=np.float32)
 
-    # ---- the encoder -----------------------------------------------------------------
+    def _logits(self, arrays: dict[str, np.ndarray]) -> mx.array:
+        """Cross-encoder logits [n, labels], or bi-encoder vectors [n, dim]."""
+        ids = mx.array(arrays["input_ids"].astype(np.int32))
+        mask = mx.array(arrays["attention_mask"].astype(np.float32))
+        if self._decoder is not None:
+            return self._forward_decoder(ids, mask, arrays["attention_mask"].sum(axis=1))
+        return self._forward_encoder(ids, mx.array(arrays["token_type_ids"].astype(np.int32)), mask)
 
-    def _linear(self, x: mx.array, name: str) -> mx.array:
-        return x @ self._w[f"{name}.weight"].T + self._w[f"{name}.bias"]
+    def _forward_encoder(self, ids: mx.array, types: mx.array, mask: mx.array) -> mx.array:
+        assert self._encoder is not None
+        hidden = self._encoder.hidden_states(ids, types, mask)
+        if self._source.kind is ModelKind.CROSS_ENCODER:
+            return self._encoder.score(hidden, mask)
+        return self._head(pool(hidden, mask, self._pooling))
 
-    def _norm(self, x: mx.array, name: str) -> mx.array:
-        return mx.fast.layer_norm(x, self._w[f"{name}.weight"], self._w[f"{name}.bias"], self._eps)
+    def _forward_decoder(self, ids: mx.array, mask: mx.array, lengths: np.ndarray) -> mx.array:
+        assert self._decoder is not None
+        if self._source.kind is ModelKind.BI_ENCODER:
+            if self._pooling == ("lasttoken",):
+                return self._head(self._decoder.last_states(ids, lengths))
+            return self._head(pool(self._decoder.backbone(ids), mask, self._pooling))
+        if self._yes_no is not None:
+            logits = self._decoder.last_states(ids, lengths) @ self._decoder.vocabulary_rows(self._yes_no).T
+            return logits[:, :1] - logits[:, 1:]  # its sigmoid is softmax([no, yes])[yes]
+        return self._decoder.last_states(ids, lengths, skip_padding_ids=True) @ self._decoder.score_head().T
 
-    def _encode(self, ids: mx.array, types: mx.array, mask: mx.array) -> mx.array:
-        w = self._w
-        positions = mx.arange(ids.shape[1])
-        x = (
-            w["embeddings.word_embeddings.weight"][ids]
-            + w["embeddings.position_embeddings.weight"][positions][None]
-            + w["embeddings.token_type_embeddings.weight"][types]
-        )
-        x = self._norm(x, "embeddings.LayerNorm")
-        additive = ((1.0 - mask) * -1e9)[:, None, None, :]  # padding never attended to
-        for i in range(self._layers):
-            x = self._layer(x, additive, f"encoder.layer.{i}")
-        return x
-
-    def _layer(self, x: mx.array, additive: mx.array, name: str) -> mx.array:
-        batch, length, width = x.shape
-        head = width // self._heads
-
-        def split(t: mx.array) -> mx.array:
-            return t.reshape(batch, length, self._heads, head).transpose(0, 2, 1, 3)
-
-        q = split(self._linear(x, f"{name}.attention.self.query"))
-        k = split(self._linear(x, f"{name}.attention.self.key"))
-        v = split(self._linear(x, f"{name}.attention.self.value"))
-        context = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(head), mask=additive)
-        context = context.transpose(0, 2, 1, 3).reshape(batch, length, width)
-        x = self._norm(
-            self._linear(context, f"{name}.attention.output.dense") + x, f"{name}.attention.output.LayerNorm"
-        )
-        inner = _gelu(self._linear(x, f"{name}.intermediate.dense"))
-        return self._norm(self._linear(inner, f"{name}.output.dense") + x, f"{name}.output.LayerNorm")
+    def _head(self, vectors: mx.array) -> mx.array:
+        for layer in self._dense:
+            vectors = layer(vectors)
+        return vectors
 
 
-def _gelu(x: mx.array) -> mx.array:
-    """The exact (erf) GELU that BERT's "gelu" means."""
-    return x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0)))
+def _yes_no_ids(root: Path) -> list[int]:
+    """[yes, no] token ids: a LogitScore module's if the model has one, else the tokens "yes" and "no"."""
+    for module in module_list(root):
+        if str(module.get("type", "")).endswith("LogitScore"):
+            config = read_json(root / str(module.get("path", "")) / "config.json")
+            if config.get("false_token_id") is None:
+                raise StartupError("MLX backend: a LogitScore without a false token is not implemented")
+            return [int(config["true_token_id"]), int(config["false_token_id"])]
+    vocabulary = Tokenizer.from_file(str(root / "tokenizer.json"))
+    ids = [vocabulary.token_to_id("yes"), vocabulary.token_to_id("no")]
+    if None in ids:
+        raise StartupError("MLX backend: the causal-LM reranker's tokenizer has no 'yes' / 'no' tokens")
+    return [int(i) for i in ids]  # type: ignore[arg-type]

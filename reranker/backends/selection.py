@@ -2,7 +2,8 @@
 
 ``BACKEND=auto`` (the default) only picks backends whose answers equal
 sentence-transformers' (to 1e-5) whatever the batch holds: torch on CUDA, MLX on Apple
-Silicon, torch on MPS, and torch on a CPU-only machine. ONNX Runtime is served only when
+Silicon (for the model families it serves; torch otherwise, saying why), torch on MPS, and
+torch on a CPU-only machine. ONNX Runtime is served only when
 asked for (``BACKEND=onnx``), and int8 only with ``ONNX_QUANTIZE=int8``: quantized
 answers differ from the model's. The machine is probed once (``probe_machine``);
 ``choose`` only reads that probe, so every branch is testable on any machine.
@@ -70,7 +71,9 @@ def read_cpu_flags(cpuinfo: Path) -> frozenset[str]:
     return frozenset()
 
 
-def choose(settings: Settings, machine: Machine) -> Choice:
+def choose(settings: Settings, machine: Machine, mlx_refusal: str | None = None) -> Choice:
+    """The backend for this machine; ``mlx_refusal`` (mlx_families.mlx_refusal of the model) is
+    why MLX cannot serve the loaded model, so that auto never picks it then."""
     preference = settings.device_preference
     if settings.backend == "torch":
         return Choice("torch", _torch_device(preference, machine), "none", "BACKEND=torch")
@@ -81,10 +84,10 @@ def choose(settings: Settings, machine: Machine) -> Choice:
         quantize = settings.onnx_quantize
         reason = "BACKEND=onnx" + (" ONNX_QUANTIZE=int8" if quantize == "int8" else "")
         return Choice("onnx", device, quantize, reason)
-    return _automatic(settings, machine)
+    return _automatic(settings, machine, mlx_refusal)
 
 
-def _automatic(settings: Settings, machine: Machine) -> Choice:
+def _automatic(settings: Settings, machine: Machine, mlx_refusal: str | None) -> Choice:
     preference = settings.device_preference
     if settings.use_mlx:
         return Choice("mlx", "mlx", "none", "USE_MLX=true")
@@ -92,7 +95,10 @@ def _automatic(settings: Settings, machine: Machine) -> Choice:
         return Choice("torch", "cuda", "none", "auto: a CUDA GPU is available, torch runs on it")
     _torch_device(preference, machine)  # an explicit device the machine lacks is an error here too
     if preference == "auto" and machine.apple_silicon and machine.mlx:
-        return Choice("mlx", "mlx", "none", "auto: Apple Silicon with mlx installed")
+        if mlx_refusal is None:
+            return Choice("mlx", "mlx", "none", "auto: Apple Silicon with mlx installed")
+        device = "mps" if machine.mps else "cpu"
+        return Choice("torch", device, "none", f"auto: Apple Silicon, but {mlx_refusal}: torch on {device}")
     if machine.mps and preference in ("auto", "mps"):
         return Choice("torch", "mps", "none", "auto: Apple GPU (MPS) available, mlx is not installed")
     return Choice("torch", "cpu", "none", f"auto: CPU only: torch fp32, exact ({INT8_OPT_IN})")
