@@ -37,6 +37,7 @@ from tests.families import (
     served_output,
 )
 from tests.server import ServerThread
+from tests.test_jobs import follow
 
 BACKENDS = [backend_param(name) for name in ("torch", "onnx", "mlx")]
 LONG_DOCUMENT = "the weather is cold and the wind is warm today " * 120 + "berlin has 3 million people"
@@ -175,6 +176,15 @@ def test_causal_reranker_takes_an_instruction(family_model: Callable[[str], Path
                 "/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS, "instruction": instruction}
             )
             health = client.get("/health").json()["model"]
+            job_input = {
+                "query": QUERY,
+                "documents": DOCUMENTS,
+                "instruction": instruction,
+                "raw_scores": True,
+            }
+            submitted = client.post("/v1/jobs", json={"type": "rerank", "input": job_input})
+            assert submitted.status_code == 202, submitted.text
+            job = follow(client, submitted.json()["job_id"])[-1]
     finally:
         server.stop()
     assert given.status_code == 200, given.text
@@ -183,6 +193,12 @@ def test_causal_reranker_takes_an_instruction(family_model: Callable[[str], Path
         got[result["index"]] = result["relevance_score"]
     want = qwen3_reranker_scores(path, [(QUERY, doc) for doc in DOCUMENTS], instruction)
     np.testing.assert_allclose(got, want, atol=TOLERANCE)
+    # A job takes the instruction and raw_scores too: the logit of the same probability.
+    assert job["status"] == "COMPLETED", job
+    logits = np.zeros(len(DOCUMENTS))
+    for result in job["output"]["results"]:
+        logits[result["index"]] = result["relevance_score"]
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), want, atol=TOLERANCE)
     default = qwen3_reranker_scores(path, [(QUERY, doc) for doc in DOCUMENTS])
     assert np.abs(np.array(default) - want).max() > 100 * TOLERANCE  # the instruction mattered
     assert health["instruction"] == QWEN3_RERANKER.default_instruction

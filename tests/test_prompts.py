@@ -160,3 +160,28 @@ def test_every_window_of_a_long_document_carries_the_document_prompt(server: Ser
         ]
     best = max(float(v @ query / np.linalg.norm(v)) for v in vectors)
     assert result["relevance_score"] == pytest.approx(best, abs=TOLERANCE)
+
+
+def test_an_embed_job_applies_the_prompt_its_submission_chose(server: ServerThread, reference) -> None:
+    """Jobs take prompt_name / input_type like /embed (resolved at submission: unknown is a 422)."""
+    from tests.test_jobs import follow
+
+    chunks = [{"chunk_id": str(i), "content": text} for i, text in enumerate(DOCUMENTS)]
+    with server.client() as client:
+        unknown = client.post(
+            "/v1/jobs",
+            json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks, "prompt_name": "nope"}},
+        )
+        submitted = client.post(
+            "/v1/jobs",
+            json={
+                "type": "embed",
+                "input": {"batch_id": "b", "chunks": chunks, "input_type": "search_query"},
+            },
+        )
+        assert submitted.status_code == 202, submitted.text
+        finished = follow(client, submitted.json()["job_id"])[-1]
+    assert unknown.status_code == 422 and "'query'" in unknown.json()["error"]["message"]
+    assert finished["status"] == "COMPLETED", finished
+    vectors = np.array([item["vector"] for item in finished["output"]["vectors"]])
+    np.testing.assert_allclose(vectors, reference.encode(DOCUMENTS, prompt_name="query"), atol=TOLERANCE)

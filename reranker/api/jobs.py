@@ -87,22 +87,34 @@ def _job_work(
         _check_size(settings, texts, labels)
         if service.kind is not ModelKind.BI_ENCODER:
             raise UnsupportedOperationError("the loaded model is a cross-encoder: it cannot embed")
+        prompt = service.embed_prompt(embed.prompt_name, embed.input_type)  # unknown: 422 now
         if not embed.truncate:
-            _refuse_too_long(service, texts, labels, "truncate is false")
+            _refuse_too_long(service, [prompt + text for text in texts], labels, "truncate is false")
         ids = [chunk.chunk_id for chunk in embed.chunks]
         return (
             "embed",
             len(texts),
-            EmbedJob(embed.batch_id, ids, texts, embed.normalize, embed.truncate, model_name),
+            EmbedJob(embed.batch_id, ids, texts, embed.normalize, embed.truncate, model_name, prompt),
         )
     rerank = validate(CohereRerankRequest, body.input)
     texts = rerank.texts()
     labels = [f"input.documents.{i}" for i in range(len(texts))]
     _check_size(settings, [rerank.query, *texts], ["input.query", *labels])
     long = long_documents(rerank, settings)
+    service.check_instruction(rerank.instruction)
     if long.mode == "refuse":
-        _refuse_too_long(service, texts, labels, 'truncate is "NONE"', query=rerank.query)
-    reranking = RerankJob(rerank.query, texts, rerank.documents, rerank.top_n, rerank.return_documents, long)
+        query = service.scoring_query(rerank.query, rerank.instruction)
+        _refuse_too_long(service, texts, labels, 'truncate is "NONE"', query=query)
+    reranking = RerankJob(
+        rerank.query,
+        texts,
+        rerank.documents,
+        rerank.top_n,
+        rerank.return_documents,
+        long,
+        rerank.instruction,
+        rerank.raw_scores,
+    )
     return "rerank", len(texts), reranking
 
 

@@ -104,6 +104,7 @@ class EmbedJob:
     normalize: bool | None
     truncate: bool
     model: str
+    prompt: str = ""  # the prompt the submission chose (resolved then: prompt_name, input_type, default)
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
         order = length_order(self.texts)
@@ -112,7 +113,9 @@ class EmbedJob:
         async def piece(start: int, stop: int) -> EmbedOutcome:
             try:
                 texts = texts_in_order[start:stop]
-                return await service.embed(texts, self.normalize, self.truncate, background=True)
+                return await service.embed(
+                    texts, self.normalize, self.truncate, background=True, prompt=self.prompt
+                )
             except TextTooLongError as exc:
                 position = int(order[start + exc.position])
                 raise InvalidInputError(
@@ -144,6 +147,8 @@ class RerankJob:
     top_n: int | None
     return_documents: bool
     long: LongDocuments
+    instruction: str | None = None  # instruction-style rerankers: None is the model's default
+    raw_scores: bool = False  # the logit instead of the model's activation of it
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
         query_vector = None
@@ -156,7 +161,9 @@ class RerankJob:
         async def piece(start: int, stop: int) -> RerankOutcome:
             try:
                 texts = texts_in_order[start:stop]
-                return await service.rerank(self.query, texts, self.long, True, query_vector)
+                return await service.rerank(
+                    self.query, texts, self.long, True, query_vector, instruction=self.instruction
+                )
             except TextTooLongError as exc:
                 raise InvalidInputError(
                     f"documents.{int(order[start + exc.position])}: longer than the model's window "
@@ -164,8 +171,8 @@ class RerankJob:
                 ) from None
 
         outcomes = await in_slices(job, len(self.texts), service, piece)
-        every = unsorted(np.concatenate([outcome.scores for outcome in outcomes]), order)
         ranking = unsorted(np.concatenate([outcome.ranking for outcome in outcomes]), order)
+        every = ranking if self.raw_scores else unsorted(np.concatenate([o.scores for o in outcomes]), order)
         tokens = sum(outcome.tokens for outcome in outcomes)
         order = np.argsort(-ranking, kind="stable")[: self.top_n or len(every)]
         results = []

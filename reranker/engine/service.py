@@ -241,11 +241,9 @@ class InferenceService:
         reranker (Qwen3-Reranker) takes ``instruction``, else its default."""
         refuse = self._refuse_document if long.mode == "refuse" else None
         info = self._backend.info()
-        if instruction is not None and self._template is None:
-            raise InvalidInputError(f"instruction: the model {info.name} takes no instruction")
+        self.check_instruction(instruction)
         if self.kind is ModelKind.CROSS_ENCODER:
-            if self._template is not None:
-                query = self._template.query_part(query, instruction)
+            query = self.scoring_query(query, instruction)
             pairs = [(query, doc) for doc in documents]
             keys = [("pair" + long.cache_tag, query, doc) for doc in documents]
             computed = await self._compute(
@@ -285,6 +283,18 @@ class InferenceService:
             windows = [len(vectors) for vectors in computed.outputs[1:]]
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
         return RerankOutcome(scores, ranking, computed.tokens, computed.timing, windows, cut)
+
+    def check_instruction(self, instruction: str | None) -> None:
+        """InvalidInputError (422) for an instruction given to a model that takes none."""
+        if instruction is not None and self._template is None:
+            raise InvalidInputError(
+                f"instruction: the model {self._backend.info().name} takes no instruction"
+            )
+
+    def scoring_query(self, query: str, instruction: str | None = None) -> str:
+        """What a cross-encoder pairs documents with: the query, or an instruction-style reranker's
+        query part of its template."""
+        return self._template.query_part(query, instruction) if self._template is not None else query
 
     async def query_vector_of(self, query: str, background: bool = False) -> np.ndarray:
         """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied)."""
