@@ -291,3 +291,33 @@ def test_a_queued_job_cancelled_is_never_run_and_its_entry_is_retired(
     assert cancelled["status"] == "CANCELLED" and final["status"] == "CANCELLED"
     assert final["started_at"] is None and final["progress"]["done"] == 0  # never run
     assert records.hget(f"{queue}:job:{queued.json()['job_id']}", "worker") is None
+
+
+def test_a_big_output_is_stored_in_parts_that_expire_and_go_with_the_job(
+    redis_server: RedisServer, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One Redis string holds at most 512 MB, less than a 200,000-chunk embed job answers: the output
+    is kept in parts (here 1 KiB, so that 60 vectors take several) and read back whole."""
+    from reranker.engine import job_redis
+
+    monkeypatch.setattr(job_redis, "OUTPUT_PART_BYTES", 1024)
+    body = {"batch_id": "b", "chunks": chunks(60)}
+    server, _ = fake_instance(redis_server, queue)
+    with server, server.client() as client:
+        direct = client.post("/embed", json=body).json()
+        job_id = client.post("/v1/jobs", json={"type": "embed", "input": body}).json()["job_id"]
+        final = follow(client, job_id)[-1]
+        store = redis_server.client()
+        parts = sorted(store.keys(f"{queue}:job:{job_id}:out:*"))
+        ttls = [store.ttl(key) for key in parts]
+        deleted = client.delete(f"/v1/jobs/{job_id}")
+        left = store.keys(f"{queue}:job:{job_id}*")
+    assert final["status"] == "COMPLETED"
+    assert [v["chunk_id"] for v in final["output"]["vectors"]] == [c["chunk_id"] for c in body["chunks"]]
+    np.testing.assert_allclose(
+        np.array([v["vector"] for v in final["output"]["vectors"]]),
+        np.array([v["vector"] for v in direct["vectors"]]),
+        atol=1e-6,
+    )
+    assert len(parts) > 3 and all(0 < ttl <= 3600 for ttl in ttls)
+    assert deleted.status_code == 200 and left == []

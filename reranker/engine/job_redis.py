@@ -28,8 +28,10 @@ length and the heartbeat, and keep our job record (a hash) beside the entry.
   every min(1 s, lease/3) re-XCLAIMs the entry (resetting its idle time) if this worker
   still holds it, writes progress and reads the cancel flag. A worker that lost its
   lease (it stalled longer than the lease and another took the job) drops its run.
-- Finish (one Lua script): writes the output or error only if the job is not finished yet
-  (so two runs of one job give one result), drops the input, sets the TTL, and XACKs and
+- Finish: the output is written first, in parts of 64 MiB under keys of this run's own
+  (a Redis string holds at most 512 MB); then one Lua script records them, or the error, only
+  if the job is not finished yet (so two runs of one job give one result; a losing run's
+  parts are deleted), drops the input, sets the TTL, and XACKs and
   XDELs the entry. An entry delivered more than JOB_MAX_ATTEMPTS times fails its job
   (a poison job that kills every worker that takes it).
 - Cancel: a queued job is finished CANCELLED at once; a running one gets a flag the
@@ -70,7 +72,10 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 RETRY_PAUSE_S = 0.5  # between attempts to reach a lost Redis
 BIG_JSON_BYTES = 256 * 1024  # parsed off the event loop above this
 FIELDS = ("type", "total", "status", "done", "created_at", "started_at", "finished_at")
-FIELDS += ("owner", "output", "error")
+FIELDS += ("owner", "output_parts", "error")
+# A job's output is kept in parts beside its record: one Redis string holds at most 512 MB, and an
+# embed job of 200,000 chunks answers more JSON than that; parts also keep each command small.
+OUTPUT_PART_BYTES = 64 * 1024 * 1024
 
 SUBMIT = """
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[1]) then return redis.call('SCARD', KEYS[2]) end
@@ -90,13 +95,14 @@ if redis.call('HGET', KEYS[1], 'started_at') == '' then redis.call('HSET', KEYS[
 return 'run'
 """
 
-# KEYS: job, active set, stream. ARGV: job id, status, finished_at, output, error, ttl, group, entry.
+# KEYS: job, active set, stream. ARGV: job id, status, finished_at, output parts, error, ttl, group, entry.
 FINISH = """
 redis.call('XACK', KEYS[3], ARGV[7], ARGV[8])
 redis.call('XDEL', KEYS[3], ARGV[8])
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'output', ARGV[4], 'error', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[5])
+redis.call('HSET', KEYS[1], 'output_parts', ARGV[4])
 if ARGV[2] == 'COMPLETED' then redis.call('HSET', KEYS[1], 'done', redis.call('HGET', KEYS[1], 'total')) end
 redis.call('HDEL', KEYS[1], 'spec', 'cancel')
 redis.call('EXPIRE', KEYS[1], ARGV[6])
@@ -300,13 +306,41 @@ class RedisJobs:
         job.status, job.done = JobStatus(fields["status"].decode()), int(fields["done"] or 0)
         job.created_at = float(fields["created_at"])
         job.started_at, job.finished_at = _float(fields["started_at"]), _float(fields["finished_at"])
-        job.output = await _loads(fields["output"]) if fields["output"] else None
+        job.output = await self._output(fields["output_parts"])
         job.error = orjson.loads(fields["error"]) if fields["error"] else None
         return job
+
+    def _part_keys(self, reference: bytes | str) -> list[str]:
+        """The keys of an output recorded as ``<job key>:out:<run>:<parts>``."""
+        prefix, _, count = (reference.decode() if isinstance(reference, bytes) else reference).rpartition(":")
+        return [f"{prefix}:{index}" for index in range(int(count))]
+
+    async def _output(self, reference: bytes | None) -> dict[str, Any] | None:
+        if not reference:
+            return None
+        try:
+            parts = await self._redis.mget(self._part_keys(reference))
+        except UNREACHABLE as exc:
+            raise self._unreachable(exc) from None
+        if any(part is None for part in parts):  # expired a moment before its record
+            raise JobStoreError("the job's output expired (JOB_RESULT_TTL_S) while it was read")
+        return await _loads(b"".join(parts))
+
+    async def _write_output(self, job_id: str, output: dict[str, Any]) -> str:
+        """Store ``output`` in parts under keys of this run's own; the reference to record."""
+        result = await asyncio.to_thread(orjson.dumps, output, option=orjson.OPT_SERIALIZE_NUMPY)
+        step = OUTPUT_PART_BYTES
+        reference = f"{self._key(job_id)}:out:{uuid.uuid4().hex[:12]}:{max(1, -(-len(result) // step))}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for index, key in enumerate(self._part_keys(reference)):
+                pipe.set(key, result[index * step : (index + 1) * step], ex=self._ttl_s)
+            await pipe.execute()
+        return reference
 
     async def cancel(self, job_id: str, owner: str | None) -> Job:
         job = await self.get(job_id, owner)
         try:
+            reference = await self._redis.hget(self._key(job_id), "output_parts")
             now = time.time()
             args = [job_id, owner or "", repr(now), self._ttl_s]
             keys = [self._key(job_id), self._active]
@@ -315,6 +349,9 @@ class RedisJobs:
             raise self._unreachable(exc) from None
         if outcome == "missing":
             raise missing(job_id)
+        if outcome == "deleted" and reference:  # a finished job deleted: its output parts go with it
+            await self._redis.delete(*self._part_keys(reference))
+
         if outcome == "cancelled":
             job.status, job.finished_at = JobStatus.CANCELLED, now
         return job
@@ -445,21 +482,22 @@ class RedisJobs:
     ) -> bool:
         """Record the job's one result (False: it had one already) and retire its queue entry."""
         assert status in FINISHED
-        result = b""
-        if output is not None:  # a big embed job's output: serialised off the event loop
-            result = await asyncio.to_thread(orjson.dumps, output, option=orjson.OPT_SERIALIZE_NUMPY)
+        reference = "" if output is None else await self._write_output(job_id, output)
         args = [
             job_id,
             status.value,
             repr(time.time()),
-            result,
+            reference,
             orjson.dumps(error) if error is not None else "",
             self._ttl_s,
             GROUP,
             entry_id,
         ]
         keys = [self._key(job_id), self._active, self._stream]
-        return bool(await self._scripts["finish"](keys=keys, args=args))
+        recorded = bool(await self._scripts["finish"](keys=keys, args=args))
+        if reference and not recorded:  # another run's result is the job's: drop this one's
+            await self._redis.delete(*self._part_keys(reference))
+        return recorded
 
     async def _retire(self, entry_id: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
