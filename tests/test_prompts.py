@@ -185,3 +185,19 @@ def test_an_embed_job_applies_the_prompt_its_submission_chose(server: ServerThre
     assert finished["status"] == "COMPLETED", finished
     vectors = np.array([item["vector"] for item in finished["output"]["vectors"]])
     np.testing.assert_allclose(vectors, reference.encode(DOCUMENTS, prompt_name="query"), atol=TOLERANCE)
+
+
+def test_a_rerank_job_checks_document_length_with_the_document_prompt(server: ServerThread) -> None:
+    """truncate "NONE" at submission: a document that fits alone but not behind ``passage: `` (how the
+    model sees it) is a 422 then, not a job that fails after the work before it."""
+    backend = server.runtime.backend
+    words = ["berlin"]
+    while not backend.tokenize_texts([E5_PROMPTS["document"] + " ".join(words)])[0].truncated:
+        words.append("berlin")
+    document = " ".join(words)
+    assert not backend.tokenize_texts([document])[0].truncated  # fits without the prompt
+    job = {"query": QUERY, "documents": [DOCUMENTS[0], document], "truncate": "NONE"}
+    with server.client() as client:
+        refused = client.post("/v1/jobs", json={"type": "rerank", "input": job})
+    assert refused.status_code == 422, refused.text
+    assert "input.documents.1" in refused.json()["error"]["message"]

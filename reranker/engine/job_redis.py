@@ -92,7 +92,9 @@ if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then ret
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
 redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'done', 0, 'worker', ARGV[1], 'attempts', ARGV[3])
 if redis.call('HGET', KEYS[1], 'started_at') == '' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
-return 'run'
+local record = redis.call('HMGET', KEYS[1], 'type', 'total', 'spec')
+if not record[3] then return 'gone' end
+return {'run', record[1], record[2], record[3]}
 """
 
 # KEYS: job, active set, stream. ARGV: job id, status, finished_at, output parts, error, ttl, group, entry.
@@ -299,6 +301,10 @@ class RedisJobs:
             values = await self._redis.hmget(self._key(job_id), FIELDS)
         except UNREACHABLE as exc:
             raise self._unreachable(exc) from None
+        except RedisError as exc:
+            raise JobStoreError(
+                f"JOB_BACKEND=redis: Redis refused the read ({exc})", retry_after_s=5
+            ) from None
         fields = dict(zip(FIELDS, values, strict=True))
         if fields["status"] is None or (fields["owner"] or b"").decode() != (owner or ""):
             raise missing(job_id)
@@ -345,12 +351,16 @@ class RedisJobs:
             args = [job_id, owner or "", repr(now), self._ttl_s]
             keys = [self._key(job_id), self._active]
             outcome = (await self._scripts["cancel"](keys=keys, args=args)).decode()
+            if outcome == "deleted" and reference:  # a finished job deleted: its output parts go with it
+                await self._redis.delete(*self._part_keys(reference))
         except UNREACHABLE as exc:
             raise self._unreachable(exc) from None
+        except RedisError as exc:
+            raise JobStoreError(
+                f"JOB_BACKEND=redis: Redis refused the cancel ({exc})", retry_after_s=5
+            ) from None
         if outcome == "missing":
             raise missing(job_id)
-        if outcome == "deleted" and reference:  # a finished job deleted: its output parts go with it
-            await self._redis.delete(*self._part_keys(reference))
 
         if outcome == "cancelled":
             job.status, job.finished_at = JobStatus.CANCELLED, now
@@ -379,6 +389,9 @@ class RedisJobs:
                 else:  # a refused command: say it, and go on with the next job
                     log.error("jobs: Redis refused a command: %s", exc)
                     await asyncio.sleep(RETRY_PAUSE_S)
+            except Exception:  # one entry's surprise (a damaged record) never ends the worker
+                log.exception("jobs: taking the next job failed; its entry stays pending (JOB_LEASE_S)")
+                await asyncio.sleep(RETRY_PAUSE_S)
 
     async def _next_entry(self, claim_from: str) -> tuple[str, tuple[str, str, int] | None]:
         """(next XAUTOCLAIM cursor, (entry id, job id, delivery count) or None)."""
@@ -412,14 +425,14 @@ class RedisJobs:
             return
         key = self._key(job_id)
         args = [self._consumer, repr(time.time()), deliveries]
-        begun = (await self._scripts["begin"](keys=[key], args=args)).decode()
-        if begun == "cancel":
+        begun = await self._scripts["begin"](keys=[key], args=args)  # [run, type, total, spec] or a word
+        if begun == b"cancel":
             await self._finish(job_id, entry_id, JobStatus.CANCELLED, None, None)
             return
-        if begun != "run":  # expired, deleted or already finished: only the entry is left
+        if not isinstance(begun, list):  # expired, deleted or already finished: only the entry is left
             await self._retire(entry_id)
             return
-        type_, total, spec = await self._redis.hmget(key, ("type", "total", "spec"))
+        _, type_, total, spec = begun
         job = Job(id=job_id, type=type_.decode(), total=int(total), spec=await _loads(spec))
         job.status = JobStatus.IN_PROGRESS
         if deliveries > 1:
@@ -432,6 +445,8 @@ class RedisJobs:
         try:
             output = await runner(job)
         except asyncio.CancelledError:
+            heartbeat.cancel()  # a beat after the hand-back would take the entry back for a lease
+            await asyncio.gather(heartbeat, return_exceptions=True)
             await asyncio.shield(self._release(job_id, entry_id))  # shutting down: another instance runs it
             raise
         except Exception as exc:  # noqa: BLE001 - a job's failure is its own, never the worker's
@@ -466,6 +481,9 @@ class RedisJobs:
         except UNREACHABLE as exc:
             self._unreachable(exc)
             return  # the job goes on; its lease may pass to another worker meanwhile
+        except RedisError as exc:  # OOM, BUSY, NOGROUP: the next beat tries again
+            log.warning("jobs: heartbeat of job %s refused by Redis: %s", job.id, exc)
+            return
         if not held:
             lease_lost.set()
             job.cancel_requested = True  # stop at the next slice; the other worker delivers

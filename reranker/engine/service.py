@@ -308,13 +308,16 @@ class InferenceService:
         return self._controller.batch_limit
 
     def first_too_long(self, texts: Sequence[str], query: str | None = None) -> int | None:
-        """The position of the first text the model would have to cut (paired with ``query`` on a
-        cross-encoder), or None: what a job with truncation off checks at submission.
+        """The position of the first text the model would have to cut, or None: what a job with
+        truncation off checks at submission. With ``query`` (a rerank): paired with it on a
+        cross-encoder, behind the model's document prompt on a bi-encoder, as ``rerank`` runs it.
         Tokenizes: call off the event loop."""
+        pairs = query is not None and self.kind is ModelKind.CROSS_ENCODER
+        prefix = document_prompt(self._backend.info()) if query is not None and not pairs else ""
         step = 1024
         for start in range(0, len(texts), step):
-            part = texts[start : start + step]
-            if query is not None and self.kind is ModelKind.CROSS_ENCODER:
+            part = [prefix + text for text in texts[start : start + step]]
+            if pairs:
                 encoded = self._backend.tokenize_pairs([(query, text) for text in part])
             else:
                 encoded = self._backend.tokenize_texts(part)
