@@ -337,3 +337,26 @@ def test_layout_reads_both_pooling_formats_and_refuses_what_it_cannot_apply(
     _edit_json(cross / "config_sentence_transformers.json", lambda c: {**c, "activation_fn": "mylib.Sharpen"})
     with pytest.raises(StartupError, match=r"mylib\.Sharpen"):
         read_layout(cross)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roberta_family_length_stops_at_its_position_table(
+    backend: str, family_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """XLM-R's 514 positions hold 512 tokens (ids start past the padding id): a model that declares
+    no length of its own gets 512, and a document cut there scores instead of indexing past the table."""
+    from sentence_transformers import CrossEncoder
+
+    path = _copy(family_model("xlm-roberta-cross"), tmp_path / "undeclared")
+    _edit_json(
+        path / "tokenizer_config.json", lambda c: {k: v for k, v in c.items() if k != "model_max_length"}
+    )
+    _edit_json(
+        path / "sentence_bert_config.json", lambda c: {k: v for k, v in c.items() if k != "max_seq_length"}
+    )
+    loaded = create_backend(make_settings(local_model_path=str(path), backend=backend))
+    assert loaded.info().max_length == 512
+    pairs = [(QUERY, LONG_DOCUMENT * 3)]
+    assert len(loaded.tokenize_pairs(pairs)[0]) == 512
+    reference = CrossEncoder(str(path), device="cpu", max_length=512).predict(pairs)  # sigmoid of the logit
+    np.testing.assert_allclose(_sigmoid(loaded.score_pairs(pairs)), reference, atol=TOLERANCE)

@@ -29,11 +29,10 @@ from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
 
 
-def _max_length(layout: ModelLayout, family: str) -> int:
+def _max_length(layout: ModelLayout) -> int:
     """The declared length (sentence-transformers, else the tokenizer), at most what the
-    position table holds (RoBERTa-style tables start after the padding id: 514 -> 512)."""
-    offset = 2 if family in ("roberta", "xlm-roberta", "camembert") else 0
-    limit = layout.position_limit - offset if layout.position_limit else None
+    position table holds (source.py: RoBERTa-style tables start after the padding id: 514 -> 512)."""
+    limit = layout.position_limit
     declared = layout.declared_max_length or limit or 512
     return min(declared, limit) if limit else declared
 
@@ -47,7 +46,7 @@ class MlxBackend(TokenizedBackend):
         self._source = source
         self._config = read_json(root / "config.json")
         self._family = str(self._config["model_type"])
-        self._max_length = _max_length(source.layout, self._family)
+        self._max_length = _max_length(source.layout)
         if source.max_length_cap:
             self._max_length = min(self._max_length, source.max_length_cap)
         self._encoder: Encoder | None = None

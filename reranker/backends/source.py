@@ -142,6 +142,8 @@ LEGACY_POOLING_KEYS = {  # sentence-transformers < 6 wrote one boolean per mode
 }
 POOLING_MODES = frozenset(LEGACY_POOLING_KEYS.values())
 # The sentence-transformers modules a backend can run; anything else in modules.json is refused.
+# Families whose position ids start at padding_idx + 1: max_position_embeddings 514 holds 512 tokens.
+POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "camembert"})
 UNDERSTOOD_MODULES = frozenset({"Transformer", "Pooling", "Dense", "Normalize", "LogitScore"})
 ACTIVATIONS = {  # a cross-encoder's declared activation (torch class name) -> ours
     "Sigmoid": "sigmoid",
@@ -184,7 +186,7 @@ class ModelLayout:
     type_vocab_size: int  # 0 when the config has none (DistilBERT, ModernBERT, decoders): no token types
     padding_side: str  # "right" or "left", as the tokenizer declares
     declared_max_length: int | None  # sentence_bert_config max_seq_length, else the tokenizer's
-    position_limit: int | None  # config max_position_embeddings (what the model can take at all)
+    position_limit: int | None  # how many tokens the position table holds (what the model can take at all)
     needs_remote_code: bool  # config.json auto_map: the model ships its own Python code
 
     @property
@@ -224,6 +226,9 @@ def read_layout(root: Path) -> ModelLayout:
         tokenizer_max if isinstance(tokenizer_max, int) and tokenizer_max < 10**7 else None
     )
     positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and config.get("model_type") in POSITIONS_AFTER_PADDING:
+        padding_id = config.get("pad_token_id")
+        positions -= (1 if padding_id is None else int(padding_id)) + 1  # the table starts past it
     return ModelLayout(
         family=str(config.get("model_type", "")),
         architectures=architectures,

@@ -41,4 +41,6 @@ QWEN3_RERANKER = CausalRerankTemplate(
     default_instruction="Given a web search query, retrieve relevant passages that answer the query",
 )
 
-CAUSAL_TEMPLATES = {"qwen3": QWEN3_RERANKER, "qwen2": QWEN3_RERANKER}
+# By model family. Only Qwen3-Reranker's template is known to be right: other causal-LM rerankers
+# (mxbai-rerank-v2 on Qwen2 has a prompt of its own) are refused at start-up, never mis-templated.
+CAUSAL_TEMPLATES = {"qwen3": QWEN3_RERANKER}
