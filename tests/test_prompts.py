@@ -201,3 +201,38 @@ def test_a_rerank_job_checks_document_length_with_the_document_prompt(server: Se
         refused = client.post("/v1/jobs", json={"type": "rerank", "input": job})
     assert refused.status_code == 422, refused.text
     assert "input.documents.1" in refused.json()["error"]["message"]
+
+
+def test_without_query_or_document_prompts_rerank_uses_none_as_sentence_transformers_does(
+    e5_path: Path, tmp_path: Path
+) -> None:
+    """sentence-transformers 6 gives every model empty "query" and "document" prompts, so
+    ``encode_query``/``encode_document`` of a model with only a default prompt apply no prompt (plain
+    ``encode`` applies the default): rerank on such a model must do the same."""
+    import json
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    path = tmp_path / "default-only"
+    shutil.copytree(e5_path, path)
+    config = json.loads((path / "config_sentence_transformers.json").read_text())
+    config |= {"prompts": {"retrieval": "represent for retrieval: "}, "default_prompt_name": "retrieval"}
+    (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    reference = SentenceTransformer(str(path), device="cpu")
+    query = reference.encode_query([QUERY], normalize_embeddings=True)[0]
+    want = reference.encode_document(DOCUMENTS, normalize_embeddings=True) @ query
+    bare = SentenceTransformer(str(e5_path), device="cpu", prompts={})
+    plain = (
+        bare.encode(DOCUMENTS, normalize_embeddings=True) @ bare.encode([QUERY], normalize_embeddings=True)[0]
+    )
+    np.testing.assert_allclose(want, plain, atol=1e-6)  # no fallback to the default prompt...
+    assert (
+        np.abs(reference.encode(DOCUMENTS) - bare.encode(DOCUMENTS)).max() > 100 * TOLERANCE
+    )  # ...which encode applies
+    with ServerThread(create_app(make_settings(local_model_path=str(path)))) as server:
+        response = server.client().post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+    got = np.zeros(len(DOCUMENTS))
+    for result in response.json()["results"]:
+        got[result["index"]] = result["relevance_score"]
+    np.testing.assert_allclose(got, want, atol=TOLERANCE)
