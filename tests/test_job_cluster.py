@@ -207,5 +207,10 @@ def test_twenty_jobs_through_nginx_survive_a_sigkilled_instance(
     # Exactly one result each: every queue entry acknowledged and deleted, no job left active.
     assert store.xlen(f"{QUEUE}:stream") == 0
     assert store.scard(f"{QUEUE}:active") == 0
+    # ...and one stored output each: the one run recorded (a losing run's parts are deleted).
+    for job_id in job_ids:
+        recorded = store.hget(f"{QUEUE}:job:{job_id}", "output_parts").decode()
+        stored = {key.decode() for key in store.scan_iter(f"{QUEUE}:job:{job_id}:out:*")}
+        assert stored and {key.rpartition(":")[0] for key in stored} == {recorded.rpartition(":")[0]}
     survivor_log = (cluster.log_dir / f"reranker-{survivor}.log").read_text()
     assert f"job {victim['job_id']}: taken over" in survivor_log
