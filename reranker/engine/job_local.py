@@ -138,7 +138,10 @@ class JobStore:
         target = self.directory / QUARANTINE
         target.mkdir(exist_ok=True)
         for path in paths:
-            os.replace(path, target / path.name)
+            kept = target / path.name
+            if kept.exists():  # an earlier start quarantined one of this name: keep both
+                kept = target / f"{path.name}.{time.time_ns()}"
+            os.replace(path, kept)
             self.quarantined.append(path.name)
             log.warning("job store: moved %s to %s: %s", path.name, target, why)
         self._sync_directory()
@@ -170,7 +173,13 @@ class LocalJobs:
         if self._store is None:
             return
         self._store.open()
-        for job in await asyncio.to_thread(self._store.load):
+        try:
+            kept = await asyncio.to_thread(self._store.load)
+        except OSError as exc:  # a read-only or full disk: say so and stop, as for a locked directory
+            raise JobStoreStartupError(
+                f"JOB_STORE_DIR={self._store.directory}: cannot recover its jobs ({exc})"
+            ) from None
+        for job in kept:
             self._jobs[job.id] = job
             if job.status is JobStatus.COMPLETED:
                 self._on_disk.add(job.id)
@@ -287,7 +296,11 @@ class LocalJobs:
             if error is not None and error["type"] == "internal_error":
                 log.exception("job %s failed", job.id)
         self._finish(job, status, output=output, error=error)
-        if await self._save_or_fail(job) and self._store is not None and status is JobStatus.COMPLETED:
+        saved = await self._save_or_fail(job)
+        if self._jobs.get(job.id) is not job:  # deleted while its result was being written
+            if self._store is not None:
+                await asyncio.to_thread(self._store.delete, job.id)
+        elif saved and self._store is not None and status is JobStatus.COMPLETED:
             job.output = None  # on disk now; read back when asked for
             self._on_disk.add(job.id)
 
