@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from reranker.api.app import create_app
@@ -260,6 +261,9 @@ def test_job_store_keeps_results_on_disk_fails_interrupted_jobs_and_quarantines_
         interrupted = client.get("/v1/jobs/crashed").json()
         health = client.get("/health").json()
     assert kept == completed  # the result, vectors and all, survived the restart
+    # Start-up reads only the small records: the result is a file of its own.
+    assert "output" not in orjson.loads((directory / f"{done['job_id']}.json").read_bytes())
+    assert orjson.loads((directory / f"{done['job_id']}.output.json").read_bytes()) == completed["output"]
     assert interrupted["status"] == "FAILED"
     assert interrupted["error"]["type"] == "interrupted" and "IN_PROGRESS" in interrupted["error"]["message"]
     assert sorted(health["jobs"]["quarantined"]) == [".leftover.123.tmp", "damaged.json"]

@@ -6,7 +6,8 @@ JOB_RESULT_TTL_S, then evicted.
 
 With JOB_STORE_DIR every state change is written atomically: a temporary file, fsynced,
 renamed over ``<id>.json``, then the directory fsynced (so the rename itself survives a
-power cut). The directory belongs to one process: an exclusive ``flock`` on
+power cut). A result is its own file, ``<id>.output.json``, written the same way before the
+record that says COMPLETED. The directory belongs to one process: an exclusive ``flock`` on
 ``.lock`` is taken at start-up, and a second process refuses to start (exit 2) instead
 of failing the first one's live jobs; a cluster shares jobs through JOB_BACKEND=redis.
 At start-up, jobs that were queued or running when the previous process stopped come
@@ -49,8 +50,12 @@ log = logging.getLogger(__name__)
 QUARANTINE = "quarantine"
 
 
+OUTPUT_SUFFIX = ".output.json"
+
+
 class JobStore:
-    """One ``<job id>.json`` per job in ``directory``, which this process holds locked."""
+    """One ``<job id>.json`` per job (its result in ``<job id>.output.json``) in ``directory``,
+    which this process holds locked."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -82,16 +87,28 @@ class JobStore:
     def path(self, job_id: str) -> Path:
         return self.directory / f"{job_id}.json"
 
+    def output_path(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}{OUTPUT_SUFFIX}"
+
     def save(self, job: Job) -> None:
-        """Write the job's record atomically and durably; OSError when the disk refuses."""
-        data = orjson.dumps(job.record(), option=orjson.OPT_SERIALIZE_NUMPY)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{job.id}.", suffix=".tmp")
+        """Write the job's result (if any), then its record, atomically and durably; OSError when
+        the disk refuses."""
+        record = job.record()
+        output = record.pop("output", None)
+        if output is not None:
+            self._write(
+                job.id, orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY), self.output_path(job.id)
+            )
+        self._write(job.id, orjson.dumps(record), self.path(job.id))
+
+    def _write(self, job_id: str, data: bytes, target: Path) -> None:
+        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{job_id}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temporary, self.path(job.id))
+            os.replace(temporary, target)
             self._sync_directory()
         finally:
             Path(temporary).unlink(missing_ok=True)
@@ -105,15 +122,20 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         self.path(job_id).unlink(missing_ok=True)
+        self.output_path(job_id).unlink(missing_ok=True)
 
     def read_output(self, job_id: str) -> dict[str, Any] | None:
-        return orjson.loads(self.path(job_id).read_bytes()).get("output")
+        try:
+            return orjson.loads(self.output_path(job_id).read_bytes())
+        except FileNotFoundError:  # written by a version that kept the result in the record
+            return orjson.loads(self.path(job_id).read_bytes()).get("output")
 
     def load(self) -> list[Job]:
         """Every stored job without its output (read on demand); unfinished ones FAILED now."""
         self._quarantine(sorted(self.directory.glob(".*.tmp")), "left by an interrupted write")
         jobs = []
-        for path in sorted(self.directory.glob("*.json")):
+        records = [p for p in sorted(self.directory.glob("*.json")) if not p.name.endswith(OUTPUT_SUFFIX)]
+        for path in records:
             try:
                 job = Job.from_record(orjson.loads(path.read_bytes()))
             except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -129,7 +151,16 @@ class JobStore:
                     "submit it again",
                 }
                 self.save(job)
+            if job.status is not JobStatus.COMPLETED:  # a result written just before a crash
+                self.output_path(job.id).unlink(missing_ok=True)
             jobs.append(job)
+        known = {job.id for job in jobs}
+        orphans = [
+            p
+            for p in sorted(self.directory.glob(f"*{OUTPUT_SUFFIX}"))
+            if p.name[: -len(OUTPUT_SUFFIX)] not in known
+        ]
+        self._quarantine(orphans, "a result without its job record")
         return jobs
 
     def _quarantine(self, paths: list[Path], why: str) -> None:
