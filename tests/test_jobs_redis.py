@@ -321,3 +321,16 @@ def test_a_big_output_is_stored_in_parts_that_expire_and_go_with_the_job(
     )
     assert len(parts) > 3 and all(0 < ttl <= 3600 for ttl in ttls)
     assert deleted.status_code == 200 and left == []
+
+
+def test_a_stopped_instance_leaves_no_consumer_behind(redis_server: RedisServer, queue: str) -> None:
+    """One consumer name per process start: without removal the group's list grows with restarts."""
+    for _ in range(2):
+        server, _ = fake_instance(redis_server, queue)
+        with server, server.client() as client:
+            job_id = client.post(
+                "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(3)}}
+            ).json()["job_id"]
+            assert follow(client, job_id)[-1]["status"] == "COMPLETED"
+            assert len(redis_server.client().xinfo_consumers(f"{queue}:stream", "workers")) == 1
+    assert redis_server.client().xinfo_consumers(f"{queue}:stream", "workers") == []

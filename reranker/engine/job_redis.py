@@ -249,7 +249,20 @@ class RedisJobs:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+        await self._leave_group()
         await self._redis.aclose()
+
+    async def _leave_group(self) -> None:
+        """Remove this process's consumer (one per start) unless it still holds an entry: a
+        handed-back job stays pending under it until another worker claims it."""
+        try:
+            held = await self._redis.xpending_range(
+                self._stream, GROUP, "-", "+", 1, consumername=self._consumer
+            )
+            if not held:
+                await self._redis.xgroup_delconsumer(self._stream, GROUP, self._consumer)
+        except (*UNREACHABLE, RedisError) as exc:
+            log.info("jobs: consumer %s left in the group (%s)", self._consumer, exc)
 
     def health(self) -> dict[str, Any]:
         body: dict[str, Any] = {
