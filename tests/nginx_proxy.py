@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.scripts import REPO_ROOT, free_ports, require_tool, wait_for
+from tests.scripts import REPO_ROOT, free_ports, require_tool, run_script, wait_for
 
 
 def nginx_config(tmp: Path, listen_port: int, upstream: str) -> Path:
@@ -71,3 +71,23 @@ def running_nginx(tmp: Path, upstream: str, ready_path: str | None = "/health") 
     finally:
         process.send_signal(signal.SIGQUIT)
         process.wait(timeout=30)
+
+
+@contextmanager
+def managed_cluster(count: int, env: dict[str, str], *options: str) -> Iterator[None]:
+    """``manage_reranker.sh cluster-start count`` (stopped again on exit)."""
+    started = run_script("manage_reranker.sh", "cluster-start", str(count), *options, env=env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield
+    finally:
+        run_script("manage_reranker.sh", "cluster-stop", env=env)
+
+
+@contextmanager
+def nginx_in_front(count: int, base_port: int, env: dict[str, str], tmp: Path) -> Iterator[str]:
+    """The shipped nginx config over ``count`` instances from ``base_port``: its base URL."""
+    upstream = run_script("nginx/generate_upstream.sh", str(count), str(base_port), env=env)
+    assert upstream.returncode == 0, upstream.stderr
+    with running_nginx(tmp, upstream.stdout) as url:
+        yield url

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from reranker.ops.instances import is_reranker_process
-from tests.nginx_proxy import running_nginx
+from tests.nginx_proxy import managed_cluster, nginx_in_front
 from tests.redis_server import RedisServer
-from tests.scripts import free_ports, run_script, script_env, wait_for
+from tests.scripts import free_ports, script_env, wait_for
 
 JOBS = 20
 LEASE_S = 2  # JOB_LEASE_S: a dead worker's job moves on after this
@@ -70,19 +70,13 @@ class JobCluster:
 @pytest.fixture(scope="module")
 def cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobCluster]:
     nodes = JobCluster(tmp_path_factory.mktemp("job-cluster"), redis_server)
-    started = run_script("manage_reranker.sh", "cluster-start", "2", env=nodes.env)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
+    with managed_cluster(2, nodes.env):
         yield nodes
-    finally:
-        run_script("manage_reranker.sh", "cluster-stop", env=nodes.env)
 
 
 @pytest.fixture(scope="module")
 def nginx_url(cluster: JobCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    upstream = run_script("nginx/generate_upstream.sh", "2", str(cluster.base_port), env=cluster.env)
-    assert upstream.returncode == 0
-    with running_nginx(tmp_path_factory.mktemp("nginx"), upstream.stdout) as url:
+    with nginx_in_front(2, cluster.base_port, cluster.env, tmp_path_factory.mktemp("nginx")) as url:
         yield url
 
 

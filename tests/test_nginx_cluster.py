@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from reranker.ops.instances import is_reranker_process
-from tests.nginx_proxy import running_nginx
+from tests.nginx_proxy import managed_cluster, nginx_in_front
 from tests.scripts import REPO_ROOT, free_ports, run_script, script_env, wait_for
 
 DOCUMENTS = [
@@ -57,19 +57,13 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     nodes = Cluster(tmp_path_factory.mktemp("cluster"))
     # Requests only, no jobs: each instance may keep its own (tests/test_job_cluster.py shares them).
-    started = run_script("manage_reranker.sh", "cluster-start", "3", "--local-jobs", env=nodes.env)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
+    with managed_cluster(3, nodes.env, "--local-jobs"):
         yield nodes
-    finally:
-        run_script("manage_reranker.sh", "cluster-stop", env=nodes.env)
 
 
 @pytest.fixture(scope="module")
 def nginx_url(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    upstream = run_script("nginx/generate_upstream.sh", "3", str(cluster.base_port), env=cluster.env)
-    assert upstream.returncode == 0
-    with running_nginx(tmp_path_factory.mktemp("nginx"), upstream.stdout) as url:
+    with nginx_in_front(3, cluster.base_port, cluster.env, tmp_path_factory.mktemp("nginx")) as url:
         yield url
 
 
