@@ -50,6 +50,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -212,6 +214,18 @@ class RedisJobs:
     def _key(self, job_id: str) -> str:
         return self._job_prefix + job_id
 
+    @contextmanager
+    def _answered(self, what: str) -> Iterator[None]:
+        """Redis failures of a client's call as the 503 it is answered with (never a 500)."""
+        try:
+            yield
+        except UNREACHABLE as exc:
+            raise self._unreachable(exc) from None
+        except RedisError as exc:
+            raise JobStoreError(
+                f"JOB_BACKEND=redis: Redis refused the {what} ({exc})", retry_after_s=5
+            ) from None
+
     def _unreachable(self, exc: BaseException) -> JobStoreError:
         self._problem = f"JOB_BACKEND=redis: Redis at {self._url} is unreachable ({exc})"
         return JobStoreError(f"{self._problem}; jobs are refused until it is back", retry_after_s=5)
@@ -295,11 +309,9 @@ class RedisJobs:
         args: list[Any] = [self._max_active, job.id]
         for name, value in record.items():
             args += [name, value]
-        try:
+        with self._answered("submission"):
             keys = [self._key(job.id), self._active, self._stream]
             active = await self._scripts["submit"](keys=keys, args=args)
-        except UNREACHABLE as exc:
-            raise self._unreachable(exc) from None
         self._problem = None
         if active >= 0:
             raise TooManyJobsError(
@@ -310,14 +322,8 @@ class RedisJobs:
         return job
 
     async def get(self, job_id: str, owner: str | None) -> Job:
-        try:
+        with self._answered("read"):
             values = await self._redis.hmget(self._key(job_id), FIELDS)
-        except UNREACHABLE as exc:
-            raise self._unreachable(exc) from None
-        except RedisError as exc:
-            raise JobStoreError(
-                f"JOB_BACKEND=redis: Redis refused the read ({exc})", retry_after_s=5
-            ) from None
         fields = dict(zip(FIELDS, values, strict=True))
         if fields["status"] is None or (fields["owner"] or b"").decode() != (owner or ""):
             raise missing(job_id)
@@ -337,10 +343,8 @@ class RedisJobs:
     async def _output(self, reference: bytes | None) -> dict[str, Any] | None:
         if not reference:
             return None
-        try:
+        with self._answered("read"):
             parts = await self._redis.mget(self._part_keys(reference))
-        except UNREACHABLE as exc:
-            raise self._unreachable(exc) from None
         if any(part is None for part in parts):  # expired a moment before its record
             raise JobStoreError("the job's output expired (JOB_RESULT_TTL_S) while it was read")
         return await _loads(b"".join(parts))
@@ -358,7 +362,7 @@ class RedisJobs:
 
     async def cancel(self, job_id: str, owner: str | None) -> Job:
         job = await self.get(job_id, owner)
-        try:
+        with self._answered("cancel"):
             reference = await self._redis.hget(self._key(job_id), "output_parts")
             now = time.time()
             args = [job_id, owner or "", repr(now), self._ttl_s]
@@ -366,12 +370,6 @@ class RedisJobs:
             outcome = (await self._scripts["cancel"](keys=keys, args=args)).decode()
             if outcome == "deleted" and reference:  # a finished job deleted: its output parts go with it
                 await self._redis.delete(*self._part_keys(reference))
-        except UNREACHABLE as exc:
-            raise self._unreachable(exc) from None
-        except RedisError as exc:
-            raise JobStoreError(
-                f"JOB_BACKEND=redis: Redis refused the cancel ({exc})", retry_after_s=5
-            ) from None
         if outcome == "missing":
             raise missing(job_id)
 
