@@ -42,6 +42,7 @@ from reranker.engine.jobs import (
     JobStatus,
     missing,
     outcome_of,
+    worker_failure,
 )
 from reranker.errors import JobStoreError, JobStoreStartupError, NotReadyError, TooManyJobsError
 
@@ -233,8 +234,7 @@ class LocalJobs:
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         if self._closing:
             return
-        error = None if task.cancelled() else task.exception()
-        self.failure = f"the job worker stopped: {error!r}" if error else "the job worker was cancelled"
+        self.failure = worker_failure(task)
         log.error("%s; queued jobs fail", self.failure)
         for job in self._jobs.values():
             if job.status not in FINISHED:

@@ -64,7 +64,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from reranker.engine.job_redis_scripts import BEAT, BEGIN, CANCEL, FINISH, RELEASE, SUBMIT
-from reranker.engine.jobs import FINISHED, Job, JobRunner, JobStatus, missing, outcome_of
+from reranker.engine.jobs import FINISHED, Job, JobRunner, JobStatus, missing, outcome_of, worker_failure
 from reranker.errors import JobStoreError, JobStoreStartupError, NotReadyError, TooManyJobsError
 from reranker.settings import Settings
 
@@ -180,8 +180,7 @@ class RedisJobs:
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         if self._closing:
             return
-        error = None if task.cancelled() else task.exception()
-        self.failure = f"the job worker stopped: {error!r}" if error else "the job worker was cancelled"
+        self.failure = worker_failure(task)
         log.error("%s; other instances take its jobs after JOB_LEASE_S", self.failure)
 
     async def close(self) -> None:

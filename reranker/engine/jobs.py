@@ -14,6 +14,7 @@ when the server has no keys.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -107,6 +108,12 @@ class Job:
 
 
 JobRunner = Callable[[Job], Awaitable[dict[str, Any]]]
+
+
+def worker_failure(task: asyncio.Task[None]) -> str:
+    """Why a job worker task ended (its done-callback: it never ends by itself)."""
+    error = None if task.cancelled() else task.exception()
+    return f"the job worker stopped: {error!r}" if error else "the job worker was cancelled"
 
 
 def missing(job_id: str) -> NotFoundError:
