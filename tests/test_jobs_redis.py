@@ -37,6 +37,21 @@ def fake_instance(redis: RedisServer, queue: str, **values: object) -> tuple[Ser
     return ServerThread(create_app(settings, backend=backend)), backend
 
 
+def embed_job(client: httpx.Client, batch_id: str, count: int) -> httpx.Response:
+    return client.post(
+        "/v1/jobs", json={"type": "embed", "input": {"batch_id": batch_id, "chunks": chunks(count)}}
+    )
+
+
+def occupy_worker(client: httpx.Client, backend: FakeBackend, batch_id: str) -> httpx.Response:
+    """Submit a job and wait until its first batch is held in the model: this worker is busy."""
+    backend.gate.clear()
+    backend.batch_started.clear()
+    job = embed_job(client, batch_id, 8)
+    assert backend.batch_started.wait(30)
+    return job
+
+
 @pytest.fixture
 def queue() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
@@ -211,15 +226,9 @@ def test_a_job_whose_workers_keep_dying_fails_after_job_max_attempts(
     server, backend = fake_instance(redis_server, queue, job_lease_s=0.5, job_max_attempts=2)
     records = redis_server.client()
     with server, server.client() as client:
-        backend.gate.clear()  # this instance's worker must not run it: it is busy with another job
-        backend.batch_started.clear()
-        blocker = client.post(
-            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(8)}}
-        )
-        assert backend.batch_started.wait(30)
-        poison = client.post(
-            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "p", "chunks": chunks(8)}}
-        )
+        # This instance's worker must not run it: it is busy with another job.
+        blocker = occupy_worker(client, backend, "b")
+        poison = embed_job(client, "p", 8)
         key = f"{queue}:job:{poison.json()['job_id']}"
         # Two workers take it in turn and die without a word (the live one is busy meanwhile).
         stream = f"{queue}:stream"
@@ -274,15 +283,8 @@ def test_a_queued_job_cancelled_is_never_run_and_its_entry_is_retired(
     server, backend = fake_instance(redis_server, queue)
     records = redis_server.client()
     with server, server.client() as client:
-        backend.gate.clear()
-        backend.batch_started.clear()
-        running = client.post(
-            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "r", "chunks": chunks(8)}}
-        )
-        assert backend.batch_started.wait(30)
-        queued = client.post(
-            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "q", "chunks": chunks(8)}}
-        )
+        running = occupy_worker(client, backend, "r")
+        queued = embed_job(client, "q", 8)
         cancelled = client.delete(queued.json()["status_url"]).json()
         backend.gate.set()
         assert follow(client, running.json()["job_id"])[-1]["status"] == "COMPLETED"
