@@ -250,7 +250,7 @@ class Runtime:
                 "details": dict(info.details) if info else {},
                 "capabilities": info.capabilities if info else [],
                 "family": info.family if info else None,
-                "activation": info.activation if info and info.kind.value == "cross-encoder" else None,
+                "activation": info.activation if info and info.kind is ModelKind.CROSS_ENCODER else None,
                 "prompts": dict(info.prompts) if info else {},
                 "default_prompt_name": (settings.default_prompt_name or info.default_prompt_name)
                 if info
