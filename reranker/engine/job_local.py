@@ -42,6 +42,7 @@ from reranker.engine.jobs import (
     JobStatus,
     missing,
     outcome_of,
+    run_isolated,
     worker_failure,
 )
 from reranker.errors import JobStoreError, JobStoreStartupError, NotReadyError, TooManyJobsError
@@ -311,21 +312,25 @@ class LocalJobs:
     async def _work_loop(self, runner: JobRunner) -> None:
         while True:
             job = await self._queue.get()
-            if job.status is JobStatus.QUEUED:
+            if job.status is not JobStatus.QUEUED:
+                continue
+            try:
                 await self._run(job, runner)
+            except Exception as exc:  # a bookkeeping surprise (say, an output the store cannot write)
+                log.exception("job %s: the worker could not record it", job.id)
+                if job.status not in FINISHED:
+                    message = f"the job could not be recorded ({type(exc).__name__})"
+                    self._finish(job, JobStatus.FAILED, error={"type": "internal_error", "message": message})
+                    self._save_quietly(job)
 
     async def _run(self, job: Job, runner: JobRunner) -> None:
         job.status, job.started_at = JobStatus.IN_PROGRESS, self._clock()
         if not await self._save_or_fail(job):
             return
-        output = None
-        try:
-            output = await runner(job)
-            status, error = outcome_of(None, self.draining)
-        except Exception as exc:  # a job's failure is its own, never the worker's
-            status, error = outcome_of(exc, self.draining)
-            if error is not None and error["type"] == "internal_error":
-                log.exception("job %s failed", job.id)
+        output, failure = await run_isolated(job, runner)
+        status, error = outcome_of(failure, self.draining)
+        if error is not None and error["type"] == "internal_error":
+            log.error("job %s failed", job.id, exc_info=failure)
         self._finish(job, status, output=output, error=error)
         saved = await self._save_or_fail(job)
         if self._jobs.get(job.id) is not job:  # deleted while its result was being written

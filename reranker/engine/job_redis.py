@@ -64,7 +64,16 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from reranker.engine.job_redis_scripts import BEAT, BEGIN, CANCEL, FINISH, RELEASE, SUBMIT
-from reranker.engine.jobs import FINISHED, Job, JobRunner, JobStatus, missing, outcome_of, worker_failure
+from reranker.engine.jobs import (
+    FINISHED,
+    Job,
+    JobRunner,
+    JobStatus,
+    missing,
+    outcome_of,
+    run_isolated,
+    worker_failure,
+)
 from reranker.errors import JobStoreError, JobStoreStartupError, NotReadyError, TooManyJobsError
 from reranker.settings import Settings
 
@@ -376,17 +385,13 @@ class RedisJobs:
         lease_lost = asyncio.Event()
         job.sync = lambda: self._beat(job, entry_id, lease_lost)
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job, entry_id, lease_lost))
-        output: dict[str, Any] | None = None
-        failure: BaseException | None = None
         try:
-            output = await runner(job)
-        except asyncio.CancelledError:
+            output, failure = await run_isolated(job, runner)
+        except asyncio.CancelledError:  # the worker is stopping (run_isolated lets only that through)
             heartbeat.cancel()  # a beat after the hand-back would take the entry back for a lease
             await asyncio.gather(heartbeat, return_exceptions=True)
             await asyncio.shield(self._release(job_id, entry_id))  # shutting down: another instance runs it
             raise
-        except Exception as exc:  # noqa: BLE001 - a job's failure is its own, never the worker's
-            failure = exc
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
@@ -419,6 +424,9 @@ class RedisJobs:
             return  # the job goes on; its lease may pass to another worker meanwhile
         except RedisError as exc:  # OOM, BUSY, NOGROUP: the next beat tries again
             log.warning("jobs: heartbeat of job %s refused by Redis: %s", job.id, exc)
+            return
+        except Exception:  # a surprise in one beat: the next beat tries again
+            log.exception("jobs: heartbeat of job %s failed", job.id)
             return
         if not held:
             lease_lost.set()

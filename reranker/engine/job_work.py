@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from reranker.backends.base import ModelKind
-from reranker.engine.controller import background_wanted
 from reranker.engine.jobs import Job, JobCancelledError
 from reranker.engine.service import (
     EmbedOutcome,
@@ -45,7 +44,6 @@ async def in_slices(
 ) -> list[T]:
     """``work(start, stop)`` over ``range(count)`` in slices of one batch, in order, two at a time."""
     step = max(1, service.batch_limit)
-    background_wanted.set(lambda: not job.cancel_requested)  # inherited by the slices' tasks
     outstanding: deque[tuple[int, asyncio.Task[T]]] = deque()
     results: list[T] = []
     try:

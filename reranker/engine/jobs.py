@@ -15,6 +15,7 @@ when the server has no keys.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from reranker.engine.controller import background_wanted
 from reranker.errors import NotFoundError, NotReadyError, RerankerError
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,29 @@ class Job:
 JobRunner = Callable[[Job], Awaitable[dict[str, Any]]]
 
 
+async def run_isolated(job: Job, runner: JobRunner) -> tuple[dict[str, Any] | None, BaseException | None]:
+    """Run one job's work and return ``(output, None)`` or ``(None, what it raised)``.
+
+    The work runs in a task of its own with a context of its own, so nothing it sets (the
+    controller's ``background_wanted``: is this job still wanted?) outlives it or leaks into the
+    next job, and whatever it raises, ``BaseException``s and a ``CancelledError`` it did not ask
+    for included, is this job's failure and never ends the worker. Only the worker's own
+    cancellation (the server stopping) propagates, after cancelling the work.
+    """
+    context = contextvars.Context()
+    context.run(background_wanted.set, lambda: not job.cancel_requested)
+    work = asyncio.get_running_loop().create_task(runner(job), name=f"job {job.id}", context=context)
+    try:
+        return await work, None
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() > 0:  # the worker is being stopped
+            raise
+        return None, JobCancelledError() if job.cancel_requested else exc
+    except BaseException as exc:  # noqa: BLE001 - a job's failure is its own, never the worker's
+        return None, exc
+
+
 def worker_failure(task: asyncio.Task[None]) -> str:
     """Why a job worker task ended (its done-callback: it never ends by itself)."""
     error = None if task.cancelled() else task.exception()
@@ -130,6 +155,8 @@ def outcome_of(exc: BaseException | None, draining: bool) -> tuple[JobStatus, di
         if draining and isinstance(exc, NotReadyError):
             return JobStatus.FAILED, INTERRUPTED_BY_SHUTDOWN
         return JobStatus.FAILED, {"type": exc.error_type, "message": exc.message}
+    if isinstance(exc, asyncio.CancelledError):
+        return JobStatus.FAILED, {"type": "internal_error", "message": "the job's work was cancelled unasked"}
     return JobStatus.FAILED, {"type": "internal_error", "message": type(exc).__name__}
 
 
