@@ -114,6 +114,7 @@ def _job_work(
         long,
         rerank.instruction,
         rerank.raw_scores,
+        rerank.return_details,
     )
     return "rerank", len(texts), reranking
 

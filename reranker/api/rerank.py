@@ -13,7 +13,6 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,20 +25,13 @@ from reranker.api.schemas import (
     CohereV2RerankRequest,
     LongDocumentOptions,
     RerankRequest,
-    ScoringOptions,
     check_limits,
 )
+from reranker.engine.rerank_results import cohere_v1_body, ranked, result_details, scores_of, warnings
 from reranker.engine.runtime import Runtime
 from reranker.engine.service import LongDocuments, RerankOutcome, TextTooLongError
 from reranker.errors import InvalidInputError
 from reranker.settings import Settings
-
-
-def ranked(outcome: RerankOutcome, limit: int | None) -> list[int]:
-    """Indices best first by the raw logit or cosine (sigmoid scores of large logits tie at 1.0);
-    exact ties keep request order (stable), so rankings are deterministic."""
-    order = np.argsort(-outcome.ranking, kind="stable")
-    return [int(i) for i in order[: limit or len(order)]]
 
 
 @inference_endpoint("/rerank")
@@ -56,7 +48,7 @@ async def rerank(request: Request) -> Response:
     service = runtime.require_service()
     rerank_call = service.rerank(body.query, body.documents, instruction=body.instruction)
     outcome = await unless_disconnected(request, rerank_call)
-    scores = scores_of(outcome, body)
+    scores = scores_of(outcome, body.raw_scores)
     results: list[dict[str, Any]] = []
     for index in ranked(outcome, top_k):
         result: dict[str, Any] = {"index": index, "score": float(scores[index])}
@@ -76,12 +68,6 @@ async def rerank(request: Request) -> Response:
     return ORJSONResponse(
         content, headers=timing_headers(request, outcome.timing, started, len(body.documents))
     )
-
-
-def scores_of(outcome: RerankOutcome, body: ScoringOptions) -> np.ndarray:
-    """The scores a request asked for: the model's activation of the logit, or with ``raw_scores``
-    the logit itself (a bi-encoder's cosine either way)."""
-    return outcome.ranking if body.raw_scores else outcome.scores
 
 
 def long_documents(
@@ -106,30 +92,9 @@ async def rerank_long(
         ) from None
 
 
-def result_details(outcome: RerankOutcome, index: int) -> dict[str, Any]:
-    windows = outcome.windows[index]
-    return {"windows": windows, "chunked": windows > 1, "truncated": index in outcome.truncated_documents}
-
-
 def model_window(runtime: Runtime) -> int:
     info = runtime.model_info()
     return info.max_length if info else 0
-
-
-def warnings(outcome: RerankOutcome, long: LongDocuments, window: int) -> list[str]:
-    notes = []
-    chunked = sum(1 for windows in outcome.windows if windows > 1)
-    if chunked:
-        notes.append(
-            f"{chunked} document(s) longer than the model's {window}-token window were scored as the best "
-            f"of their overlapping windows (up to {long.max_windows} each)"
-        )
-    if outcome.truncated_documents:
-        what = "beyond their windows" if long.mode == "chunk" else "beyond the model window"
-        notes.append(
-            f"{len(outcome.truncated_documents)} document(s) were truncated: their text {what} was not scored"
-        )
-    return notes
 
 
 @inference_endpoint("/v1/rerank")
@@ -141,29 +106,16 @@ async def rerank_v1(request: Request) -> Response:
     check_limits(runtime.settings, body.query, texts, body.top_n)
     long = long_documents(body, runtime.settings)
     outcome = await rerank_long(request, body.query, texts, long, body.instruction)
-    scores = scores_of(outcome, body)
-    results: list[dict[str, Any]] = []
-    for index in ranked(outcome, body.top_n):
-        result: dict[str, Any] = {"index": index, "relevance_score": float(scores[index])}
-        if body.return_documents:
-            doc = body.documents[index]
-            result["document"] = {"text": doc} if isinstance(doc, str) else doc
-        if body.return_details:
-            result["details"] = result_details(outcome, index)
-        results.append(result)
-    meta: dict[str, Any] = {
-        "api_version": {"version": "1"},
-        "billed_units": {"search_units": math.ceil(len(texts) / 100)},
-    }
-    notes = warnings(outcome, long, model_window(runtime))
-    if notes:
-        meta["warnings"] = notes
-    content = {
-        "id": str(uuid.uuid4()),
-        "results": results,
-        "meta": meta,
-        "usage": {"total_tokens": outcome.tokens},
-    }
+    content = cohere_v1_body(
+        outcome,
+        body.documents,
+        top_n=body.top_n,
+        return_documents=body.return_documents,
+        return_details=body.return_details,
+        raw_scores=body.raw_scores,
+        long=long,
+        window=model_window(runtime),
+    )
     return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
@@ -181,7 +133,7 @@ async def rerank_v2(request: Request) -> Response:
     ]
     long = long_documents(body, runtime.settings, max_windows=None if body.max_chunks_per_doc else 1000)
     outcome = await rerank_long(request, body.query, texts, long, body.instruction)
-    scores = scores_of(outcome, body)
+    scores = scores_of(outcome, body.raw_scores)
     results: list[dict[str, Any]] = []
     for index in ranked(outcome, body.top_n):
         result: dict[str, Any] = {"index": index, "relevance_score": float(scores[index])}

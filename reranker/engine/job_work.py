@@ -16,7 +16,7 @@ JSON) by whichever worker takes it, in this process or another instance of the c
 from __future__ import annotations
 
 import asyncio
-import uuid
+import dataclasses
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +26,7 @@ import numpy as np
 
 from reranker.backends.base import ModelKind
 from reranker.engine.jobs import Job, JobCancelledError
+from reranker.engine.rerank_results import cohere_v1_body
 from reranker.engine.service import (
     EmbedOutcome,
     InferenceService,
@@ -33,7 +34,7 @@ from reranker.engine.service import (
     RerankOutcome,
     TextTooLongError,
 )
-from reranker.errors import InvalidInputError
+from reranker.errors import InvalidInputError, RerankerError
 
 T = TypeVar("T")
 SLICES_IN_FLIGHT = 2
@@ -134,7 +135,7 @@ class EmbedJob:
         }
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "embed", "input": asdict(self)}
+        return versioned_spec("embed", asdict(self))
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class RerankJob:
     long: LongDocuments
     instruction: str | None = None  # instruction-style rerankers: None is the model's default
     raw_scores: bool = False  # the logit instead of the model's activation of it
+    return_details: bool = False  # spec version 2
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
         query_vector = None
@@ -169,35 +171,90 @@ class RerankJob:
                 ) from None
 
         outcomes = await in_slices(job, len(self.texts), service, piece)
-        ranking = unsorted(np.concatenate([outcome.ranking for outcome in outcomes]), order)
-        every = ranking if self.raw_scores else unsorted(np.concatenate([o.scores for o in outcomes]), order)
-        tokens = sum(outcome.tokens for outcome in outcomes)
-        order = np.argsort(-ranking, kind="stable")[: self.top_n or len(every)]
-        results = []
-        for index in order:
-            result: dict[str, Any] = {"index": int(index), "relevance_score": float(every[index])}
-            if self.return_documents:
-                doc = self.documents[index]
-                result["document"] = {"text": doc} if isinstance(doc, str) else doc
-            results.append(result)
-        return {
-            "id": str(uuid.uuid4()),
-            "results": results,
-            "meta": {
-                "api_version": {"version": "1"},
-                "billed_units": {"search_units": -(-len(every) // 100)},
-            },
-            "usage": {"total_tokens": tokens},
-        }
+        return cohere_v1_body(
+            joined(outcomes, order),
+            self.documents,
+            top_n=self.top_n,
+            return_documents=self.return_documents,
+            return_details=self.return_details,
+            raw_scores=self.raw_scores,
+            long=self.long,
+            window=service.max_tokens,
+        )
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "rerank", "input": asdict(self)}
+        return versioned_spec("rerank", asdict(self))
+
+
+def joined(outcomes: list[RerankOutcome], order: np.ndarray) -> RerankOutcome:
+    """One outcome for the whole request from its slices' (run in ``order``), in the order sent."""
+    offsets = np.cumsum([0] + [len(outcome.scores) for outcome in outcomes])
+    cut = [
+        int(order[offset + i])
+        for offset, o in zip(offsets[:-1], outcomes, strict=True)
+        for i in o.truncated_documents
+    ]
+    windows = unsorted(np.array([w for outcome in outcomes for w in outcome.windows]), order)
+    return RerankOutcome(
+        scores=unsorted(np.concatenate([outcome.scores for outcome in outcomes]), order),
+        ranking=unsorted(np.concatenate([outcome.ranking for outcome in outcomes]), order),
+        tokens=sum(outcome.tokens for outcome in outcomes),
+        timing=outcomes[0].timing,
+        windows=[int(w) for w in windows],
+        truncated_documents=sorted(cut),
+    )
+
+
+# A spec's version is the lowest format that describes it, so an ordinary job stays runnable by an
+# older worker during a rolling restart. 1: the first format (no "version" key); 2: rerank jobs'
+# ``return_details``. A field added later is written only when it differs from its default.
+SPEC_VERSION = 2
+ADDED_IN = {"return_details": 2}
+
+
+class JobSpecError(RerankerError):
+    """A job spec this worker cannot run (written by a newer version, or damaged)."""
+
+    error_type = "job_spec_unsupported"
+
+
+def versioned_spec(job_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+    version = 1
+    for name, since in ADDED_IN.items():
+        if name in fields and fields[name] == _DEFAULTS[job_type].get(name):
+            del fields[name]  # at its default: an older worker runs the job the same way
+        elif name in fields:
+            version = max(version, since)
+    spec: dict[str, Any] = {"type": job_type, "input": fields}
+    if version > 1:
+        spec["version"] = version
+    return spec
 
 
 def work_from_spec(spec: dict[str, Any]) -> EmbedJob | RerankJob:
-    """The work a job's ``spec`` describes (what ``EmbedJob.spec``/``RerankJob.spec`` wrote)."""
-    fields = dict(spec["input"])
-    if spec["type"] == "embed":
-        return EmbedJob(**fields)
-    fields["long"] = LongDocuments(**fields["long"])
-    return RerankJob(**fields)
+    """The work a job's ``spec`` describes (what ``EmbedJob.spec``/``RerankJob.spec`` wrote, in this
+    version's format or an older one); JobSpecError, which fails the job, for one it cannot run."""
+    version = spec.get("version", 1)
+    if not isinstance(version, int) or version > SPEC_VERSION:
+        raise JobSpecError(
+            f"the job was submitted by a newer reranker (job spec version {version}; this instance "
+            f"runs versions up to {SPEC_VERSION}): finish the upgrade, then submit it again"
+        )
+    kinds: dict[str, type[EmbedJob] | type[RerankJob]] = {"embed": EmbedJob, "rerank": RerankJob}
+    kind = kinds.get(str(spec.get("type")))
+    fields = dict(spec.get("input") or {})
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(kind)}) if kind else []
+    if kind is None or unknown:
+        raise JobSpecError(
+            f"the job's spec cannot be run by this instance (type {spec.get('type')!r}, "
+            f"unknown fields {unknown}, spec version {version})"
+        )
+    if kind is RerankJob:
+        fields["long"] = LongDocuments(**fields["long"])
+    return kind(**fields)
+
+
+_DEFAULTS = {
+    name: {f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING}
+    for name, kind in (("embed", EmbedJob), ("rerank", RerankJob))
+}
