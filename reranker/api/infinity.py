@@ -51,7 +51,8 @@ async def rerank(request: Request) -> Response:
     top_n, top_name = body.limit
     check_limits(runtime.settings, body.query, body.documents, top_n, top_name)
     service = runtime.require_service()
-    outcome = await unless_disconnected(request, service.rerank(body.query, body.documents))
+    rerank_call = service.rerank(body.query, body.documents, instruction=body.instruction)
+    outcome = await unless_disconnected(request, rerank_call)
     scores = outcome.ranking if body.raw_scores else outcome.scores
     order = np.argsort(-outcome.ranking, kind="stable")[: top_n or len(body.documents)]
     results: list[dict[str, Any]] = []
@@ -84,7 +85,8 @@ async def embeddings(request: Request) -> Response:
     dimension = model.dimension if model else None
     if body.dimensions and dimension and body.dimensions > dimension:
         raise InvalidInputError(f"dimensions: {body.dimensions} is larger than the model's {dimension}")
-    outcome = await unless_disconnected(request, service.embed(texts))
+    prompt = service.embed_prompt(body.prompt_name, body.input_type)  # an unknown one: 422
+    outcome = await unless_disconnected(request, service.embed(texts, prompt=prompt))
     vectors = outcome.vectors
     if body.dimensions and body.dimensions < vectors.shape[1]:
         vectors = l2_normalize(vectors[:, : body.dimensions])
