@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api.body import read_json, validate
-from reranker.api.observe import inference_endpoint, runtime_of
+from reranker.api.observe import job_endpoint, runtime_of
 from reranker.api.rerank import long_documents
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest, check_text_chars
@@ -29,7 +29,7 @@ from reranker.errors import InvalidInputError, PayloadTooLargeError, Unsupported
 from reranker.settings import Settings
 
 
-@inference_endpoint("/v1/jobs")
+@job_endpoint("/v1/jobs")
 async def submit_job(request: Request) -> Response:
     runtime = runtime_of(request)
     data = await read_json(
@@ -128,13 +128,13 @@ def _refuse_too_long(
         )
 
 
-@inference_endpoint("/v1/jobs/{job_id}")
+@job_endpoint("/v1/jobs/{job_id}")
 async def job_status(request: Request) -> Response:
     job = await find_job(request, request.path_params["job_id"])
     return await json_response(job.view())
 
 
-@inference_endpoint("/v1/jobs/{job_id}")
+@job_endpoint("/v1/jobs/{job_id}")
 async def cancel_job(request: Request) -> Response:
     """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
     job = await cancel_job_for(request, request.path_params["job_id"])
