@@ -137,9 +137,14 @@ def test_tei_info_and_tokenize(server: ServerThread) -> None:
     with server.client() as client:
         info = client.get("/info").json()
         tokens = client.post("/tokenize", json={"inputs": ["hello world"]}).json()
+        bare = client.post("/tokenize", json={"inputs": "hello world", "add_special_tokens": False}).json()
+        prompt = client.post("/tokenize", json={"inputs": "hello", "prompt_name": "query"})
     assert info["model_id"] == "all-MiniLM-L6-v2" and info["max_input_length"] == 256
     assert "embedding" in info["model_type"]
     assert [t["text"] for t in tokens[0]] == ["[CLS]", "hello", "world", "[SEP]"]
+    assert [t["text"] for t in bare[0]] == ["hello", "world"]
+    assert prompt.status_code == 422 and prompt.json()["error_type"] == "Validation"  # MiniLM has none
+    assert "prompt_name" in prompt.json()["error"], prompt.text
     assert tokens[0][2] == {
         "id": tokens[0][2]["id"],
         "text": "world",

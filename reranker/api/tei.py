@@ -13,6 +13,7 @@ text longer than the model window is truncated unless the request says ``"trunca
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 from typing import Any, Literal, TypeVar
@@ -25,11 +26,10 @@ from starlette.responses import Response
 from reranker import __version__
 from reranker.api.body import read_json, unless_disconnected, validate
 from reranker.api.dialects import TEI, speak
-from reranker.api.model_files import model_files
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
-from reranker.backends.base import ModelKind
+from reranker.backends.base import ModelKind, TokenSpan
 from reranker.engine.service import LongDocuments, TextTooLongError
 from reranker.errors import InvalidInputError
 
@@ -188,32 +188,37 @@ async def info(request: Request) -> Response:
 
 @inference_endpoint("/tokenize")
 async def tokenize(request: Request) -> Response:
-    """TEI's ``POST /tokenize``: per input, its tokens with their offsets in the input."""
+    """TEI's ``POST /tokenize``: per input, its tokens with their offsets in the input, as the
+    loaded model's tokenizer cuts them (in a worker thread: up to MAX_TEXTS_PER_EMBED_REQUEST texts)."""
     speak(request, TEI)
-    settings = runtime_of(request).settings
+    runtime = runtime_of(request)
+    settings = runtime.settings
     data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
     body = validate(TeiTokenizeRequest, data)
-    files = await model_files(request)
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     check_embed_limits(settings, texts, [f"inputs.{i}" for i in range(len(texts))])
+    service = runtime.require_service()
     if body.prompt_name is not None:
-        texts = [files.prompt(body.prompt_name) + text for text in texts]
-    if files.tokenizer is None:
-        raise InvalidInputError("the model has no tokenizer.json: /tokenize is not available")
-    encodings = files.tokenizer.encode_batch(texts, add_special_tokens=body.add_special_tokens)
-    return ORJSONResponse([_tokens(text, encoding) for text, encoding in zip(texts, encodings, strict=True)])
+        prompt = service.embed_prompt(body.prompt_name, None)  # one the model lacks: 422 listing its own
+        texts = [prompt + text for text in texts]
+
+    def shown() -> list[list[dict[str, Any]]]:
+        spans = service.token_spans(texts, body.add_special_tokens)
+        return [_tokens(text, tokens) for text, tokens in zip(texts, spans, strict=True)]
+
+    return await json_response(await asyncio.to_thread(shown))
 
 
-def _tokens(text: str, encoding: Any) -> list[dict[str, Any]]:
+def _tokens(text: str, spans: list[TokenSpan]) -> list[dict[str, Any]]:
     tokens = []
-    for token_id, token, (start, stop), special in zip(
-        encoding.ids, encoding.tokens, encoding.offsets, encoding.special_tokens_mask, strict=True
-    ):
-        if special:
-            tokens.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
+    for span in spans:
+        if span.special:
+            tokens.append({"id": span.id, "text": span.token, "special": True, "start": None, "stop": None})
         else:
-            shown = text[start:stop]
-            tokens.append({"id": token_id, "text": shown, "special": False, "start": start, "stop": stop})
+            shown = text[span.start : span.stop]
+            tokens.append(
+                {"id": span.id, "text": shown, "special": False, "start": span.start, "stop": span.stop}
+            )
     return tokens
 
 
