@@ -30,7 +30,7 @@ from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
 from reranker.backends.base import ModelKind, TokenSpan
-from reranker.engine.service import LongDocuments, TextTooLongError
+from reranker.engine.service import LongDocuments, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
 
 T = TypeVar("T")
@@ -69,6 +69,9 @@ class TeiEmbedRequest(_TeiOptions):
     inputs: str | list[str]
     normalize: bool = True
     prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
+    dimensions: int | None = Field(
+        None, gt=0, description="Keep the first N values (Matryoshka), then normalise if normalize is true."
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -135,13 +138,22 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     texts = body.texts()
     check_embed_limits(runtime.settings, texts, [f"inputs.{i}" for i in range(len(texts))])
     service = runtime.require_service()
+    model = runtime.model_info()
+    if body.dimensions and model and model.dimension and body.dimensions > model.dimension:
+        raise InvalidInputError(
+            f"dimensions: {body.dimensions} is larger than the model's {model.dimension} dimensions"
+        )
     prompt = service.embed_prompt(body.prompt_name, None)  # None: the default prompt, if any
     work = unless_disconnected(
         request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate, prompt=prompt)
     )
     outcome = await _long_refused(work, "inputs", _window(request))
+    vectors = outcome.vectors
+    if body.dimensions is not None and body.dimensions < vectors.shape[1]:  # TEI: cut, then normalise
+        vectors = vectors[:, : body.dimensions]
+        vectors = l2_normalize(vectors) if body.normalize else vectors
     headers = timing_headers(request, outcome.timing, started, len(texts))
-    return await json_response(list(outcome.vectors), headers=headers)
+    return await json_response(list(vectors), headers=headers)
 
 
 @inference_endpoint("/")
