@@ -242,13 +242,39 @@ class EmbedRequest(_PromptChoice):
         return self
 
 
+TOKEN_IDS_REFUSED = (
+    "token ids are not supported: this server tokenizes text with its model's own tokenizer, and "
+    "the ids a client counted (tiktoken's, for OpenAI's models) mean other tokens to it; send the "
+    "text as a string or a list of strings (langchain-openai: "
+    "OpenAIEmbeddings(..., check_embedding_ctx_length=False))"
+)
+
+
+def _is_token_ids(value: Any) -> bool:
+    """OpenAI's other ``input`` forms: a list of ints, or a list of lists of ints."""
+
+    def is_id(item: Any) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool)
+
+    if not isinstance(value, list):
+        return False
+    return any(is_id(item) or (isinstance(item, list) and item and all(map(is_id, item))) for item in value)
+
+
 class OpenAIEmbeddingRequest(_PromptChoice):
-    """The OpenAI shape of POST /v1/embeddings."""
+    """The OpenAI shape of POST /v1/embeddings (text only: token ids are a 422 saying why)."""
 
     input: str | list[str]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _not_token_ids(cls, value: Any) -> Any:
+        if _is_token_ids(value):
+            raise ValueError(TOKEN_IDS_REFUSED)
+        return value
 
     @field_validator("input")
     @classmethod
