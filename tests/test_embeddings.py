@@ -158,9 +158,9 @@ def test_small_request_is_not_starved_by_a_big_one(embedded_server: ServerThread
             ["chunk_id 'long'", "256 tokens"],
         ),
         (
-            {"batch_id": "b", "chunks": [{"chunk_id": "big", "content": "x" * 20_001}]},
+            {"batch_id": "b", "chunks": [{"chunk_id": "big", "content": "x" * 20_001}], "truncate": False},
             422,
-            ["MAX_TEXT_CHARS=20000"],
+            ["chunk_id 'big'", "MAX_TEXT_CHARS=20000", "truncate is false"],
         ),
     ],
 )

@@ -1,7 +1,8 @@
 """Request bodies, validated by pydantic: the single source of truth for their shape.
 
-Limits that depend on settings (documents per request, characters per text) are
-checked by ``check_limits`` after the shape is known, with the limit in the message.
+Limits that depend on settings (documents or texts per request) are checked by
+``check_limits`` and ``check_embed_limits`` after the shape is known, with the limit in the
+message; characters per text by ``text_limits.py`` (a truncating request has a long text cut).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ class CohereV2RerankRequest(_QueryAndTextDocuments, LongDocumentOptions):
 def check_limits(
     settings: Settings, query: str, documents: list[str], top_n: int | None = None, top_name: str = "top_n"
 ) -> None:
-    """Documents per request, characters per text and ``top_n`` against the configured limits."""
+    """Documents per request and ``top_n`` against the configured limits."""
     if top_n is not None and top_n > settings.max_documents_per_request:
         raise InvalidInputError(
             f"{top_name}: {top_n} is over MAX_DOCUMENTS_PER_REQUEST={settings.max_documents_per_request}"
@@ -180,14 +181,6 @@ def check_limits(
             f"documents: {len(documents)} documents is over MAX_DOCUMENTS_PER_REQUEST="
             f"{settings.max_documents_per_request}"
         )
-    limit = settings.max_text_chars
-    if len(query) > limit:
-        raise InvalidInputError(f"query: {len(query)} characters is over MAX_TEXT_CHARS={limit}")
-    for index, doc in enumerate(documents):
-        if len(doc) > limit:
-            raise InvalidInputError(
-                f"documents.{index}: {len(doc)} characters is over MAX_TEXT_CHARS={limit}"
-            )
 
 
 class _PromptChoice(_Body):
@@ -291,21 +284,13 @@ class OpenAIEmbeddingRequest(_PromptChoice):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-def check_embed_limits(settings: Settings, texts: list[str], labels: list[str]) -> None:
-    """``labels`` name each text in messages (``chunks.3 (chunk_id 'a')`` or ``input.3``)."""
+def check_embed_limits(settings: Settings, texts: list[str]) -> None:
+    """Texts per request against MAX_TEXTS_PER_EMBED_REQUEST (413)."""
     if len(texts) > settings.max_texts_per_embed_request:
         raise PayloadTooLargeError(
             f"{len(texts)} texts is over MAX_TEXTS_PER_EMBED_REQUEST={settings.max_texts_per_embed_request}; "
             "split the request or submit a job"
         )
-    check_text_chars(settings, texts, labels)
-
-
-def check_text_chars(settings: Settings, texts: list[str], labels: list[str]) -> None:
-    limit = settings.max_text_chars
-    for label, text in zip(labels, texts, strict=True):
-        if len(text) > limit:
-            raise InvalidInputError(f"{label}: {len(text)} characters is over MAX_TEXT_CHARS={limit}")
 
 
 class JobRequest(_Body):

@@ -29,6 +29,7 @@ from reranker.api.dialects import TEI, speak
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
+from reranker.api.text_limits import fit_rerank, fit_texts
 from reranker.backends.base import ModelKind, TokenSpan
 from reranker.engine.service import LongDocuments, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
@@ -116,8 +117,13 @@ async def rerank(request: Request, data: Any, started: float) -> Response:
     body = validate(TeiRerankRequest, data)
     check_limits(runtime.settings, body.query, body.texts)
     service = runtime.require_service()
+    window = service.max_tokens
+    budget = window if body.truncate else None
+    query, texts = fit_rerank(
+        runtime.settings, body.query, body.texts, window, budget, "truncate is false", ("query", "texts")
+    )
     long = LongDocuments("truncate" if body.truncate else "refuse")
-    work = unless_disconnected(request, service.rerank(body.query, body.texts, long))
+    work = unless_disconnected(request, service.rerank(query, texts, long))
     outcome = await _long_refused(work, "texts", _window(request))
     scores = outcome.ranking if body.raw_scores else outcome.scores
     results: list[dict[str, Any]] = []
@@ -136,8 +142,11 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     runtime = runtime_of(request)
     body = validate(TeiEmbedRequest, data)
     texts = body.texts()
-    check_embed_limits(runtime.settings, texts, [f"inputs.{i}" for i in range(len(texts))])
+    check_embed_limits(runtime.settings, texts)
     service = runtime.require_service()
+    budget = service.max_tokens if body.truncate else None
+    labels = [f"inputs.{i}" for i in range(len(texts))]
+    texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
     model = runtime.model_info()
     if body.dimensions and model and model.dimension and body.dimensions > model.dimension:
         raise InvalidInputError(
@@ -208,7 +217,9 @@ async def tokenize(request: Request) -> Response:
     data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
     body = validate(TeiTokenizeRequest, data)
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
-    check_embed_limits(settings, texts, [f"inputs.{i}" for i in range(len(texts))])
+    check_embed_limits(settings, texts)
+    labels = [f"inputs.{i}" for i in range(len(texts))]
+    fit_texts(settings, texts, labels, None, "/tokenize shows every token")
     service = runtime.require_service()
     if body.prompt_name is not None:
         prompt = service.embed_prompt(body.prompt_name, None)  # one the model lacks: 422 listing its own
