@@ -123,8 +123,18 @@ def limited() -> Iterator[tuple[ServerThread, FakeBackend]]:
     [
         ("/rerank", {"query": "q", "documents": ["d"] * 6}, 422, "MAX_DOCUMENTS_PER_REQUEST=5"),
         ("/v1/rerank", {"query": "q", "documents": ["d"] * 6}, 422, "MAX_DOCUMENTS_PER_REQUEST=5"),
-        ("/rerank", {"query": "q" * 101, "documents": ["d"]}, 422, "MAX_TEXT_CHARS=100"),
-        ("/v1/rerank", {"query": "q", "documents": ["d" * 101]}, 422, "MAX_TEXT_CHARS=100"),
+        (
+            "/v1/rerank",
+            {"query": "q" * 101, "documents": ["d"], "truncate": "NONE"},
+            422,
+            "MAX_TEXT_CHARS=100",
+        ),
+        (
+            "/v1/rerank",
+            {"query": "q", "documents": ["d" * 101], "truncate": "NONE"},
+            422,
+            "MAX_TEXT_CHARS=100",
+        ),
         (
             "/rerank",
             {"query": "q", "documents": ["d"], "top_k": 6},
@@ -134,7 +144,12 @@ def limited() -> Iterator[tuple[ServerThread, FakeBackend]]:
         ("/v1/rerank", {"query": "q", "documents": ["d"], "top_n": 10**9}, 422, "top_n: 1000000000 is over"),
         ("/v1/rerank", {"query": "q", "documents": ["d"], "top_n": 0}, 422, "top_n"),
         ("/v1/embeddings", {"input": ["a"] * 4}, 413, "MAX_TEXTS_PER_EMBED_REQUEST=3"),
-        ("/v1/embeddings", {"input": "x" * 101}, 422, "MAX_TEXT_CHARS=100"),
+        (
+            "/embed",
+            {"batch_id": "b", "chunks": [{"chunk_id": "a", "content": "x" * 101}], "truncate": False},
+            422,
+            "MAX_TEXT_CHARS=100",
+        ),
         (
             "/embed",
             {"batch_id": "b", "chunks": [{"chunk_id": str(i), "content": "c"} for i in range(4)]},

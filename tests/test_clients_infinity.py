@@ -42,6 +42,21 @@ def test_infinity_client_rerank(server: ServerThread) -> None:
     assert isinstance(top, ReRankResult) and [item.index for item in top.results] == [BEST]
 
 
+def test_infinity_options_of_other_dialects_are_not_dropped(server: ServerThread) -> None:
+    """Issue 22: an instruction or a prompt the model does not have is a 422 naming the field, as on
+    /v1/rerank and /v1/embeddings, not ignored (they would change the scores or vectors)."""
+    with server.client() as client:
+        instruction = client.post(
+            "/infinity/rerank", json={"query": QUERY, "documents": DOCUMENTS, "instruction": "x"}
+        )
+        prompt = client.post("/infinity/embeddings", json={"input": DOCUMENTS, "prompt_name": "query"})
+        kind = client.post("/infinity/embeddings", json={"input": DOCUMENTS, "input_type": "clustering"})
+    for response, field in ((instruction, "instruction"), (prompt, "prompt_name"), (kind, "input_type")):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request" and field in error["message"], error
+
+
 def test_infinity_client_embeddings(server: ServerThread) -> None:
     from infinity_client import Client
     from infinity_client.api.default import embeddings

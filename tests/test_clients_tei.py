@@ -99,6 +99,28 @@ def test_huggingface_hub_inference_client_feature_extraction(server: ServerThrea
     assert abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3  # not normalised: as asked
 
 
+@pytest.mark.usefixtures("hub_client_online")
+def test_tei_embed_applies_dimensions_as_tei_does(server: ServerThread) -> None:
+    """Issue 22: /embed ignored ``dimensions``. TEI keeps the first N values, then normalises
+    (only when ``normalize`` is true); 0 or more than the model's size is a 422."""
+    from huggingface_hub import InferenceClient
+
+    raw = own_vectors(server, DOCUMENTS[:1], normalize=False)[0]
+    client = InferenceClient(base_url=server.url)
+    cut = np.asarray(client.feature_extraction(DOCUMENTS[0], dimensions=128))
+    assert cut.shape == (1, 128)
+    np.testing.assert_allclose(cut[0], raw[:128] / np.linalg.norm(raw[:128]), atol=1e-6)
+    with server.client() as http:
+        plain = http.post("/embed", json={"inputs": DOCUMENTS[0], "dimensions": 64, "normalize": False})
+        zero = http.post("/embed", json={"inputs": "x", "dimensions": 0})
+        too_many = http.post("/embed", json={"inputs": "x", "dimensions": 385})
+    assert plain.status_code == 200, plain.text
+    np.testing.assert_allclose(plain.json()[0], raw[:64], atol=1e-6)
+    for response in (zero, too_many):
+        assert response.status_code == 422 and "dimensions" in response.json()["error"], response.text
+        assert response.json()["error_type"] == "Validation"
+
+
 def test_tei_rerank_options_and_own_shape_side_by_side(server: ServerThread) -> None:
     with server.client() as client:
         tei = client.post(
@@ -137,9 +159,14 @@ def test_tei_info_and_tokenize(server: ServerThread) -> None:
     with server.client() as client:
         info = client.get("/info").json()
         tokens = client.post("/tokenize", json={"inputs": ["hello world"]}).json()
+        bare = client.post("/tokenize", json={"inputs": "hello world", "add_special_tokens": False}).json()
+        prompt = client.post("/tokenize", json={"inputs": "hello", "prompt_name": "query"})
     assert info["model_id"] == "all-MiniLM-L6-v2" and info["max_input_length"] == 256
     assert "embedding" in info["model_type"]
     assert [t["text"] for t in tokens[0]] == ["[CLS]", "hello", "world", "[SEP]"]
+    assert [t["text"] for t in bare[0]] == ["hello", "world"]
+    assert prompt.status_code == 422 and prompt.json()["error_type"] == "Validation"  # MiniLM has none
+    assert "prompt_name" in prompt.json()["error"], prompt.text
     assert tokens[0][2] == {
         "id": tokens[0][2]["id"],
         "text": "world",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -368,5 +369,32 @@ def test_stop_admitting_refuses_with_not_ready() -> None:
         controller.stop_admitting()
         with pytest.raises(NotReadyError):
             await controller.run(backend.tokenize_texts(["a"]), 1)
+
+    asyncio.run(with_controller(backend, body))
+
+
+def test_close_waits_for_the_batch_in_flight_without_blocking_the_event_loop() -> None:
+    """Issue 22: close() joined the executor on the event loop, which stood still until the
+    batch in flight finished (every other request, probe and timer with it)."""
+    backend = FakeBackend()
+    backend.gate.clear()
+    loop_ran_while_closing = threading.Event()
+
+    def open_gate() -> None:  # the batch finishes once the loop is seen running (5 s: the bug)
+        loop_ran_while_closing.wait(timeout=5)
+        backend.gate.set()
+
+    async def body(controller: InferenceController) -> None:
+        running = asyncio.create_task(controller.run(backend.tokenize_texts(["a"]), 60))
+        await until(lambda: controller.in_flight == 1)
+        threading.Thread(target=open_gate, daemon=True).start()
+        executor = controller._executor
+        closing = asyncio.create_task(controller.close())
+        await until(lambda: executor._shutdown)  # close() is joining the executor's threads
+        was_open = backend.gate.is_set()
+        loop_ran_while_closing.set()  # the loop ran on while close() waited
+        await closing
+        await asyncio.gather(running, return_exceptions=True)
+        assert not was_open, "the loop stood still until the batch in flight finished"
 
     asyncio.run(with_controller(backend, body))

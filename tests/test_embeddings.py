@@ -83,6 +83,21 @@ def test_openai_sdk_float_and_base64(embedded_server: ServerThread, sentence_tra
     np.testing.assert_allclose(vector, truncated, atol=1e-5)
 
 
+def test_openai_sdk_token_id_input_is_a_422_saying_what_to_send(embedded_server: ServerThread) -> None:
+    """Issue 22: token ids (what langchain-openai sends by default, counted with tiktoken) were a
+    422 that did not say why. They cannot be accepted (they are not this model's ids): the 422
+    says so and what to change."""
+    client = openai.OpenAI(base_url=f"{embedded_server.url}/v1", api_key="unused", max_retries=0)
+    for token_ids in ([[9906, 1917], [15339]], [9906, 1917]):
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            client.embeddings.create(model="all-MiniLM-L6-v2", input=token_ids)
+        error = refused.value.body  # the SDK keeps the body's "error" object
+        assert isinstance(error, dict), error
+        assert error["type"] == "invalid_request", error
+        assert "token ids are not supported" in error["message"], error
+        assert "check_embedding_ctx_length=False" in error["message"], error
+
+
 def test_base64_is_little_endian_float32(embedded_server: ServerThread, sentence_transformer) -> None:
     with embedded_server.client() as client:
         body = client.post("/v1/embeddings", json={"input": "short", "encoding_format": "base64"}).json()
@@ -143,9 +158,9 @@ def test_small_request_is_not_starved_by_a_big_one(embedded_server: ServerThread
             ["chunk_id 'long'", "256 tokens"],
         ),
         (
-            {"batch_id": "b", "chunks": [{"chunk_id": "big", "content": "x" * 20_001}]},
+            {"batch_id": "b", "chunks": [{"chunk_id": "big", "content": "x" * 20_001}], "truncate": False},
             422,
-            ["MAX_TEXT_CHARS=20000"],
+            ["chunk_id 'big'", "MAX_TEXT_CHARS=20000", "truncate is false"],
         ),
     ],
 )
@@ -162,7 +177,8 @@ def test_embed_bad_input(embedded_server: ServerThread, body: dict, status: int,
     [
         ({"input": []}, ["input"]),
         ({"input": ["ok", ""]}, ["input", "input 1 is empty"]),
-        ({"input": [[1, 2, 3]]}, ["input"]),
+        ({"input": [[1, 2, 3]]}, ["input: token ids are not supported", "check_embedding_ctx_length=False"]),
+        ({"input": [101, 7592]}, ["input: token ids are not supported", "list of strings"]),
         ({"input": "x", "encoding_format": "int8"}, ["encoding_format"]),
         ({"input": "x", "dimensions": 1000}, ["dimensions", "384"]),
         ({"input": "x", "dimensions": 0}, ["dimensions"]),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,7 +13,7 @@ import orjson
 
 from reranker.api.app import create_app
 from reranker.api.responses import ORJSON_OPTIONS, render_in_pieces
-from reranker.backends.base import ModelKind
+from reranker.backends.base import ModelKind, TokenSpan
 from reranker.backends.fake import FakeBackend
 from tests.conftest import make_settings
 from tests.server import ServerThread
@@ -56,3 +58,36 @@ def test_a_small_request_is_answered_while_a_10000_vector_response_renders() -> 
             assert big_status.result() == 200
     assert answer.status_code == 200
     assert finished["small"] < finished["big headers"], finished
+
+
+class HeldTokenizer(FakeBackend):
+    """A fake model whose /tokenize work holds until released (and says when it started)."""
+
+    def __init__(self) -> None:
+        super().__init__(ModelKind.BI_ENCODER)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
+        self.entered.set()
+        self.release.wait(30)
+        return [[TokenSpan(7, "word", 0, len(text), False)] for text in texts]
+
+
+def test_tei_tokenize_runs_off_the_loop_with_the_loaded_models_tokenizer() -> None:
+    """Issue 22: /tokenize tokenized on the event loop, with a tokenizer it read by resolving the
+    model source again (MODEL_NAME here is a hub id that cannot resolve: that was a 500)."""
+    backend = HeldTokenizer()
+    app = create_app(make_settings(model_name="nobody/not-a-model"), backend=backend)
+    with ServerThread(app) as server, server.client() as client, ThreadPoolExecutor(1) as pool:
+        try:
+            pending = pool.submit(client.post, "/tokenize", json={"inputs": ["hello", "world"]})
+            assert backend.entered.wait(30) or pending.result().status_code != 200, pending.result().text
+            assert client.get("/livez").status_code == 200  # answered while the tokenizer works
+        finally:
+            backend.release.set()
+        answer = pending.result()
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == [
+        [{"id": 7, "text": text, "special": False, "start": 0, "stop": 5}] for text in ("hello", "world")
+    ]

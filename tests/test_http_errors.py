@@ -47,8 +47,6 @@ def assert_error(response: httpx.Response, status: int, error_type: str, *needle
         ({"query": "q", "documents": ["a"], "top_k": 0}, ["top_k"]),
         ({"query": "q", "documents": ["a"], "top_k": -3}, ["top_k"]),
         ({"query": "q", "documents": ["d"] * 6}, ["documents", "MAX_DOCUMENTS_PER_REQUEST=5"]),
-        ({"query": "q" * 101, "documents": ["a"]}, ["query", "MAX_TEXT_CHARS=100"]),
-        ({"query": "q", "documents": ["a", "d" * 101]}, ["documents.1", "MAX_TEXT_CHARS=100"]),
         (["query", "documents"], ["body"]),
     ],
 )
@@ -67,6 +65,11 @@ def test_rerank_schema_violations_are_422_naming_the_field(
         ({"query": "q", "documents": [{"text": 5}]}, ["documents.0"]),
         ({"query": "q", "documents": [{"t": 5}], "rank_fields": ["t"]}, ["documents.0.t"]),
         ({"query": "q", "documents": [7]}, ["documents.0"]),
+        ({"query": "q" * 101, "documents": ["a"], "truncate": "NONE"}, ["query", "MAX_TEXT_CHARS=100"]),
+        (
+            {"query": "q", "documents": ["a", "d" * 101], "truncate": "NONE"},
+            ["documents.1", "MAX_TEXT_CHARS=100"],
+        ),
     ],
 )
 def test_v1_rerank_schema_violations_are_422(

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
+
+import pytest
 
 from reranker.api.app import create_app
 from reranker.backends.base import Backend, ModelKind
 from reranker.backends.fake import FakeBackend
+from reranker.engine import resources
+from reranker.engine.runtime import RELEASE_MEMORY_AFTER_ITEMS, Runtime
 from reranker.settings import Settings
 from tests.conftest import make_settings
 from tests.server import ServerThread
@@ -55,3 +61,25 @@ def test_load_failure_is_unhealthy_and_reported() -> None:
         assert "weights are corrupt" in health.json()["error"]
         assert client.post("/rerank", json={"query": "q", "documents": ["d"]}).status_code == 503
     assert [str(f) for f in failures] == ["weights are corrupt"]
+
+
+def test_a_failed_memory_trim_after_a_burst_is_logged_not_dropped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22: the allocator trim ran in the executor and its future was dropped, error and all."""
+
+    def broken_trim() -> bool:
+        raise OSError("malloc_trim went wrong")
+
+    monkeypatch.setattr(resources, "trim_allocator", broken_trim)
+    runtime = Runtime(make_settings(), backend=FakeBackend(ModelKind.BI_ENCODER))
+
+    async def burst() -> None:
+        runtime._after_burst(RELEASE_MEMORY_AFTER_ITEMS)
+        [trim] = runtime._trims  # held while it runs
+        await asyncio.gather(trim, return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger="reranker.engine.runtime"):
+        asyncio.run(burst())
+    assert runtime.metrics.memory_trims == 1 and not runtime._trims
+    assert "malloc_trim went wrong" in caplog.text

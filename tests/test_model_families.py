@@ -171,6 +171,9 @@ def test_causal_reranker_takes_an_instruction(family_model: Callable[[str], Path
             given = client.post(
                 "/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS, "instruction": instruction}
             )
+            infinity = client.post(
+                "/infinity/rerank", json={"query": QUERY, "documents": DOCUMENTS, "instruction": instruction}
+            )
             health = client.get("/health").json()["model"]
             job_input = {
                 "query": QUERY,
@@ -189,6 +192,11 @@ def test_causal_reranker_takes_an_instruction(family_model: Callable[[str], Path
         got[result["index"]] = result["relevance_score"]
     want = qwen3_reranker_scores(path, [(QUERY, doc) for doc in DOCUMENTS], instruction)
     np.testing.assert_allclose(got, want, atol=TOLERANCE)
+    assert infinity.status_code == 200, infinity.text  # Infinity's route takes it too (issue 22)
+    from_infinity = np.zeros(len(DOCUMENTS))
+    for result in infinity.json()["results"]:
+        from_infinity[result["index"]] = result["relevance_score"]
+    np.testing.assert_allclose(from_infinity, want, atol=TOLERANCE)
     # A job takes the instruction and raw_scores too: the logit of the same probability.
     assert job["status"] == "COMPLETED", job
     logits = np.zeros(len(DOCUMENTS))

@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from reranker.api.app import create_app
 from reranker.backends.base import ModelKind
 from reranker.backends.fake import FakeBackend
+from reranker.engine.metrics import CLIENT_DISCONNECTED, FAILURE_REASONS
+from reranker.errors import RerankerError
 from tests.conftest import make_settings
 from tests.server import ServerThread
 
@@ -101,3 +103,37 @@ def test_json_stays_the_default_and_a_bad_format_is_400(server: ServerThread) ->
         assert client.get("/metrics", headers={"accept": "application/json"}).json()["status"] == "healthy"
         bad = client.get("/metrics", params={"format": "xml"})
     assert bad.status_code == 400 and "format" in bad.json()["error"]["message"]
+
+
+def test_every_error_type_a_request_raises_is_a_failure_reason_from_the_start(server: ServerThread) -> None:
+    """Issue 22: unsupported_media_type and job_store_unavailable had no series until they happened."""
+    raised = {cls.error_type for cls in _subclasses(RerankerError)} - {"startup_error", CLIENT_DISCONNECTED}
+    assert raised <= set(FAILURE_REASONS), raised - set(FAILURE_REASONS)
+    samples = scrape(server, params={"format": "prometheus"})
+    for reason in ("unsupported_media_type", "job_store_unavailable"):
+        assert value(samples, "reranker_request_failures_total", reason=reason) == 0
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))}
+
+
+def test_job_routes_are_counted_but_are_not_inference_latencies(server: ServerThread) -> None:
+    """Issue 22: job polls, deletes and /runsync waits fed p50/p99 and request_duration_seconds."""
+    job = {"type": "embed", "input": {"batch_id": "b", "chunks": [{"chunk_id": "a", "content": "hello"}]}}
+    with server.client() as client:
+        submitted = client.post("/v1/jobs", json=job)
+        assert submitted.status_code == 202, submitted.text
+        status_url = submitted.json()["status_url"]
+        server.wait_until(lambda: client.get(status_url).json()["status"] == "COMPLETED", "job done", 30)
+        assert client.delete(status_url).status_code == 200
+        ran = client.post("/runsync", json={"input": job["input"]})
+        assert ran.status_code == 200 and ran.json()["status"] == "COMPLETED", ran.text
+        assert client.get(f"/status/{ran.json()['id']}").status_code == 200
+        as_json = client.get("/metrics").json()
+    samples = scrape(server, params={"format": "prometheus"})
+    assert value(samples, "reranker_requests_total", endpoint="/v1/jobs/{job_id}", status="200") >= 2
+    assert value(samples, "reranker_requests_total", endpoint="/runsync", status="200") == 1
+    assert value(samples, "reranker_request_duration_seconds_count") == 0
+    assert as_json["latency_ms"]["window"] == 0 and as_json["latency_ms"]["p99"] is None
+    assert as_json["successful_requests"] == as_json["total_requests"]  # counted all the same

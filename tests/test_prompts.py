@@ -236,3 +236,18 @@ def test_without_query_or_document_prompts_rerank_uses_none_as_sentence_transfor
     for result in response.json()["results"]:
         got[result["index"]] = result["relevance_score"]
     np.testing.assert_allclose(got, want, atol=TOLERANCE)
+
+
+def test_infinity_embeddings_honour_prompt_name_and_input_type(server: ServerThread, reference) -> None:
+    """Issue 22: /infinity/embeddings dropped prompt_name and input_type (and so a prompt) silently."""
+    as_query = reference.encode(DOCUMENTS, prompt_name="query")
+    with server.client() as client:
+        by_name = client.post("/infinity/embeddings", json={"input": DOCUMENTS, "prompt_name": "query"})
+        by_type = client.post("/infinity/embeddings", json={"input": DOCUMENTS, "input_type": "search_query"})
+        unknown = client.post("/infinity/embeddings", json={"input": DOCUMENTS, "prompt_name": "nope"})
+    for response in (by_name, by_type):
+        assert response.status_code == 200, response.text
+        got = np.array([item["embedding"] for item in response.json()["data"]])
+        np.testing.assert_allclose(got, as_query, atol=TOLERANCE)
+    assert unknown.status_code == 422
+    assert "prompt_name" in unknown.json()["error"]["message"], unknown.text

@@ -14,6 +14,7 @@ from reranker.api.body import read_body, read_json, unless_disconnected, validat
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
+from reranker.api.text_limits import fit_texts
 from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
 
@@ -47,8 +48,10 @@ async def embed(request: Request) -> Response:
     body = validate(EmbedRequest, data)
     texts = [chunk.content for chunk in body.chunks]
     labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
-    check_embed_limits(runtime.settings, texts, labels)
+    check_embed_limits(runtime.settings, texts)
     service = runtime.require_service()
+    budget = service.max_tokens if body.truncate else None
+    texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
     outcome = await _embed(
         request, service, texts, labels, body, normalize=body.normalize, allow_truncation=body.truncate
     )
@@ -77,8 +80,9 @@ async def openai_embeddings(request: Request) -> Response:
     body = await read_body(request, OpenAIEmbeddingRequest, runtime.settings)
     texts = body.texts()
     labels = [f"input.{i}" for i in range(len(texts))]
-    check_embed_limits(runtime.settings, texts, labels)
+    check_embed_limits(runtime.settings, texts)
     service = runtime.require_service()
+    texts = fit_texts(runtime.settings, texts, labels, service.max_tokens, "")  # always truncates
     info = runtime.model_info()
     model_dimension = info.dimension if info else None
     if body.dimensions and model_dimension and body.dimensions > model_dimension:

@@ -22,6 +22,7 @@ from reranker.api.body import read_body, unless_disconnected
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import OpenAIEmbeddingRequest, RerankRequest, check_embed_limits, check_limits
+from reranker.api.text_limits import fit_rerank, fit_texts
 from reranker.engine.service import l2_normalize
 from reranker.errors import InvalidInputError
 
@@ -51,7 +52,10 @@ async def rerank(request: Request) -> Response:
     top_n, top_name = body.limit
     check_limits(runtime.settings, body.query, body.documents, top_n, top_name)
     service = runtime.require_service()
-    outcome = await unless_disconnected(request, service.rerank(body.query, body.documents))
+    window = service.max_tokens  # Infinity truncates at the model window
+    query, documents = fit_rerank(runtime.settings, body.query, body.documents, window, window, "")
+    rerank_call = service.rerank(query, documents, instruction=body.instruction)
+    outcome = await unless_disconnected(request, rerank_call)
     scores = outcome.ranking if body.raw_scores else outcome.scores
     order = np.argsort(-outcome.ranking, kind="stable")[: top_n or len(body.documents)]
     results: list[dict[str, Any]] = []
@@ -78,13 +82,16 @@ async def embeddings(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await read_body(request, InfinityEmbeddingRequest, runtime.settings)
     texts = body.texts()
-    check_embed_limits(runtime.settings, texts, [f"input.{i}" for i in range(len(texts))])
+    check_embed_limits(runtime.settings, texts)
     service = runtime.require_service()
+    labels = [f"input.{i}" for i in range(len(texts))]
+    texts = fit_texts(runtime.settings, texts, labels, service.max_tokens, "")  # always truncates
     model = runtime.model_info()
     dimension = model.dimension if model else None
     if body.dimensions and dimension and body.dimensions > dimension:
         raise InvalidInputError(f"dimensions: {body.dimensions} is larger than the model's {dimension}")
-    outcome = await unless_disconnected(request, service.embed(texts))
+    prompt = service.embed_prompt(body.prompt_name, body.input_type)  # an unknown one: 422
+    outcome = await unless_disconnected(request, service.embed(texts, prompt=prompt))
     vectors = outcome.vectors
     if body.dimensions and body.dimensions < vectors.shape[1]:
         vectors = l2_normalize(vectors[:, : body.dimensions])

@@ -17,10 +17,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api.body import read_json, validate
-from reranker.api.observe import inference_endpoint, runtime_of
+from reranker.api.observe import job_endpoint, runtime_of
 from reranker.api.rerank import long_documents
 from reranker.api.responses import ORJSONResponse, json_response
-from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest, check_text_chars
+from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest
+from reranker.api.text_limits import document_tokens, fit_rerank, fit_texts
 from reranker.backends.base import ModelKind
 from reranker.engine.job_work import EmbedJob, RerankJob
 from reranker.engine.jobs import Job
@@ -29,7 +30,7 @@ from reranker.errors import InvalidInputError, PayloadTooLargeError, Unsupported
 from reranker.settings import Settings
 
 
-@inference_endpoint("/v1/jobs")
+@job_endpoint("/v1/jobs")
 async def submit_job(request: Request) -> Response:
     runtime = runtime_of(request)
     data = await read_json(
@@ -84,7 +85,9 @@ def _job_work(
         embed = validate(EmbedRequest, body.input)
         texts = [chunk.content for chunk in embed.chunks]
         labels = [f"input.chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(embed.chunks)]
-        _check_size(settings, texts, labels)
+        _check_size(settings, texts)
+        budget = service.max_tokens if embed.truncate else None
+        texts = fit_texts(settings, texts, labels, budget, "truncate is false")
         if service.kind is not ModelKind.BI_ENCODER:
             raise UnsupportedOperationError("the loaded model is a cross-encoder: it cannot embed")
         prompt = service.embed_prompt(embed.prompt_name, embed.input_type)  # unknown: 422 now
@@ -99,14 +102,25 @@ def _job_work(
     rerank = validate(CohereRerankRequest, body.input)
     texts = rerank.texts()
     labels = [f"input.documents.{i}" for i in range(len(texts))]
-    _check_size(settings, [rerank.query, *texts], ["input.query", *labels])
+    _check_size(settings, [rerank.query, *texts])
     long = long_documents(rerank, settings)
+    window = service.max_tokens
+    budget = document_tokens(long, window)
+    query, texts = fit_rerank(
+        settings,
+        rerank.query,
+        texts,
+        window,
+        budget,
+        'truncate is "NONE"',
+        ("input.query", "input.documents"),
+    )
     service.check_instruction(rerank.instruction)
     if long.mode == "refuse":
-        query = service.scoring_query(rerank.query, rerank.instruction)
-        _refuse_too_long(service, texts, labels, 'truncate is "NONE"', query=query)
+        scoring = service.scoring_query(query, rerank.instruction)
+        _refuse_too_long(service, texts, labels, 'truncate is "NONE"', query=scoring)
     reranking = RerankJob(
-        rerank.query,
+        query,
         texts,
         rerank.documents,
         rerank.top_n,
@@ -129,22 +143,21 @@ def _refuse_too_long(
         )
 
 
-@inference_endpoint("/v1/jobs/{job_id}")
+@job_endpoint("/v1/jobs/{job_id}")
 async def job_status(request: Request) -> Response:
     job = await find_job(request, request.path_params["job_id"])
     return await json_response(job.view())
 
 
-@inference_endpoint("/v1/jobs/{job_id}")
+@job_endpoint("/v1/jobs/{job_id}")
 async def cancel_job(request: Request) -> Response:
     """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
     job = await cancel_job_for(request, request.path_params["job_id"])
     return await json_response(job.view())
 
 
-def _check_size(settings: Settings, texts: list[str], labels: list[str]) -> None:
+def _check_size(settings: Settings, texts: list[str]) -> None:
     if len(texts) > settings.max_texts_per_job:
         raise PayloadTooLargeError(
             f"{len(texts)} texts is over MAX_TEXTS_PER_JOB={settings.max_texts_per_job}"
         )
-    check_text_chars(settings, texts, labels)

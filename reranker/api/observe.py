@@ -29,8 +29,12 @@ def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def inference_endpoint(name: str) -> Callable[[Handler], Handler]:
-    """Require the API key (when keys are set) and count every request of the endpoint."""
+def inference_endpoint(name: str, timed: bool = True) -> Callable[[Handler], Handler]:
+    """Require the API key (when keys are set) and count every request of the endpoint.
+
+    ``timed`` False (the job routes): counted by status and failure reason, but kept out of the
+    latency window and histogram, which describe inference requests (a status poll takes a
+    millisecond, a /runsync wait up to RUNSYNC_WAIT_S)."""
 
     def decorate(handler: Handler) -> Handler:
         @wraps(handler)
@@ -41,12 +45,14 @@ def inference_endpoint(name: str) -> Callable[[Handler], Handler]:
                 authorize(request)
                 response = await handler(request)
             except RerankerError as exc:
-                runtime.metrics.record_request(name, exc.error_type, _ms_since(started), status_for(exc))
+                runtime.metrics.record_request(
+                    name, exc.error_type, _ms_since(started), status_for(exc), timed=timed
+                )
                 raise
             except Exception:
-                runtime.metrics.record_request(name, "internal_error", _ms_since(started), 500)
+                runtime.metrics.record_request(name, "internal_error", _ms_since(started), 500, timed=timed)
                 raise
-            runtime.metrics.record_request(name, None, _ms_since(started), response.status_code)
+            runtime.metrics.record_request(name, None, _ms_since(started), response.status_code, timed=timed)
             return response
 
         if name not in INFERENCE_ENDPOINTS:
@@ -54,6 +60,12 @@ def inference_endpoint(name: str) -> Callable[[Handler], Handler]:
         return observed
 
     return decorate
+
+
+def job_endpoint(name: str) -> Callable[[Handler], Handler]:
+    """An endpoint of the job API (submit, poll, cancel, RunPod's routes): an ``inference_endpoint``
+    whose durations are not inference latencies."""
+    return inference_endpoint(name, timed=False)
 
 
 def timing_ms(timing: Timing, started: float) -> dict[str, float]:

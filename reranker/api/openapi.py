@@ -2,7 +2,8 @@
 
 The request schemas are the pydantic models that validate the requests
 (``schemas.py``), with this server's configured limits written in (``maxItems``,
-``maxLength``, ``maximum``), so a client generated from the document knows them.
+``maximum``), so a client generated from the document knows them. MAX_TEXT_CHARS is no
+``maxLength``: a request that truncates has a longer text cut, not refused (text_limits.py).
 """
 
 from __future__ import annotations
@@ -221,18 +222,12 @@ def _schema(model: type[BaseModel], schemas: dict[str, Any], mode: str) -> dict[
 
 
 def _write_limits(schemas: dict[str, Any], settings: Settings) -> None:
-    """The configured limits, on the fields they bound (arrays: count; strings: characters)."""
-    docs, texts, chars = (
-        settings.max_documents_per_request,
-        settings.max_texts_per_embed_request,
-        settings.max_text_chars,
-    )
+    """The configured limits, on the fields they bound (arrays: count; integers: maximum)."""
+    docs, texts = settings.max_documents_per_request, settings.max_texts_per_embed_request
     bounds = {  # field: (maxItems, maxLength, maximum)
-        "query": (None, chars, None),
-        "documents": (docs, chars, None),
+        "documents": (docs, None, None),
         "chunks": (texts, None, None),
-        "content": (None, chars, None),
-        "input": (texts, chars, None),
+        "input": (texts, None, None),
         "top_n": (None, None, docs),
         "top_k": (None, None, docs),
     }

@@ -57,7 +57,10 @@ class RuntimeCollector:
             value=metrics.client_disconnects,
         )
         yield _histogram(
-            "reranker_request_duration_seconds", "Successful requests, end to end.", metrics.latency_ms, 1e-3
+            "reranker_request_duration_seconds",
+            "Successful inference requests, end to end (job routes excluded).",
+            metrics.latency_ms,
+            1e-3,
         )
         yield _histogram(
             "reranker_queue_wait_seconds", "Time requests waited for the model.", metrics.queue_wait_ms, 1e-3

@@ -2,7 +2,8 @@
 
 /rerank truncates a document at the model window (as sentence-transformers does);
 /v1 and /v2 chunk it by default: the score of a long document is the best score of its
-overlapping windows (``truncate``: ``END`` truncates, ``NONE`` refuses with 422).
+overlapping windows (``truncate``: ``END`` truncates, ``NONE`` refuses with 422). A text over
+MAX_TEXT_CHARS is cut to what the request could score, or refused under ``NONE`` (text_limits.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from reranker.api.schemas import (
     RerankRequest,
     check_limits,
 )
+from reranker.api.text_limits import document_tokens, fit_rerank
 from reranker.engine.rerank_results import cohere_v1_body, ranked, result_details, scores_of, warnings
 from reranker.engine.runtime import Runtime
 from reranker.engine.service import LongDocuments, RerankOutcome, TextTooLongError
@@ -46,7 +48,9 @@ async def rerank(request: Request) -> Response:
     top_k, top_name = body.limit
     check_limits(runtime.settings, body.query, body.documents, top_k, top_name)
     service = runtime.require_service()
-    rerank_call = service.rerank(body.query, body.documents, instruction=body.instruction)
+    window = service.max_tokens  # /rerank truncates at the model window
+    query, documents = fit_rerank(settings, body.query, body.documents, window, window, "")
+    rerank_call = service.rerank(query, documents, instruction=body.instruction)
     outcome = await unless_disconnected(request, rerank_call)
     scores = scores_of(outcome, body.raw_scores)
     results: list[dict[str, Any]] = []
@@ -105,7 +109,10 @@ async def rerank_v1(request: Request) -> Response:
     texts = body.texts()
     check_limits(runtime.settings, body.query, texts, body.top_n)
     long = long_documents(body, runtime.settings)
-    outcome = await rerank_long(request, body.query, texts, long, body.instruction)
+    window = runtime.require_service().max_tokens
+    budget = document_tokens(long, window)
+    query, texts = fit_rerank(runtime.settings, body.query, texts, window, budget, 'truncate is "NONE"')
+    outcome = await rerank_long(request, query, texts, long, body.instruction)
     content = cohere_v1_body(
         outcome,
         body.documents,
@@ -127,12 +134,15 @@ async def rerank_v2(request: Request) -> Response:
     body = await read_body(request, CohereV2RerankRequest, runtime.settings)
     check_limits(runtime.settings, body.query, body.documents, body.top_n)
     service = runtime.require_service()
-    texts = await asyncio.to_thread(service.truncate_texts, body.documents, body.max_tokens_per_doc)
-    cut_by_budget = [
-        i for i, (text, original) in enumerate(zip(texts, body.documents, strict=True)) if text != original
-    ]
     long = long_documents(body, runtime.settings, max_windows=None if body.max_chunks_per_doc else 1000)
-    outcome = await rerank_long(request, body.query, texts, long, body.instruction)
+    window, per_doc = service.max_tokens, body.max_tokens_per_doc  # documents are cut at per_doc always
+    budget = min(per_doc, document_tokens(long, window) or per_doc)
+    query, fitted = fit_rerank(runtime.settings, body.query, body.documents, window, budget, "")
+    texts = await asyncio.to_thread(service.truncate_texts, fitted, per_doc)
+    cut_by_budget = [
+        i for i, (text, original) in enumerate(zip(texts, fitted, strict=True)) if text != original
+    ]
+    outcome = await rerank_long(request, query, texts, long, body.instruction)
     scores = scores_of(outcome, body.raw_scores)
     results: list[dict[str, Any]] = []
     for index in ranked(outcome, body.top_n):

@@ -1,7 +1,8 @@
 """Request bodies, validated by pydantic: the single source of truth for their shape.
 
-Limits that depend on settings (documents per request, characters per text) are
-checked by ``check_limits`` after the shape is known, with the limit in the message.
+Limits that depend on settings (documents or texts per request) are checked by
+``check_limits`` and ``check_embed_limits`` after the shape is known, with the limit in the
+message; characters per text by ``text_limits.py`` (a truncating request has a long text cut).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ class CohereV2RerankRequest(_QueryAndTextDocuments, LongDocumentOptions):
 def check_limits(
     settings: Settings, query: str, documents: list[str], top_n: int | None = None, top_name: str = "top_n"
 ) -> None:
-    """Documents per request, characters per text and ``top_n`` against the configured limits."""
+    """Documents per request and ``top_n`` against the configured limits."""
     if top_n is not None and top_n > settings.max_documents_per_request:
         raise InvalidInputError(
             f"{top_name}: {top_n} is over MAX_DOCUMENTS_PER_REQUEST={settings.max_documents_per_request}"
@@ -180,14 +181,6 @@ def check_limits(
             f"documents: {len(documents)} documents is over MAX_DOCUMENTS_PER_REQUEST="
             f"{settings.max_documents_per_request}"
         )
-    limit = settings.max_text_chars
-    if len(query) > limit:
-        raise InvalidInputError(f"query: {len(query)} characters is over MAX_TEXT_CHARS={limit}")
-    for index, doc in enumerate(documents):
-        if len(doc) > limit:
-            raise InvalidInputError(
-                f"documents.{index}: {len(doc)} characters is over MAX_TEXT_CHARS={limit}"
-            )
 
 
 class _PromptChoice(_Body):
@@ -242,13 +235,39 @@ class EmbedRequest(_PromptChoice):
         return self
 
 
+TOKEN_IDS_REFUSED = (
+    "token ids are not supported: this server tokenizes text with its model's own tokenizer, and "
+    "the ids a client counted (tiktoken's, for OpenAI's models) mean other tokens to it; send the "
+    "text as a string or a list of strings (langchain-openai: "
+    "OpenAIEmbeddings(..., check_embedding_ctx_length=False))"
+)
+
+
+def _is_token_ids(value: Any) -> bool:
+    """OpenAI's other ``input`` forms: a list of ints, or a list of lists of ints."""
+
+    def is_id(item: Any) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool)
+
+    if not isinstance(value, list):
+        return False
+    return any(is_id(item) or (isinstance(item, list) and item and all(map(is_id, item))) for item in value)
+
+
 class OpenAIEmbeddingRequest(_PromptChoice):
-    """The OpenAI shape of POST /v1/embeddings."""
+    """The OpenAI shape of POST /v1/embeddings (text only: token ids are a 422 saying why)."""
 
     input: str | list[str]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _not_token_ids(cls, value: Any) -> Any:
+        if _is_token_ids(value):
+            raise ValueError(TOKEN_IDS_REFUSED)
+        return value
 
     @field_validator("input")
     @classmethod
@@ -265,21 +284,13 @@ class OpenAIEmbeddingRequest(_PromptChoice):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-def check_embed_limits(settings: Settings, texts: list[str], labels: list[str]) -> None:
-    """``labels`` name each text in messages (``chunks.3 (chunk_id 'a')`` or ``input.3``)."""
+def check_embed_limits(settings: Settings, texts: list[str]) -> None:
+    """Texts per request against MAX_TEXTS_PER_EMBED_REQUEST (413)."""
     if len(texts) > settings.max_texts_per_embed_request:
         raise PayloadTooLargeError(
             f"{len(texts)} texts is over MAX_TEXTS_PER_EMBED_REQUEST={settings.max_texts_per_embed_request}; "
             "split the request or submit a job"
         )
-    check_text_chars(settings, texts, labels)
-
-
-def check_text_chars(settings: Settings, texts: list[str], labels: list[str]) -> None:
-    limit = settings.max_text_chars
-    for label, text in zip(labels, texts, strict=True):
-        if len(text) > limit:
-            raise InvalidInputError(f"{label}: {len(text)} characters is over MAX_TEXT_CHARS={limit}")
 
 
 class JobRequest(_Body):

@@ -13,6 +13,7 @@ text longer than the model window is truncated unless the request says ``"trunca
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 from typing import Any, Literal, TypeVar
@@ -25,12 +26,12 @@ from starlette.responses import Response
 from reranker import __version__
 from reranker.api.body import read_json, unless_disconnected, validate
 from reranker.api.dialects import TEI, speak
-from reranker.api.model_files import model_files
 from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
-from reranker.backends.base import ModelKind
-from reranker.engine.service import LongDocuments, TextTooLongError
+from reranker.api.text_limits import fit_rerank, fit_texts
+from reranker.backends.base import ModelKind, TokenSpan
+from reranker.engine.service import LongDocuments, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
 
 T = TypeVar("T")
@@ -69,6 +70,9 @@ class TeiEmbedRequest(_TeiOptions):
     inputs: str | list[str]
     normalize: bool = True
     prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
+    dimensions: int | None = Field(
+        None, gt=0, description="Keep the first N values (Matryoshka), then normalise if normalize is true."
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -113,8 +117,13 @@ async def rerank(request: Request, data: Any, started: float) -> Response:
     body = validate(TeiRerankRequest, data)
     check_limits(runtime.settings, body.query, body.texts)
     service = runtime.require_service()
+    window = service.max_tokens
+    budget = window if body.truncate else None
+    query, texts = fit_rerank(
+        runtime.settings, body.query, body.texts, window, budget, "truncate is false", ("query", "texts")
+    )
     long = LongDocuments("truncate" if body.truncate else "refuse")
-    work = unless_disconnected(request, service.rerank(body.query, body.texts, long))
+    work = unless_disconnected(request, service.rerank(query, texts, long))
     outcome = await _long_refused(work, "texts", _window(request))
     scores = outcome.ranking if body.raw_scores else outcome.scores
     results: list[dict[str, Any]] = []
@@ -133,15 +142,27 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     runtime = runtime_of(request)
     body = validate(TeiEmbedRequest, data)
     texts = body.texts()
-    check_embed_limits(runtime.settings, texts, [f"inputs.{i}" for i in range(len(texts))])
+    check_embed_limits(runtime.settings, texts)
     service = runtime.require_service()
+    budget = service.max_tokens if body.truncate else None
+    labels = [f"inputs.{i}" for i in range(len(texts))]
+    texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
+    model = runtime.model_info()
+    if body.dimensions and model and model.dimension and body.dimensions > model.dimension:
+        raise InvalidInputError(
+            f"dimensions: {body.dimensions} is larger than the model's {model.dimension} dimensions"
+        )
     prompt = service.embed_prompt(body.prompt_name, None)  # None: the default prompt, if any
     work = unless_disconnected(
         request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate, prompt=prompt)
     )
     outcome = await _long_refused(work, "inputs", _window(request))
+    vectors = outcome.vectors
+    if body.dimensions is not None and body.dimensions < vectors.shape[1]:  # TEI: cut, then normalise
+        vectors = vectors[:, : body.dimensions]
+        vectors = l2_normalize(vectors) if body.normalize else vectors
     headers = timing_headers(request, outcome.timing, started, len(texts))
-    return await json_response(list(outcome.vectors), headers=headers)
+    return await json_response(list(vectors), headers=headers)
 
 
 @inference_endpoint("/")
@@ -188,32 +209,39 @@ async def info(request: Request) -> Response:
 
 @inference_endpoint("/tokenize")
 async def tokenize(request: Request) -> Response:
-    """TEI's ``POST /tokenize``: per input, its tokens with their offsets in the input."""
+    """TEI's ``POST /tokenize``: per input, its tokens with their offsets in the input, as the
+    loaded model's tokenizer cuts them (in a worker thread: up to MAX_TEXTS_PER_EMBED_REQUEST texts)."""
     speak(request, TEI)
-    settings = runtime_of(request).settings
+    runtime = runtime_of(request)
+    settings = runtime.settings
     data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
     body = validate(TeiTokenizeRequest, data)
-    files = await model_files(request)
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
-    check_embed_limits(settings, texts, [f"inputs.{i}" for i in range(len(texts))])
+    check_embed_limits(settings, texts)
+    labels = [f"inputs.{i}" for i in range(len(texts))]
+    fit_texts(settings, texts, labels, None, "/tokenize shows every token")
+    service = runtime.require_service()
     if body.prompt_name is not None:
-        texts = [files.prompt(body.prompt_name) + text for text in texts]
-    if files.tokenizer is None:
-        raise InvalidInputError("the model has no tokenizer.json: /tokenize is not available")
-    encodings = files.tokenizer.encode_batch(texts, add_special_tokens=body.add_special_tokens)
-    return ORJSONResponse([_tokens(text, encoding) for text, encoding in zip(texts, encodings, strict=True)])
+        prompt = service.embed_prompt(body.prompt_name, None)  # one the model lacks: 422 listing its own
+        texts = [prompt + text for text in texts]
+
+    def shown() -> list[list[dict[str, Any]]]:
+        spans = service.token_spans(texts, body.add_special_tokens)
+        return [_tokens(text, tokens) for text, tokens in zip(texts, spans, strict=True)]
+
+    return await json_response(await asyncio.to_thread(shown))
 
 
-def _tokens(text: str, encoding: Any) -> list[dict[str, Any]]:
+def _tokens(text: str, spans: list[TokenSpan]) -> list[dict[str, Any]]:
     tokens = []
-    for token_id, token, (start, stop), special in zip(
-        encoding.ids, encoding.tokens, encoding.offsets, encoding.special_tokens_mask, strict=True
-    ):
-        if special:
-            tokens.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
+    for span in spans:
+        if span.special:
+            tokens.append({"id": span.id, "text": span.token, "special": True, "start": None, "stop": None})
         else:
-            shown = text[start:stop]
-            tokens.append({"id": token_id, "text": shown, "special": False, "start": start, "stop": stop})
+            shown = text[span.start : span.stop]
+            tokens.append(
+                {"id": span.id, "text": shown, "special": False, "start": span.start, "stop": span.stop}
+            )
     return tokens
 
 

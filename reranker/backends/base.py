@@ -13,6 +13,8 @@ from enum import StrEnum
 
 import numpy as np
 
+from reranker.errors import UnsupportedOperationError
+
 
 class ModelKind(StrEnum):
     CROSS_ENCODER = "cross-encoder"
@@ -63,6 +65,17 @@ class Windows:
     truncated: bool  # part of the document is in no window (over max_windows, or cut plainly)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenSpan:
+    """One token of a text as the model's tokenizer cuts it (what TEI's /tokenize shows)."""
+
+    id: int
+    token: str  # the tokenizer's own string for it ("##ing", "[CLS]")
+    start: int  # offsets of its characters in the text; (0, 0) for a special token
+    stop: int
+    special: bool
+
+
 class Backend(ABC):
     """Score pairs or embed texts. ``forward`` is called from worker threads."""
 
@@ -107,6 +120,10 @@ class Backend(ABC):
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """``text`` cut after its first ``max_tokens`` tokens."""
         return text
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
+        """Every token of each text, untruncated, with its offsets (the tokenizer the model loaded)."""
+        raise UnsupportedOperationError(f"the model {self.info().name} has no tokenizer to show")
 
     def health(self) -> None:
         """Raise if the backend cannot serve; default: a tiny real forward pass."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from reranker.backends.base import Backend, Encoded, Windows
+from reranker.backends.base import Backend, Encoded, TokenSpan, Windows
 from reranker.backends.templates import CausalRerankTemplate
 from reranker.errors import StartupError
 
@@ -139,6 +139,19 @@ class TextTokenizer:
         offsets = self._unbounded.encode(text, add_special_tokens=False).offsets
         return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
 
+    def spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
+        """Every token of each text (no truncation), with its character offsets."""
+        encodings = self._unbounded.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [
+            [
+                TokenSpan(token_id, token, start, stop, bool(special))
+                for token_id, token, (start, stop), special in zip(
+                    e.ids, e.tokens, e.offsets, e.special_tokens_mask, strict=True
+                )
+            ]
+            for e in encodings
+        ]
+
     def texts(self, texts: Sequence[str]) -> list[Encoded]:
         return [_to_encoded(e, self.token_types) for e in _encode_all(self._tokenizer, list(texts))]
 
@@ -237,6 +250,9 @@ class TokenizedBackend(Backend):
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         return self.tokenizer.truncate_text(text, max_tokens)
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
+        return self.tokenizer.spans(texts, add_special_tokens)
 
 
 def _prefixed(encoding: object, prefix_ids: list[int]) -> Encoded:

@@ -182,8 +182,8 @@ class InferenceController:
             await asyncio.gather(self._batcher, return_exceptions=True)
         for pending in list(self._queue):
             self._fail(pending, NotReadyError("the server is shutting down"))
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._executor is not None:  # waits for the batch in flight: in a thread, not on the loop
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     # ---- observation ----------------------------------------------------------------
 

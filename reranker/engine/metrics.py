@@ -30,7 +30,7 @@ BATCH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 
 FAILURE_REASONS = (
     "invalid_request", "malformed_request", "payload_too_large", "body_timeout", "unauthorized",
     "unsupported_operation", "overloaded", "not_ready", "timeout", "backend_error",
-    "internal_error", "not_found", "too_many_jobs",
+    "internal_error", "not_found", "too_many_jobs", "unsupported_media_type", "job_store_unavailable",
 )  # fmt: skip
 CLIENT_DISCONNECTED = "client_disconnected"  # the client's doing, not ours: counted apart
 
@@ -72,7 +72,7 @@ class Metrics:
         self.real_tokens = 0
         self.padded_tokens = 0  # longest item x items, summed over batches
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.latency_ms = Histogram(LATENCY_BUCKETS_MS)  # successful requests, end to end
+        self.latency_ms = Histogram(LATENCY_BUCKETS_MS)  # successful inference requests, end to end
         self.queue_wait_ms = Histogram(LATENCY_BUCKETS_MS)  # per model-served request
         self.inference_ms = Histogram(LATENCY_BUCKETS_MS)
         self.batch_size = Histogram(BATCH_SIZE_BUCKETS)  # per batch
@@ -85,9 +85,15 @@ class Metrics:
             self.responses[(endpoint, 200)] += 0
 
     def record_request(
-        self, endpoint: str, failure_reason: str | None, latency_ms: float, status: int = 200
+        self,
+        endpoint: str,
+        failure_reason: str | None,
+        latency_ms: float,
+        status: int = 200,
+        timed: bool = True,
     ) -> None:
-        """One finished inference request; ``failure_reason`` is None on success."""
+        """One finished request; ``failure_reason`` is None on success. ``timed`` False (a job
+        route): its duration stays out of the latency window and histogram."""
         self.total_requests += 1
         self.requests_by_endpoint[endpoint] += 1
         self.responses[(endpoint, status)] += 1
@@ -95,8 +101,9 @@ class Metrics:
             self.client_disconnects += 1
         elif failure_reason is None:
             self.successful_requests += 1
-            self._latencies_ms.append(latency_ms)
-            self.latency_ms.observe(latency_ms)
+            if timed:
+                self._latencies_ms.append(latency_ms)
+                self.latency_ms.observe(latency_ms)
         else:
             self.failed_requests[failure_reason] += 1
             if failure_reason == "overloaded":

@@ -98,6 +98,7 @@ class Runtime:
         self.ready = asyncio.Event()
         self.resources = resources.detect(settings.max_parallel_requests, settings.inference_threads)
         self.jobs = job_backend(settings)
+        self._trims: set[asyncio.Future[bool]] = set()  # allocator trims running in the executor
 
     @property
     def status(self) -> Status:
@@ -197,7 +198,14 @@ class Runtime:
         """The model went idle after ``items`` items: after big work, give freed memory back."""
         if items >= RELEASE_MEMORY_AFTER_ITEMS:
             self.metrics.memory_trims += 1
-            asyncio.get_running_loop().run_in_executor(None, resources.trim_allocator)
+            trim = asyncio.get_running_loop().run_in_executor(None, resources.trim_allocator)
+            self._trims.add(trim)  # held until done, and its failure logged (not dropped)
+            trim.add_done_callback(self._trim_done)
+
+    def _trim_done(self, trim: asyncio.Future[bool]) -> None:
+        self._trims.discard(trim)
+        if not trim.cancelled() and trim.exception() is not None:
+            log.warning("giving freed memory back failed: %r", trim.exception())
 
     def begin_drain(self) -> int:
         """Refuse new work from now on; returns how many admitted requests are unfinished."""

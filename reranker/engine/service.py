@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reranker.backends.base import Backend, ModelKind, Windows
+from reranker.backends.base import Backend, ModelKind, TokenSpan, Windows
 from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.engine.cache import CachedOutput, PredictionCache
 from reranker.engine.controller import InferenceController
@@ -333,6 +333,11 @@ class InferenceService:
     def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
         return [self._backend.truncate_text(text, max_tokens) for text in texts]
+
+    def token_spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
+        """Every token of each text as the loaded model's tokenizer cuts it, untruncated
+        (UnsupportedOperationError for a backend without one). Tokenizes: call off the event loop."""
+        return self._backend.token_spans(texts, add_special_tokens)
 
     def embed_prompt(self, prompt_name: str | None, input_type: str | None) -> str:
         """The prompt text a request's ``prompt_name`` / ``input_type`` select (UnknownPromptError: 422)."""
