@@ -3,6 +3,7 @@ over, Redis unreachable at start-up or lost while serving."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -336,3 +337,47 @@ def test_a_stopped_instance_leaves_no_consumer_behind(redis_server: RedisServer,
             assert follow(client, job_id)[-1]["status"] == "COMPLETED"
             assert len(redis_server.client().xinfo_consumers(f"{queue}:stream", "workers")) == 1
     assert redis_server.client().xinfo_consumers(f"{queue}:stream", "workers") == []
+
+
+def test_a_cancel_that_finds_the_job_finished_since_it_was_read_says_so(
+    redis_server: RedisServer, queue: str
+) -> None:
+    """Found by tests/test_job_state_machine.py: DELETE read the job IN_PROGRESS, the job finished, the
+    cancel script then deleted it as a finished job and the answer still said IN_PROGRESS; RunPod's
+    /cancel, which keeps finished jobs, deleted one that finished between its read and its cancel."""
+    from reranker.engine.job_redis import RedisJobs
+    from reranker.engine.jobs import FINISHED, Job, JobStatus
+
+    async def scenario() -> tuple[Job, bool, list[bytes]]:
+        jobs = RedisJobs(make_settings(**redis_settings(redis_server, queue)))
+        await jobs.start()
+
+        async def runner(job: Job) -> dict[str, object]:
+            return {"answer": 42}
+
+        jobs.start_worker(runner)
+        try:
+            job = await jobs.submit("embed", 1, {"type": "embed", "input": {}}, None)
+            stale = await jobs.get(job.id, None)
+            while (await jobs.get(job.id, None)).status not in FINISHED:
+                await asyncio.sleep(0.01)  # polling the store, as a client does
+            real_get = jobs.get
+            stale_reads = [stale]
+
+            async def read_before_it_finished(job_id: str, owner: str | None) -> Job:
+                current = await real_get(job_id, owner)
+                return stale_reads.pop() if stale_reads else current
+
+            jobs.get = read_before_it_finished  # the interleaving: read, then the job finishes
+            kept = await jobs.cancel(job.id, None, delete_finished=False)  # RunPod's /cancel keeps it
+            assert kept.status is JobStatus.COMPLETED and kept.output == {"answer": 42}
+            stale_reads.append(stale)
+            answer = await jobs.cancel(job.id, None)
+            client = redis_server.client()
+            return answer, bool(client.exists(f"{queue}:job:{job.id}")), client.keys(f"{queue}:*out*")
+        finally:
+            await jobs.close()
+
+    answer, record_left, parts_left = asyncio.run(scenario())
+    assert answer.status is JobStatus.COMPLETED and answer.done == answer.total == 1
+    assert not record_left and parts_left == []

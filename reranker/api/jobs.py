@@ -61,9 +61,9 @@ async def find_job(request: Request, job_id: str) -> Job:
     return await runtime_of(request).jobs.get(job_id, owner_of(request))
 
 
-async def cancel_job_for(request: Request, job_id: str) -> Job:
+async def cancel_job_for(request: Request, job_id: str, delete_finished: bool = True) -> Job:
     """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
-    return await runtime_of(request).jobs.cancel(job_id, owner_of(request))
+    return await runtime_of(request).jobs.cancel(job_id, owner_of(request), delete_finished)
 
 
 def owner_of(request: Request) -> str | None:

@@ -121,7 +121,5 @@ async def status(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """Cancel a queued job (CANCELLED) or a running one (IN_PROGRESS until it stops at its next
     slice, then CANCELLED). A finished job is left as it is, its result kept (as RunPod does)."""
-    job = await find_job(request, request.path_params["id"])
-    if job.status not in FINISHED:
-        job = await cancel_job_for(request, job.id)
+    job = await cancel_job_for(request, request.path_params["id"], delete_finished=False)
     return await json_response(runpod_view(job))

@@ -294,15 +294,16 @@ class LocalJobs:
             return dataclasses.replace(job, output=output)  # a copy: the result is not kept in memory
         return job
 
-    async def cancel(self, job_id: str, owner: str | None) -> Job:
-        """Cancel a queued or running job; a finished one is deleted with its result."""
+    async def cancel(self, job_id: str, owner: str | None, delete_finished: bool = True) -> Job:
+        """Cancel a queued or running job; a finished one is deleted with its result (unless
+        ``delete_finished`` is False)."""
         job = await self.get(job_id, owner)
         if job.status is JobStatus.QUEUED:
             self._finish(job, JobStatus.CANCELLED)
             await self._save_or_fail(job)
         elif job.status is JobStatus.IN_PROGRESS:
             job.cancel_requested = True  # the worker stops before the next slice
-        else:
+        elif delete_finished:
             self._jobs.pop(job_id, None)
             self._on_disk.discard(job_id)
             if self._store is not None:

@@ -294,21 +294,26 @@ class RedisJobs:
             await pipe.execute()
         return reference
 
-    async def cancel(self, job_id: str, owner: str | None) -> Job:
+    async def cancel(self, job_id: str, owner: str | None, delete_finished: bool = True) -> Job:
+        """Cancel a queued or running job; delete a finished one. The answer is the job as the
+        cancel found it, which may be finished (and so deleted) since ``get`` read it."""
         job = await self.get(job_id, owner)
         with self._answered("cancel"):
-            reference = await self._redis.hget(self._key(job_id), "output_parts")
             now = time.time()
-            args = [job_id, owner or "", repr(now), self._ttl_s]
+            args = [job_id, owner or "", repr(now), self._ttl_s, int(delete_finished)]
             keys = [self._key(job_id), self._active]
-            outcome = (await self._scripts["cancel"](keys=keys, args=args)).decode()
-            if outcome == "deleted" and reference:  # a finished job deleted: its output parts go with it
-                await self._redis.delete(*self._part_keys(reference))
+            outcome, *found = [part.decode() for part in await self._scripts["cancel"](keys=keys, args=args)]
+            if outcome == "deleted" and found[2]:  # a finished job deleted: its output parts go with it
+                await self._redis.delete(*self._part_keys(found[2]))
         if outcome == "missing":
             raise missing(job_id)
-
         if outcome == "cancelled":
             job.status, job.finished_at = JobStatus.CANCELLED, now
+        elif outcome == "finished" and job.status.value != found[0]:  # it finished since get read it
+            job = await self.get(job_id, owner)
+        elif outcome == "deleted" and job.status.value != found[0]:
+            job.status, job.finished_at, job.output = JobStatus(found[0]), float(found[1] or now), None
+            job.done = job.total if job.status is JobStatus.COMPLETED else job.done
         return job
 
     async def _work_loop(self, runner: JobRunner) -> None:

@@ -60,21 +60,25 @@ redis.call('HSET', KEYS[2], 'status', 'QUEUED', 'done', 0)
 return 1
 """
 
-# KEYS: job, active set. ARGV: job id, owner, finished_at, ttl.
+# KEYS: job, active set. ARGV: job id, owner, finished_at, ttl, delete a finished job (1/0).
+# Returns {what it did, the status it found, finished_at, output parts}: the job may have finished
+# since the caller last read it.
 CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 'missing' end
+if not status or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return {'missing'} end
 if status == 'QUEUED' then
   redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[3])
   redis.call('HDEL', KEYS[1], 'spec')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('SREM', KEYS[2], ARGV[1])
-  return 'cancelled'
+  return {'cancelled', status}
 end
 if status == 'IN_PROGRESS' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
-  return 'cancelling'
+  return {'cancelling', status}
 end
+local found = redis.call('HMGET', KEYS[1], 'finished_at', 'output_parts')
+if ARGV[5] ~= '1' then return {'finished', status, found[1] or '', ''} end
 redis.call('DEL', KEYS[1])
-return 'deleted'
+return {'deleted', status, found[1] or '', found[2] or ''}
 """

@@ -178,7 +178,10 @@ class JobBackend(Protocol):
 
     async def get(self, job_id: str, owner: str | None) -> Job: ...
 
-    async def cancel(self, job_id: str, owner: str | None) -> Job: ...
+    async def cancel(self, job_id: str, owner: str | None, delete_finished: bool = True) -> Job:
+        """Cancel a queued or running job; a finished one is deleted with its result, or with
+        ``delete_finished`` False left as it is. Atomic: a job that finishes meanwhile is finished."""
+        ...
 
     def health(self) -> dict[str, Any]:
         """``{"backend", "status": "ok" | "unavailable", ...}``; ``error`` says why it is not ok."""
