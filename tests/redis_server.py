@@ -15,8 +15,10 @@ READY_TIMEOUT_S = 30.0
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, durable: bool = False) -> None:
+        """``durable``: every write in the append-only file, fsynced (a restart loses nothing)."""
         self.executable = require_tool("redis-server")
+        self.durable = durable
         self.directory = directory
         self.port = port or free_ports(1)
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -35,7 +37,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.directory),
                 "--logfile",
