@@ -148,3 +148,38 @@ def test_stopping_the_worker_cancels_the_running_work_and_ends_the_worker() -> N
         return isinstance(results[0], asyncio.CancelledError), cancelled.is_set()
 
     assert asyncio.run(scenario()) == (True, True)
+
+
+def test_a_worker_that_loses_its_lease_drops_that_run_and_goes_on(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another consumer takes the running job's entry (as when this worker stalled past JOB_LEASE_S):
+    the worker stops that run at its next slice, takes the next job, and the job itself completes
+    once its new holder's lease lapses (here: a consumer that never runs it)."""
+    queue = f"lease-{uuid.uuid4().hex[:8]}"
+    values = {
+        "job_backend": "redis",
+        "redis_url": redis_server.url,
+        "redis_job_queue": queue,
+        "job_lease_s": 1,
+    }
+    backend = FakeBackend(ModelKind.BI_ENCODER)
+    with (
+        ServerThread(create_app(make_settings(batch_size=8, **values), backend=backend)) as server,
+        server.client() as client,
+    ):
+        backend.gate.clear()
+        backend.batch_started.clear()
+        body = {"batch_id": "b", "chunks": chunks(40)}
+        stolen = client.post("/v1/jobs", json={"type": "embed", "input": body}).json()
+        assert backend.batch_started.wait(30)
+        redis = redis_server.client()
+        ((entry_id, _),) = redis.xrange(f"{queue}:stream")
+        redis.xclaim(f"{queue}:stream", "workers", "a-stalled-thief", 0, [entry_id], justid=True)
+        backend.gate.set()
+        nxt = client.post("/v1/jobs", json={"type": "embed", "input": {"batch_id": "n", "chunks": chunks(3)}})
+        assert follow(client, nxt.json()["job_id"])[-1]["status"] == "COMPLETED"
+        final = follow(client, stolen["job_id"], timeout_s=60)[-1]
+        assert final["status"] == "COMPLETED" and len(final["output"]["vectors"]) == 40, final
+        assert server.runtime.jobs.failure is None and client.get("/livez").status_code == 200
+    assert "another worker took it over" in caplog.text
