@@ -75,6 +75,10 @@ def plan_batch(
 ) -> list[Pick]:
     """Choose the next batch; ``anchor`` indexes ``waiting`` (which must be non-empty)."""
     cost = cost or BatchCost()
+    if cost.overhead >= UNMEASURED_OVERHEAD_TOKENS:  # a flat device: if all that waits fits one batch,
+        everything = _all_in_one(waiting, max_items, max_tokens)  # that batch is the cheapest plan
+        if everything:
+            return everything
     reach = REACH_BATCHES * max_items
     anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
     owners_parts, items_parts = [], []
@@ -109,6 +113,19 @@ def plan_batch(
         mine = chosen[owners[chosen] == pos]
         picks.append(Pick(int(pos), items[mine]))
     return picks
+
+
+def _all_in_one(waiting: Sequence[Waiting], max_items: int, max_tokens: int | None) -> list[Pick]:
+    """Every waiting item as one batch, when that is within the budget; else empty. With an
+    unbounded overhead a split costs more than any padding saves, so this is what the dynamic
+    programme below would choose, at a cost independent of the queue's shape."""
+    count = sum(len(request.remaining) for request in waiting)
+    if count > max_items:
+        return []
+    longest = max(int(w.lengths[w.remaining[-1]]) for w in waiting if len(w.remaining))
+    if max_tokens is not None and count > 1 and longest * count > max_tokens:
+        return []
+    return [Pick(pos, request.remaining) for pos, request in enumerate(waiting) if len(request.remaining)]
 
 
 def plan_batch_in_arrival_order(
@@ -243,22 +260,30 @@ class BatchCostModel:
     the fit does not rest only on batches it chose itself.
     """
 
-    def __init__(self, window: int = 256, min_batches: int = 8) -> None:
+    def __init__(self, window: int = 256, min_batches: int = 8, refit_every: int = 16) -> None:
         self._window = window
         self._min_batches = min_batches
+        self._refit_every = refit_every
         self._rows: list[tuple[float, float, float]] = []
         self._fitted: BatchCost | None = None
+        self._fitted_rows = 0  # rows the last fit saw
+        self._new_rows = 0  # rows observed since the last fit
 
     def observe(self, items: int, longest: int, seconds: float) -> None:
         padded = float(items * longest)
         self._rows.append((padded, padded * longest, seconds))
         if len(self._rows) > self._window:
             del self._rows[0]
-        self._fitted = None
+        self._new_rows += 1
 
     def cost(self) -> BatchCost:
-        if self._fitted is None:
+        """The fitted cost; refitted (a least-squares fit over up to ``window`` batches) once
+        ``refit_every`` new batches were timed, or as soon as there are enough to fit at all:
+        the planner asks before every batch, and one batch barely moves the fit."""
+        first = self._fitted_rows < self._min_batches <= len(self._rows)
+        if self._fitted is None or first or self._new_rows >= self._refit_every:
             self._fitted = self._fit()
+            self._fitted_rows, self._new_rows = len(self._rows), 0
         return self._fitted
 
     def _fit(self) -> BatchCost:
