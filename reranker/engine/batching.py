@@ -32,7 +32,7 @@ never split to save padding unless splitting was measured to be cheaper.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -61,6 +61,9 @@ class BatchCost:
 
     overhead: float = UNMEASURED_OVERHEAD_TOKENS
     quadratic: float = 0.0
+    # Measured flat (a GPU): padding was timed and costs next to nothing, so requests are kept
+    # whole in arrival order (plan_flat_batch) rather than grouped by length. Unmeasured: False.
+    flat: bool = field(default=False, compare=False)
 
     def per_item(self, lengths: np.ndarray) -> np.ndarray:
         return lengths * (1.0 + self.quadratic * lengths)
@@ -75,10 +78,8 @@ def plan_batch(
 ) -> list[Pick]:
     """Choose the next batch; ``anchor`` indexes ``waiting`` (which must be non-empty)."""
     cost = cost or BatchCost()
-    if cost.overhead >= UNMEASURED_OVERHEAD_TOKENS:  # a flat device: if all that waits fits one batch,
-        everything = _all_in_one(waiting, max_items, max_tokens)  # that batch is the cheapest plan
-        if everything:
-            return everything
+    if cost.flat:
+        return plan_flat_batch(waiting, anchor, max_items, max_tokens)
     reach = REACH_BATCHES * max_items
     anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
     owners_parts, items_parts = [], []
@@ -115,17 +116,35 @@ def plan_batch(
     return picks
 
 
-def _all_in_one(waiting: Sequence[Waiting], max_items: int, max_tokens: int | None) -> list[Pick]:
-    """Every waiting item as one batch, when that is within the budget; else empty. With an
-    unbounded overhead a split costs more than any padding saves, so this is what the dynamic
-    programme below would choose, at a cost independent of the queue's shape."""
-    count = sum(len(request.remaining) for request in waiting)
-    if count > max_items:
-        return []
-    longest = max(int(w.lengths[w.remaining[-1]]) for w in waiting if len(w.remaining))
-    if max_tokens is not None and count > 1 and longest * count > max_tokens:
-        return []
-    return [Pick(pos, request.remaining) for pos, request in enumerate(waiting) if len(request.remaining)]
+def plan_flat_batch(
+    waiting: Sequence[Waiting], anchor: int, max_items: int, max_tokens: int | None = None
+) -> list[Pick]:
+    """The batch for a flat device (padding free, every batch the same price, so any full batch is
+    a cheapest one): the anchor's items, then whole requests in arrival order, each shortest
+    first, up to ``max_items`` and the padded-token budget. Keeping requests whole means they
+    finish (and their clients send the next) as early as possible, so the queue never drains
+    into a half batch, as it does when every request is spread over batches by length. Work
+    proportional to the requests waiting, not to their items."""
+    picks: list[Pick] = []
+    taken = longest = 0
+    for pos in [anchor, *(p for p in range(len(waiting)) if p != anchor)]:
+        request = waiting[pos]
+        room = min(max_items - taken, len(request.remaining))
+        if room <= 0:
+            break
+        chosen = request.remaining[:room]
+        if max_tokens is not None:  # lengths ascend: the longest prefix within the budget
+            lengths = request.lengths[chosen]
+            padded = np.maximum(np.maximum.accumulate(lengths), longest) * np.arange(
+                taken + 1, taken + room + 1
+            )
+            fits = int(np.searchsorted(padded > max_tokens, True))  # padded ascends too
+            chosen = chosen[: max(fits, 0 if taken else 1)]
+        if len(chosen):
+            picks.append(Pick(pos, chosen))
+            taken += len(chosen)
+            longest = max(longest, int(request.lengths[chosen[-1]]))
+    return picks
 
 
 def plan_batch_in_arrival_order(
@@ -301,6 +320,6 @@ class BatchCostModel:
             c = 0.0
         typical = float(np.median(seconds))
         if b <= 0 or b * float(np.median(padded)) < 0.01 * typical:
-            return BatchCost(UNMEASURED_OVERHEAD_TOKENS, 0.0)  # flat: tokens cost next to nothing
+            return BatchCost(UNMEASURED_OVERHEAD_TOKENS, 0.0, flat=True)  # tokens cost next to nothing
         overhead = min(max(a / b, 1.0), UNMEASURED_OVERHEAD_TOKENS)
         return BatchCost(float(overhead), float(c / b))
