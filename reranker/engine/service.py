@@ -137,6 +137,18 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+def best_cosines(outputs: Sequence[np.ndarray], windows: list[int], query_vector: np.ndarray) -> np.ndarray:
+    """Each document's best cosine with the (normalised) query over its windows, float64: every
+    window at once, each row's dot product summed the same way whatever else is in the request
+    (einsum's own loop, not BLAS's, whose kernels differ with the number of rows)."""
+    if not outputs:
+        return np.zeros((0,), dtype=np.float64)
+    vectors = l2_normalize(np.concatenate(outputs) if len(outputs) > 1 else outputs[0])
+    cosines = np.einsum("ij,j->i", vectors, query_vector)
+    starts = np.cumsum([0, *windows[:-1]])
+    return np.maximum.reduceat(cosines, starts).astype(np.float64)
+
+
 class InferenceService:
     def __init__(
         self,
@@ -301,12 +313,9 @@ class InferenceService:
             )
             if query_vector is None:
                 query_vector = l2_normalize(computed.outputs[0][0])
-            ranking = np.array(
-                [(l2_normalize(vectors) @ query_vector).max() for vectors in computed.outputs[1:]],
-                dtype=np.float64,
-            )
-            scores = ranking.astype(np.float32)
             windows = [len(vectors) for vectors in computed.outputs[1:]]
+            ranking = best_cosines(computed.outputs[1:], windows, query_vector)
+            scores = ranking.astype(np.float32)
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
         return RerankOutcome(scores, ranking, computed.tokens, computed.timing, windows, cut)
 
