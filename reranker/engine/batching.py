@@ -31,6 +31,7 @@ never split to save padding unless splitting was measured to be cheaper.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,7 @@ import numpy as np
 
 UNMEASURED_OVERHEAD_TOKENS = 1e9  # no timings yet: only the budget splits a batch
 REACH_BATCHES = 1  # items considered on each side of the anchor, in batches
+PURE_PYTHON_MAX_ITEMS = 64  # batch limits up to this plan in plain floats (faster than NumPy calls)
 
 
 class Waiting(Protocol):
@@ -194,10 +196,11 @@ def anchor_batch(
     n = len(lengths)
     per_item = cost.per_item(lengths)
     limit = _size_limits(lengths, max_items, max_tokens)
-    below = _cheapest_prefixes(per_item[: position + 1], limit[: position + 1], cost.overhead, more_below)
-    above = _cheapest_suffixes(
-        lengths[position:], per_item[position:], max_items, max_tokens, cost, more_above
-    )
+    small = max_items <= PURE_PYTHON_MAX_ITEMS  # the same sums, in plain floats: no NumPy call per item
+    prefixes = _cheapest_prefixes_small if small else _cheapest_prefixes
+    suffixes = _cheapest_suffixes_small if small else _cheapest_suffixes
+    below = prefixes(per_item[: position + 1], limit[: position + 1], cost.overhead, more_below)
+    above = suffixes(lengths[position:], per_item[position:], max_items, max_tokens, cost, more_above)
     # Candidate (start k, stop j) with k <= position < j: a batch ending at j may hold limit[j-1] items.
     starts = np.arange(max(0, position - max_items + 1), position + 1)
     stops = np.arange(position + 1, min(n, position + max_items) + 1)
@@ -266,6 +269,52 @@ def _cheapest_suffixes(
             candidate = np.where((padded > max_tokens) & (sizes > 1), np.inf, candidate)
         best[i] = candidate.min()
     return best
+
+
+def _cheapest_prefixes_small(
+    per_item: np.ndarray, limit: np.ndarray, overhead: float, open_start: bool
+) -> np.ndarray:
+    """``_cheapest_prefixes`` for small batches: the same operations in the same order on Python
+    floats (bit for bit the same result), without a NumPy call per item."""
+    n = len(per_item) - 1
+    prices, limits = per_item.tolist(), limit.tolist()
+    best = [0.0] * (n + 1)
+    for j in range(1, n + 1):
+        first = max(0, j - limits[j - 1])
+        price = prices[j - 1]
+        candidates = [best[k] + float(j - k) * price + overhead for k in range(first, j)]
+        if open_start and first == 0:
+            candidates[0] -= overhead * (1.0 - float(j) / limits[j - 1])
+        best[j] = min(candidates)
+    return np.array(best)
+
+
+def _cheapest_suffixes_small(
+    lengths: np.ndarray,
+    per_item: np.ndarray,
+    max_items: int,
+    max_tokens: int | None,
+    cost: BatchCost,
+    open_end: bool,
+) -> np.ndarray:
+    """``_cheapest_suffixes`` for small batches, as ``_cheapest_prefixes_small``."""
+    n = len(lengths)
+    sizes_of, prices = lengths.tolist(), per_item.tolist()
+    overhead = cost.overhead
+    best = [0.0] * (n + 1)
+    for i in range(n - 1, 0, -1):
+        stop = min(n, i + max_items)
+        candidates = []
+        for end in range(i + 1, stop + 1):
+            size = end - i
+            candidate = best[end] + overhead + float(size) * prices[end - 1]
+            if open_end and end == n and stop == n:
+                candidate -= overhead * (1.0 - size / max_items)
+            if max_tokens is not None and size > 1 and size * sizes_of[end - 1] > max_tokens:
+                candidate = math.inf
+            candidates.append(candidate)
+        best[i] = min(candidates)
+    return np.array(best)
 
 
 class BatchCostModel:
