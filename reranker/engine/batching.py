@@ -26,7 +26,12 @@ The rule, per batch:
 
 The fixed overhead and the per-token cost come from ``BatchCostModel``, fitted on
 timed batches. Until it has measurements the overhead is unbounded: a request is
-never split to save padding unless splitting was measured to be cheaper.
+never split to save padding unless splitting was measured to be cheaper. On a device
+measured flat (a GPU: padding costs next to nothing) length grouping buys nothing and
+spreads every request over many batches, so none finishes early and a closed loop of
+clients drains the queue into half batches: there the batch is the anchor's items, then
+whole requests in arrival order (``plan_flat_batch``), in time proportional to the number
+of requests waiting.
 """
 
 from __future__ import annotations
