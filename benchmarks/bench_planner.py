@@ -3,7 +3,9 @@
     .venv/bin/python -m benchmarks.bench_planner
 
 16 requests x 1,000 waiting items (equal, bimodal and long-tail lengths), batch 32, 64, 256
-and 1,024, CPU-like and flat (GPU-like) costs. Prints median and worst milliseconds per plan.
+and 1,024; costs: CPU-like (measured overhead), flat (no timings yet: the length-grouping
+programme with an unbounded overhead) and gpu (measured flat: whole requests in arrival
+order). Prints median and worst milliseconds per plan.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def main() -> None:
     print(f"{'lengths':<10} {'batch':>5} {'cost':<5} {'plans':>6} {'median ms':>10} {'worst ms':>9}")
     for name, make in SHAPES.items():
         for batch in (32, 64, 256, 1024):
-            for cost_name, cost in (("cpu", BatchCost(64.0)), ("flat", BatchCost())):
+            costs = (("cpu", BatchCost(64.0)), ("flat", BatchCost()), ("gpu", BatchCost(flat=True)))
+            for cost_name, cost in costs:
                 queue = [Waiting(make(rng, 1000)) for _ in range(16)]
                 times = []
                 for turn in range(40):

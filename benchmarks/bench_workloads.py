@@ -143,7 +143,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--job-texts", type=int, default=20_000)
+    parser.add_argument(
+        "--only", default="", help="comma-separated workload names that start with these words (e.g. RAG,16)"
+    )
     args = parser.parse_args()
+    only = [word.strip() for word in args.only.split(",") if word.strip()]
 
     rng = random.Random(0)
     passages, queries = load_passages_and_queries()
@@ -174,6 +178,7 @@ def main() -> None:
             ("/embed 3,000 mixed chunks: texts/s", 0.95, "throughput",
              lambda: in_process_throughput(model, mixed, len(mixed)), lambda: server_embed(url, mixed)),
         ]  # fmt: skip
+        workloads = [w for w in workloads if not only or any(w[0].startswith(word) for word in only)]
         for name, target, kind, local, served in workloads:
             mine, theirs = alternate(args.rounds, local, served)
             rows.append((name, target, kind, mine, theirs))
@@ -182,10 +187,11 @@ def main() -> None:
                 f"batches {theirs.batches}",
                 flush=True,
             )
-        mine, theirs = alternate(
-            1, lambda: in_process_throughput(model, job, len(job)), lambda: server_job(url, job)
-        )
-        rows.append((f"embed job of {len(job):,} texts: texts/s", 0.90, "throughput", mine, theirs))
+        if not only or any("embed job".startswith(word) for word in only):
+            mine, theirs = alternate(
+                1, lambda: in_process_throughput(model, job, len(job)), lambda: server_job(url, job)
+            )
+            rows.append((f"embed job of {len(job):,} texts: texts/s", 0.90, "throughput", mine, theirs))
 
     print()
     heads = ("in-process", "server", "ratio", "target", "batches", "items/32")

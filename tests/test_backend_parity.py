@@ -32,7 +32,7 @@ def test_bi_encoder_vectors_equal_torch_and_ignore_batch_company(backend: str, o
     reference, other = pair_of_backends(backend, onnx_cache)
     assert (other.info().backend, other.info().dimension) == (backend, reference.info().dimension)
     items = other.tokenize_texts([QUERY, *TEXTS])
-    assert [i.ids for i in items] == [i.ids for i in reference.tokenize_texts([QUERY, *TEXTS])]
+    assert [list(i.ids) for i in items] == [list(i.ids) for i in reference.tokenize_texts([QUERY, *TEXTS])]
     np.testing.assert_allclose(other.forward(items), reference.forward(items), rtol=0, atol=1e-5)
     alone = other.forward(items[:1])
     with_longer = other.forward([items[0], *items[3:9]])[:1]

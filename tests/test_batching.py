@@ -173,3 +173,26 @@ def test_a_lone_request_is_not_split_without_measurements() -> None:
     request = list(rng.integers(60, 170, size=50))  # 50 RAG passages of 40-120 words
     assert len(drain(waiting(request), max_items=64, cost=FLAT)) == 1
     assert len(drain(waiting(request), max_items=32, cost=FLAT)) == 2
+
+
+def test_the_plain_float_programmes_equal_the_numpy_ones_bit_for_bit() -> None:
+    """Small batch limits plan with plain Python floats (no NumPy call per item): the same
+    operations in the same order, so the same plans."""
+    from reranker.engine import batching
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n, max_items = int(rng.integers(1, 140)), int(rng.integers(1, 65))
+        lengths = np.sort(rng.integers(1, 400, size=n)).astype(np.float64)
+        max_tokens = None if rng.random() < 0.4 else int(rng.integers(50, 5000))
+        cost = BatchCost(float(rng.choice([1.0, 37.5, 300.0, 1e9])), float(rng.choice([0.0, 1e-3])))
+        per_item, limit = cost.per_item(lengths), batching._size_limits(lengths, max_items, max_tokens)
+        position, below, above = int(rng.integers(0, n)), bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+        prefixes = (per_item[: position + 1], limit[: position + 1], cost.overhead, below)
+        suffixes = (lengths[position:], per_item[position:], max_items, max_tokens, cost, above)
+        assert np.array_equal(
+            batching._cheapest_prefixes(*prefixes), batching._cheapest_prefixes_small(*prefixes)
+        )
+        assert np.array_equal(
+            batching._cheapest_suffixes(*suffixes), batching._cheapest_suffixes_small(*suffixes)
+        )

@@ -12,6 +12,7 @@ metrics probes log at debug. Request bodies are logged only with LOG_REQUEST_BOD
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -29,6 +30,15 @@ PROBE_PATHS = frozenset({"/livez", "/readyz", "/health", "/metrics"})
 LOGGED_BODY_CHARS = 4096
 
 
+_ID_PREFIX = uuid.uuid4().hex[:20]  # random per process, so instances behind nginx never collide
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    """A unique 32-hex-digit id: this process's random prefix and a counter (no uuid4 per request)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
+
+
 class RequestLogMiddleware:
     def __init__(self, app: ASGIApp, log_bodies: bool = False) -> None:
         self.app = app
@@ -39,7 +49,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = Headers(scope=scope).get("x-request-id", "")
-        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
         token = current_request_id.set(request_id)
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering

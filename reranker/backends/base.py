@@ -47,10 +47,13 @@ class ModelInfo:
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    """One tokenized model input: a text (bi-encoder) or a query/document pair."""
+    """One tokenized model input: a text (bi-encoder) or a query/document pair.
 
-    ids: Sequence[int]
-    type_ids: Sequence[int]
+    ``ids`` and ``type_ids``: int64 NumPy arrays from every real tokenizer (converted once from
+    the tokenizer's output, then never per token in Python); any int sequence is accepted."""
+
+    ids: np.ndarray | Sequence[int]
+    type_ids: np.ndarray | Sequence[int]
     truncated: bool = False
 
     def __len__(self) -> int:

@@ -183,24 +183,28 @@ class TextTokenizer:
         starts = list(range(0, max(len(doc) - room, 0) + step, step)) if len(doc) > room else [0]
         kept = [head + doc[start : start + room] + suffix for start in starts[:max_windows]]
         truncated = len(starts) > max_windows or len(head) < len(prefix) + len(query)
-        items = [Encoded(ids, [0] * len(ids), truncated=len(doc) > room) for ids in kept]
+        cut = len(doc) > room
+        arrays = [np.array(ids, dtype=np.int64) for ids in kept]
+        items = [Encoded(ids, np.zeros(len(ids), dtype=np.int64), cut) for ids in arrays]
         return Windows(items, truncated=truncated or (max_windows == 1 and len(doc) > room))
 
     def collate(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
         """input_ids, token_type_ids, attention_mask: int64 [items, longest item], padded on the
-        tokenizer's side; type ids all 0 for a model with one token type."""
-        width = max(len(item) for item in batch)
+        tokenizer's side; type ids all 0 for a model with one token type. The rows are filled
+        at once (one concatenation of the items' id arrays, one masked assignment), not item by item."""
+        lengths = np.fromiter((len(item) for item in batch), dtype=np.int64, count=len(batch))
+        width = int(lengths.max())
+        columns = np.arange(width)
+        if self.left_padding:
+            mask = columns[None, :] >= (width - lengths)[:, None]
+        else:
+            mask = columns[None, :] < lengths[:, None]
         ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        ids[mask] = np.concatenate([np.asarray(item.ids, dtype=np.int64) for item in batch])
         type_ids = np.zeros((len(batch), width), dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for row, item in enumerate(batch):
-            n = len(item)
-            span = slice(width - n, width) if self.left_padding else slice(0, n)
-            ids[row, span] = item.ids
-            if self.token_types:
-                type_ids[row, span] = item.type_ids
-            mask[row, span] = 1
-        return {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask}
+        if self.token_types:
+            type_ids[mask] = np.concatenate([np.asarray(item.type_ids, dtype=np.int64) for item in batch])
+        return {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask.astype(np.int64)}
 
 
 SMALL_REQUEST = 16  # inputs up to this many are encoded one by one, outside the Rayon pool
@@ -220,7 +224,7 @@ def _encode_all(tokenizer: Tokenizer, inputs: list) -> list:  # type: ignore[typ
 
 def _windows(encoding: object, max_windows: int, token_types: bool = True) -> Windows:
     every = [encoding, *encoding.overflowing]  # type: ignore[attr-defined]
-    kept = [Encoded(e.ids, e.type_ids if token_types else [0] * len(e.ids)) for e in every[:max_windows]]
+    kept = [_to_encoded(e, token_types, truncated=False) for e in every[:max_windows]]
     return Windows(kept, truncated=len(every) > max_windows)
 
 
@@ -262,14 +266,18 @@ def _prefixed(encoding: object, prefix_ids: list[int]) -> Encoded:
     lead = 0
     while lead < len(ids) - 1 and special[lead]:
         lead += 1
-    joined = ids[:lead] + prefix_ids + ids[lead:]
-    return Encoded(joined, [0] * len(joined))
+    joined = np.array(ids[:lead] + prefix_ids + ids[lead:], dtype=np.int64)
+    return Encoded(joined, np.zeros(len(joined), dtype=np.int64))
 
 
-def _to_encoded(encoding: object, token_types: bool = True) -> Encoded:
-    ids = encoding.ids  # type: ignore[attr-defined]
-    return Encoded(
-        ids=ids,
-        type_ids=encoding.type_ids if token_types else [0] * len(ids),  # type: ignore[attr-defined]
-        truncated=bool(encoding.overflowing),  # type: ignore[attr-defined]
-    )
+def _to_encoded(encoding: object, token_types: bool = True, truncated: bool | None = None) -> Encoded:
+    """The encoding's ids (and type ids) as int64 arrays, converted once here; they stay arrays
+    until the batch is collated. ``truncated`` None: whether the tokenizer cut anything off."""
+    ids = np.array(encoding.ids, dtype=np.int64)  # type: ignore[attr-defined]
+    if token_types:
+        type_ids = np.array(encoding.type_ids, dtype=np.int64)  # type: ignore[attr-defined]
+    else:
+        type_ids = np.zeros(len(ids), dtype=np.int64)
+    if truncated is None:
+        truncated = bool(encoding.overflowing)  # type: ignore[attr-defined]
+    return Encoded(ids=ids, type_ids=type_ids, truncated=truncated)

@@ -10,6 +10,9 @@ Every change is logged with its reason. With adaptation off the limit is fixed.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import time
 from collections.abc import Callable
 
 import psutil
@@ -22,8 +25,26 @@ SLOWER_BY = 1.03  # a grown limit whose batches cost 3% more per token than befo
 GIB = 1024**3
 
 
+MEMORY_PROBE_EVERY_S = 0.1  # the batch sizer reads RSS at most this often (a /proc read)
+_probe_state: dict[str, object] = {}
+
+
 def process_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
+
+
+def recent_rss_bytes() -> int:
+    """This process's RSS, read at most every ``MEMORY_PROBE_EVERY_S`` (the batch sizer asks after
+    every batch: thousands a second on a fast device, each a /proc read otherwise)."""
+    now = time.monotonic()
+    state = _probe_state
+    if state.get("pid") != os.getpid():  # a forked child measures itself
+        state.clear()
+        state.update(pid=os.getpid(), process=psutil.Process(), at=-math.inf, rss=0)
+    if now - state["at"] >= MEMORY_PROBE_EVERY_S:  # type: ignore[operator]
+        state["rss"] = int(state["process"].memory_info().rss)  # type: ignore[attr-defined]
+        state["at"] = now
+    return state["rss"]  # type: ignore[return-value]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -40,7 +61,7 @@ class BatchSizer:
         maximum: int,
         adaptive: bool,
         memory_limit_bytes: int,
-        memory_probe: Callable[[], int] = process_rss_bytes,
+        memory_probe: Callable[[], int] = recent_rss_bytes,
     ) -> None:
         self.maximum = max(1, maximum) if adaptive else max(1, initial)
         self.limit = max(1, min(initial, self.maximum))

@@ -26,19 +26,26 @@ The rule, per batch:
 
 The fixed overhead and the per-token cost come from ``BatchCostModel``, fitted on
 timed batches. Until it has measurements the overhead is unbounded: a request is
-never split to save padding unless splitting was measured to be cheaper.
+never split to save padding unless splitting was measured to be cheaper. On a device
+measured flat (a GPU: padding costs next to nothing) length grouping buys nothing and
+spreads every request over many batches, so none finishes early and a closed loop of
+clients drains the queue into half batches: there the batch is the anchor's items, then
+whole requests in arrival order (``plan_flat_batch``), in time proportional to the number
+of requests waiting.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 UNMEASURED_OVERHEAD_TOKENS = 1e9  # no timings yet: only the budget splits a batch
 REACH_BATCHES = 1  # items considered on each side of the anchor, in batches
+PURE_PYTHON_MAX_ITEMS = 64  # batch limits up to this plan in plain floats (faster than NumPy calls)
 
 
 class Waiting(Protocol):
@@ -61,6 +68,9 @@ class BatchCost:
 
     overhead: float = UNMEASURED_OVERHEAD_TOKENS
     quadratic: float = 0.0
+    # Measured flat (a GPU): padding was timed and costs next to nothing, so requests are kept
+    # whole in arrival order (plan_flat_batch) rather than grouped by length. Unmeasured: False.
+    flat: bool = field(default=False, compare=False)
 
     def per_item(self, lengths: np.ndarray) -> np.ndarray:
         return lengths * (1.0 + self.quadratic * lengths)
@@ -75,6 +85,8 @@ def plan_batch(
 ) -> list[Pick]:
     """Choose the next batch; ``anchor`` indexes ``waiting`` (which must be non-empty)."""
     cost = cost or BatchCost()
+    if cost.flat:
+        return plan_flat_batch(waiting, anchor, max_items, max_tokens)
     reach = REACH_BATCHES * max_items
     anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
     owners_parts, items_parts = [], []
@@ -108,6 +120,37 @@ def plan_batch(
     for pos in np.unique(owners[chosen]):
         mine = chosen[owners[chosen] == pos]
         picks.append(Pick(int(pos), items[mine]))
+    return picks
+
+
+def plan_flat_batch(
+    waiting: Sequence[Waiting], anchor: int, max_items: int, max_tokens: int | None = None
+) -> list[Pick]:
+    """The batch for a flat device (padding free, every batch the same price, so any full batch is
+    a cheapest one): the anchor's items, then whole requests in arrival order, each shortest
+    first, up to ``max_items`` and the padded-token budget. Keeping requests whole means they
+    finish (and their clients send the next) as early as possible, so the queue never drains
+    into a half batch, as it does when every request is spread over batches by length. Work
+    proportional to the requests waiting, not to their items."""
+    picks: list[Pick] = []
+    taken = longest = 0
+    for pos in [anchor, *(p for p in range(len(waiting)) if p != anchor)]:
+        request = waiting[pos]
+        room = min(max_items - taken, len(request.remaining))
+        if room <= 0:
+            break
+        chosen = request.remaining[:room]
+        if max_tokens is not None:  # lengths ascend: the longest prefix within the budget
+            lengths = request.lengths[chosen]
+            padded = np.maximum(np.maximum.accumulate(lengths), longest) * np.arange(
+                taken + 1, taken + room + 1
+            )
+            fits = int(np.searchsorted(padded > max_tokens, True))  # padded ascends too
+            chosen = chosen[: max(fits, 0 if taken else 1)]
+        if len(chosen):
+            picks.append(Pick(pos, chosen))
+            taken += len(chosen)
+            longest = max(longest, int(request.lengths[chosen[-1]]))
     return picks
 
 
@@ -158,10 +201,11 @@ def anchor_batch(
     n = len(lengths)
     per_item = cost.per_item(lengths)
     limit = _size_limits(lengths, max_items, max_tokens)
-    below = _cheapest_prefixes(per_item[: position + 1], limit[: position + 1], cost.overhead, more_below)
-    above = _cheapest_suffixes(
-        lengths[position:], per_item[position:], max_items, max_tokens, cost, more_above
-    )
+    small = max_items <= PURE_PYTHON_MAX_ITEMS  # the same sums, in plain floats: no NumPy call per item
+    prefixes = _cheapest_prefixes_small if small else _cheapest_prefixes
+    suffixes = _cheapest_suffixes_small if small else _cheapest_suffixes
+    below = prefixes(per_item[: position + 1], limit[: position + 1], cost.overhead, more_below)
+    above = suffixes(lengths[position:], per_item[position:], max_items, max_tokens, cost, more_above)
     # Candidate (start k, stop j) with k <= position < j: a batch ending at j may hold limit[j-1] items.
     starts = np.arange(max(0, position - max_items + 1), position + 1)
     stops = np.arange(position + 1, min(n, position + max_items) + 1)
@@ -232,6 +276,52 @@ def _cheapest_suffixes(
     return best
 
 
+def _cheapest_prefixes_small(
+    per_item: np.ndarray, limit: np.ndarray, overhead: float, open_start: bool
+) -> np.ndarray:
+    """``_cheapest_prefixes`` for small batches: the same operations in the same order on Python
+    floats (bit for bit the same result), without a NumPy call per item."""
+    n = len(per_item) - 1
+    prices, limits = per_item.tolist(), limit.tolist()
+    best = [0.0] * (n + 1)
+    for j in range(1, n + 1):
+        first = max(0, j - limits[j - 1])
+        price = prices[j - 1]
+        candidates = [best[k] + float(j - k) * price + overhead for k in range(first, j)]
+        if open_start and first == 0:
+            candidates[0] -= overhead * (1.0 - float(j) / limits[j - 1])
+        best[j] = min(candidates)
+    return np.array(best)
+
+
+def _cheapest_suffixes_small(
+    lengths: np.ndarray,
+    per_item: np.ndarray,
+    max_items: int,
+    max_tokens: int | None,
+    cost: BatchCost,
+    open_end: bool,
+) -> np.ndarray:
+    """``_cheapest_suffixes`` for small batches, as ``_cheapest_prefixes_small``."""
+    n = len(lengths)
+    sizes_of, prices = lengths.tolist(), per_item.tolist()
+    overhead = cost.overhead
+    best = [0.0] * (n + 1)
+    for i in range(n - 1, 0, -1):
+        stop = min(n, i + max_items)
+        candidates = []
+        for end in range(i + 1, stop + 1):
+            size = end - i
+            candidate = best[end] + overhead + float(size) * prices[end - 1]
+            if open_end and end == n and stop == n:
+                candidate -= overhead * (1.0 - size / max_items)
+            if max_tokens is not None and size > 1 and size * sizes_of[end - 1] > max_tokens:
+                candidate = math.inf
+            candidates.append(candidate)
+        best[i] = min(candidates)
+    return np.array(best)
+
+
 class BatchCostModel:
     """Fits a batch's cost from timed batches: ``seconds = a + b * padded + c * padded * length``.
 
@@ -243,22 +333,30 @@ class BatchCostModel:
     the fit does not rest only on batches it chose itself.
     """
 
-    def __init__(self, window: int = 256, min_batches: int = 8) -> None:
+    def __init__(self, window: int = 256, min_batches: int = 8, refit_every: int = 16) -> None:
         self._window = window
         self._min_batches = min_batches
+        self._refit_every = refit_every
         self._rows: list[tuple[float, float, float]] = []
         self._fitted: BatchCost | None = None
+        self._fitted_rows = 0  # rows the last fit saw
+        self._new_rows = 0  # rows observed since the last fit
 
     def observe(self, items: int, longest: int, seconds: float) -> None:
         padded = float(items * longest)
         self._rows.append((padded, padded * longest, seconds))
         if len(self._rows) > self._window:
             del self._rows[0]
-        self._fitted = None
+        self._new_rows += 1
 
     def cost(self) -> BatchCost:
-        if self._fitted is None:
+        """The fitted cost; refitted (a least-squares fit over up to ``window`` batches) once
+        ``refit_every`` new batches were timed, or as soon as there are enough to fit at all:
+        the planner asks before every batch, and one batch barely moves the fit."""
+        first = self._fitted_rows < self._min_batches <= len(self._rows)
+        if self._fitted is None or first or self._new_rows >= self._refit_every:
             self._fitted = self._fit()
+            self._fitted_rows, self._new_rows = len(self._rows), 0
         return self._fitted
 
     def _fit(self) -> BatchCost:
@@ -276,6 +374,6 @@ class BatchCostModel:
             c = 0.0
         typical = float(np.median(seconds))
         if b <= 0 or b * float(np.median(padded)) < 0.01 * typical:
-            return BatchCost(UNMEASURED_OVERHEAD_TOKENS, 0.0)  # flat: tokens cost next to nothing
+            return BatchCost(UNMEASURED_OVERHEAD_TOKENS, 0.0, flat=True)  # tokens cost next to nothing
         overhead = min(max(a / b, 1.0), UNMEASURED_OVERHEAD_TOKENS)
         return BatchCost(float(overhead), float(c / b))

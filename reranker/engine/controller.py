@@ -75,6 +75,7 @@ class _Pending:
     inference_s: float = 0.0
     largest_batch: int = 0
     batches: int = 0
+    timer: asyncio.TimerHandle | None = None  # the waiting deadline's check
 
     def __post_init__(self) -> None:
         self.lengths = np.fromiter((len(item) for item in self.items), dtype=np.int64, count=len(self.items))
@@ -95,6 +96,16 @@ class _Slice:
 class _Batch:
     slices: list[_Slice]
     items: list[Encoded]
+
+
+def _without(remaining: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
+    """``remaining`` less ``taken`` (indices below ``count``), order kept: a prefix is a slice,
+    anything else one boolean mask (np.isin sorts both arrays: costly for a few items)."""
+    if len(taken) <= len(remaining) and np.array_equal(remaining[: len(taken)], taken):
+        return remaining[len(taken) :]
+    keep = np.ones(count, dtype=bool)
+    keep[taken] = False
+    return remaining[keep[remaining]]
 
 
 class InferenceController:
@@ -252,20 +263,30 @@ class InferenceController:
         self._queue.append(pending)
         self._idle.clear()
         self._wake.set()
+        # One timer per request, moved on while its batches progress (no wait_for/shield per request).
+        pending.timer = loop.call_at(
+            pending.last_progress + timeout_s, self._check_waiting, pending, timeout_s, timeout_name
+        )
         try:
-            while True:
-                remaining = pending.last_progress + timeout_s - loop.time()
-                try:
-                    return await asyncio.wait_for(asyncio.shield(pending.future), max(remaining, 0.0))
-                except TimeoutError:
-                    if pending.last_progress + timeout_s <= loop.time():
-                        raise
-        except TimeoutError:
-            self._abandon(pending)
-            raise RequestTimeoutError(self._timeout_message(pending, timeout_s, timeout_name)) from None
-        except asyncio.CancelledError:  # the client went away
+            return await pending.future
+        except asyncio.CancelledError:  # the client went away (or its job was cancelled)
             self._abandon(pending)
             raise
+        finally:
+            if pending.timer is not None:
+                pending.timer.cancel()
+
+    def _check_waiting(self, pending: _Pending, timeout_s: float, timeout_name: str) -> None:
+        """The request's waiting deadline: fail it with a timeout if none of its batches started or
+        finished for ``timeout_s``, else look again at the deadline its last progress set."""
+        if pending.future.done():
+            return
+        loop = pending.future.get_loop()
+        deadline = pending.last_progress + timeout_s
+        if deadline > loop.time():
+            pending.timer = loop.call_at(deadline, self._check_waiting, pending, timeout_s, timeout_name)
+            return
+        self._fail(pending, RequestTimeoutError(self._timeout_message(pending, timeout_s, timeout_name)))
 
     def _timeout_message(self, pending: _Pending, timeout_s: float, name: str) -> str:
         done, total = pending.completed, len(pending.items)
@@ -368,7 +389,7 @@ class InferenceController:
             pending = live[pick.request_position]
             batch.slices.append(_Slice(pending, pick.item_indices))
             batch.items.extend(pending.items[i] for i in pick.item_indices)
-            pending.remaining = pending.remaining[~np.isin(pending.remaining, pick.item_indices)]
+            pending.remaining = _without(pending.remaining, pick.item_indices, len(pending.items))
         self._queue = [p for p in self._queue if p.undispatched > 0 and not p.cancelled]
         return batch
 

@@ -56,7 +56,7 @@ def calibration_batches(backend: Backend, batch_size: int) -> list[list[Encoded]
         (longest,) = backend.tokenize_pairs([("calibration query", words)])
     batches = []
     for length in sorted({min(n, len(longest)) for n in (16, 64, 128)}):
-        item = Encoded(ids=list(longest.ids[:length]), type_ids=list(longest.type_ids[:length]))
+        item = Encoded(ids=longest.ids[:length], type_ids=longest.type_ids[:length])
         batches.extend([[item] * size for size in sorted({1, min(8, batch_size)})])
     return batches
 
@@ -90,6 +90,7 @@ class Runtime:
         self._status = Status.LOADING
         self._error: str | None = None
         self.backend = backend
+        self._info: tuple[Backend, ModelInfo] | None = None
         self.controller: InferenceController | None = None
         self.service: InferenceService | None = None
         self.cache: PredictionCache | None = None
@@ -239,7 +240,11 @@ class Runtime:
         raise NotReadyError(f"the model is not available: {self.error}", retry_after_s=30)
 
     def model_info(self) -> ModelInfo | None:
-        return self.backend.info() if self.backend is not None and self.status is not Status.LOADING else None
+        if self.backend is None or self.status is Status.LOADING:
+            return None
+        if self._info is None or self._info[0] is not self.backend:  # read once per backend
+            self._info = (self.backend, self.backend.info())
+        return self._info[1]
 
     def health(self) -> dict[str, Any]:
         info = self.model_info()

@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 
 
 BACKGROUND_TIMEOUT_S = 3600.0  # a job's slice may wait while interactive requests go first
+# A request this small is tokenized on the event loop (well under a millisecond of a fast tokenizer
+# on one core, item by item, outside the tokenizers' shared Rayon pool): a hand-off to a worker
+# thread and back costs more than that once threads contend for the GIL. Bigger ones go to a thread.
+INLINE_TOKENIZE_ITEMS = 16  # tokenization.SMALL_REQUEST: encoded one by one, never in the Rayon pool
+INLINE_TOKENIZE_CHARS = 8192
+
+
+def _chars(keys: list[tuple[str, ...]], positions: list[int]) -> int:
+    """Characters the tokenizer reads for ``positions`` (every text part of their keys)."""
+    return sum(len(part) for i in positions for part in keys[i][1:])
 
 
 class TextTooLongError(InvalidInputError):
@@ -82,6 +92,7 @@ class Computed:
     tokens: int
     truncated: list[int]  # positions with text in no window (cut at the window or max_windows)
     timing: Timing
+    rows: np.ndarray | None = None  # one window per item: the outputs as one array, [n] or [n, dim]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +137,18 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+def best_cosines(outputs: Sequence[np.ndarray], windows: list[int], query_vector: np.ndarray) -> np.ndarray:
+    """Each document's best cosine with the (normalised) query over its windows, float64: every
+    window at once, each row's dot product summed the same way whatever else is in the request
+    (einsum's own loop, not BLAS's, whose kernels differ with the number of rows)."""
+    if not outputs:
+        return np.zeros((0,), dtype=np.float64)
+    vectors = l2_normalize(np.concatenate(outputs) if len(outputs) > 1 else outputs[0])
+    cosines = np.einsum("ij,j->i", vectors, query_vector)
+    starts = np.cumsum([0, *windows[:-1]])
+    return np.maximum.reduceat(cosines, starts).astype(np.float64)
+
+
 class InferenceService:
     def __init__(
         self,
@@ -140,6 +163,7 @@ class InferenceService:
         self._timeout_s = timeout_s
         self._cache = cache
         info = backend.info()
+        self._info = info  # a backend's facts do not change while it serves: read once
         self.kind = info.kind
         self._template = CAUSAL_TEMPLATES.get(info.family) if info.instruction is not None else None
         if default_prompt_name is not None and default_prompt_name not in info.prompts:
@@ -173,8 +197,13 @@ class InferenceService:
         if skip_first:
             hits -= int(0 in cached)
             cached[0] = CachedOutput(np.zeros((0,), dtype=np.float32), 0, False)
-        missing = [i for i in range(len(keys)) if i not in cached]
-        windows = await asyncio.to_thread(tokenize, missing) if missing else []
+        missing = [i for i in range(len(keys)) if i not in cached] if cached else list(range(len(keys)))
+        if not missing:
+            windows = []
+        elif len(missing) <= INLINE_TOKENIZE_ITEMS and _chars(keys, missing) <= INLINE_TOKENIZE_CHARS:
+            windows = tokenize(missing)  # a small request: tokenized here, no thread hand-off
+        else:
+            windows = await asyncio.to_thread(tokenize, missing)
         truncated = sorted(
             [i for i, entry in cached.items() if entry.truncated]
             + [i for i, item in zip(missing, windows, strict=True) if item.truncated]
@@ -189,6 +218,15 @@ class InferenceService:
             timeout_name = "the job slice timeout" if background else "REQUEST_TIMEOUT_S"
             result = await self._controller.run(flat, timeout_s, background, timeout_name, arrived_at)
             timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, hits, result.batches)
+            if cache is None and not cached and len(flat) == len(windows):
+                # One window per item, nothing cached: the batch's rows are the answer as they are.
+                return Computed(
+                    outputs=list(result.outputs[:, None]),
+                    tokens=sum(len(encoded) for encoded in flat),
+                    truncated=truncated,
+                    timing=timing,
+                    rows=result.outputs,
+                )
             offset = 0
             for position, item in zip(missing, windows, strict=True):
                 count = len(item.items)
@@ -240,7 +278,7 @@ class InferenceService:
         applies the model's query and document prompts (prompts.py). An instruction-style
         reranker (Qwen3-Reranker) takes ``instruction``, else its default."""
         refuse = self._refuse_document if long.mode == "refuse" else None
-        info = self._backend.info()
+        info = self._info
         self.check_instruction(instruction)
         if self.kind is ModelKind.CROSS_ENCODER:
             query = self.scoring_query(query, instruction)
@@ -275,21 +313,16 @@ class InferenceService:
             )
             if query_vector is None:
                 query_vector = l2_normalize(computed.outputs[0][0])
-            ranking = np.array(
-                [(l2_normalize(vectors) @ query_vector).max() for vectors in computed.outputs[1:]],
-                dtype=np.float64,
-            )
-            scores = ranking.astype(np.float32)
             windows = [len(vectors) for vectors in computed.outputs[1:]]
+            ranking = best_cosines(computed.outputs[1:], windows, query_vector)
+            scores = ranking.astype(np.float32)
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
         return RerankOutcome(scores, ranking, computed.tokens, computed.timing, windows, cut)
 
     def check_instruction(self, instruction: str | None) -> None:
         """InvalidInputError (422) for an instruction given to a model that takes none."""
         if instruction is not None and self._template is None:
-            raise InvalidInputError(
-                f"instruction: the model {self._backend.info().name} takes no instruction"
-            )
+            raise InvalidInputError(f"instruction: the model {self._info.name} takes no instruction")
 
     def scoring_query(self, query: str, instruction: str | None = None) -> str:
         """What a cross-encoder pairs documents with: the query, or an instruction-style reranker's
@@ -298,7 +331,7 @@ class InferenceService:
 
     async def query_vector_of(self, query: str, background: bool = False) -> np.ndarray:
         """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied)."""
-        prompt = query_prompt(self._backend.info())
+        prompt = query_prompt(self._info)
         outcome = await self.embed([prompt + query], normalize=True, background=background, prompt="")
         return outcome.vectors[0]
 
@@ -313,7 +346,7 @@ class InferenceService:
         cross-encoder, behind the model's document prompt on a bi-encoder, as ``rerank`` runs it.
         Tokenizes: call off the event loop."""
         pairs = query is not None and self.kind is ModelKind.CROSS_ENCODER
-        prefix = document_prompt(self._backend.info()) if query is not None and not pairs else ""
+        prefix = document_prompt(self._info) if query is not None and not pairs else ""
         step = 1024
         for start in range(0, len(texts), step):
             part = [prefix + text for text in texts[start : start + step]]
@@ -328,7 +361,7 @@ class InferenceService:
 
     @property
     def max_tokens(self) -> int:
-        return self._backend.info().max_length
+        return self._info.max_length
 
     def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
@@ -341,10 +374,10 @@ class InferenceService:
 
     def embed_prompt(self, prompt_name: str | None, input_type: str | None) -> str:
         """The prompt text a request's ``prompt_name`` / ``input_type`` select (UnknownPromptError: 422)."""
-        return embed_prompt(self._backend.info(), prompt_name, input_type, self.default_prompt_name)
+        return embed_prompt(self._info, prompt_name, input_type, self.default_prompt_name)
 
     def _refuse_document(self, position: int) -> None:
-        raise TextTooLongError(position, self._backend.info().max_length)
+        raise TextTooLongError(position, self._info.max_length)
 
     async def embed(
         self,
@@ -361,7 +394,7 @@ class InferenceService:
         With ``allow_truncation`` False a text longer than the model window raises
         ``TextTooLongError`` naming its position, before any model work.
         """
-        info = self._backend.info()
+        info = self._info
         if self.kind is not ModelKind.BI_ENCODER:
             raise UnsupportedOperationError(
                 f"the loaded model {info.name} is a cross-encoder: it scores pairs and cannot embed; "
@@ -384,7 +417,9 @@ class InferenceService:
         )
         if computed.timing.batches > 1:
             log.info("Processed %d texts in %d model batches", len(texts), computed.timing.batches)
-        vectors = np.stack([output[0] for output in computed.outputs]).astype(np.float32, copy=False)
+        rows = computed.rows
+        vectors = rows if rows is not None else np.stack([output[0] for output in computed.outputs])
+        vectors = vectors.astype(np.float32, copy=False)
         if info.normalize_embeddings if normalize is None else normalize:
             vectors = l2_normalize(vectors)
         return EmbedOutcome(vectors, computed.tokens, len(computed.truncated), computed.timing)
