@@ -332,8 +332,13 @@ class LocalJobs:
         status, error = outcome_of(failure, self.draining)
         if error is not None and error["type"] == "internal_error":
             log.error("job %s failed", job.id, exc_info=failure)
-        self._finish(job, status, output=output, error=error)
-        saved = await self._save_or_fail(job)
+        # Stored first, shown after: a client never sees COMPLETED that a full disk turns into FAILED.
+        final = dataclasses.replace(job, status=status, output=output, error=error, finished_at=self._clock())
+        saved = await self._save_or_fail(final)
+        if saved:
+            self._finish(job, status, output=output, error=error, finished_at=final.finished_at)
+        else:
+            self._finish(job, final.status, error=final.error, finished_at=final.finished_at)
         if self._jobs.get(job.id) is not job:  # deleted while its result was being written
             if self._store is not None:
                 await asyncio.to_thread(self._store.delete, job.id)
@@ -365,9 +370,11 @@ class LocalJobs:
         status: JobStatus,
         output: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
+        finished_at: float | None = None,
     ) -> None:
         job.status, job.output, job.error = status, output, error
-        job.finished_at, job.spec = self._clock(), None  # the input is no longer needed
+        job.finished_at = self._clock() if finished_at is None else finished_at
+        job.spec = None  # the input is no longer needed
         log.info("job %s %s: %d/%d items", job.id, status.value, job.done, job.total)
 
     def _save(self, job: Job) -> None:

@@ -31,6 +31,7 @@ FAILURE_REASONS = (
     "invalid_request", "malformed_request", "payload_too_large", "body_timeout", "unauthorized",
     "unsupported_operation", "overloaded", "not_ready", "timeout", "backend_error",
     "internal_error", "not_found", "too_many_jobs", "unsupported_media_type", "job_store_unavailable",
+    "job_spec_unsupported",
 )  # fmt: skip
 CLIENT_DISCONNECTED = "client_disconnected"  # the client's doing, not ours: counted apart
 
