@@ -140,3 +140,33 @@ def row(label: str, items_per_s: float, p50: float, p95: float, extra: str = "")
 
 
 HEADER = f"{'setup':<44} {'items/s':>10} {'p50 ms':>10} {'p95 ms':>10}"
+
+
+BERT_BASE_CROSS_ENCODER = Path("/tmp/reranker-bench-bert-base-cross-encoder")
+
+
+def bert_base_cross_encoder(target: Path = BERT_BASE_CROSS_ENCODER) -> Path:
+    """A cross-encoder of BERT-base's shape (bge-reranker-base's size: 12 layers, hidden 768),
+    random weights with a fixed seed, the embedded model's WordPiece tokenizer: for timing only.
+    Built once (about 440 MB) and reused."""
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from reranker.backends.source import embedded_model_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
+    config = BertConfig(vocab_size=len(tokenizer), num_labels=1)  # BERT-base's defaults otherwise
+    hf_dir = target.parent / f"{target.name}-hf"
+    BertForSequenceClassification(config).eval().save_pretrained(str(hf_dir))
+    tokenizer.save_pretrained(str(hf_dir))
+    CrossEncoder(str(hf_dir), num_labels=1, device="cpu").save(str(target))
+    return target
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
