@@ -285,11 +285,13 @@ def main() -> int:
     if args.families:
         return family_matrix()
 
+    from benchmarks.common import configure_threads
     from reranker.backends.factory import create_backend, preflight
     from reranker.backends.selection import choose, probe_machine
     from reranker.errors import StartupError
     from reranker.settings import load_settings
 
+    configure_threads()  # as the server does: torch's default pool stalled on a busy machine
     base = {"ONNX_CACHE_DIR": tempfile.mkdtemp(prefix="reranker-onnx-"), "DEVICE_PREFERENCE": "cpu"}
     if args.model:
         base["LOCAL_MODEL_PATH" if os.path.isdir(args.model) else "MODEL_NAME"] = args.model

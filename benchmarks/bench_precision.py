@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks.common import (
     bert_base_cross_encoder,
+    configure_threads,
     drive,
     load_average,
     load_passages_and_queries,
@@ -178,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(load_average(), "(before)")
+    print(load_average(), f"(before); {configure_threads()} threads per batch, in-process as in the server")
     onnx_cache = tempfile.mkdtemp(prefix="reranker-bench-onnx-")
     embeddings = Workload("all-MiniLM-L6-v2, /v1/embeddings", "/v1/embeddings", "input", {}, False, SETUPS)
     workloads = [(embeddings, args.requests)]

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import bert_base_cross_encoder, drive, load_average, server_process
+from benchmarks.common import bert_base_cross_encoder, configure_threads, drive, load_average, server_process
 from tests.backend_texts import QUERY, TEXTS
 
 EXACT = 1e-5
@@ -189,6 +189,7 @@ def main() -> int:
     import torch
 
     started = time.perf_counter()
+    configure_threads()  # in-process as in the server
     if torch.cuda.is_available():
         device, small = "cuda", args.small
         props = torch.cuda.get_device_properties(0)
