@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import on_model_thread
 from tests.backend_texts import QUERY, TEXTS
 
 EXACT = 1e-5  # torch, ONNX fp32 and MLX against torch: a score or a normalised vector component
@@ -124,7 +125,7 @@ class Timed:
         started = time.perf_counter()
         for start in range(0, len(order), self.batch_size):
             chosen = order[start : start + self.batch_size]
-            values = self.row.backend.forward([items[i] for i in chosen])
+            values = on_model_thread(self.row.backend.forward, [items[i] for i in chosen])
             for i, value in zip(chosen, values, strict=True):
                 out[i] = value
         count, seconds = self.row.speed.get(sample, (0, 0.0))

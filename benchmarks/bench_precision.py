@@ -8,7 +8,8 @@ each at 16 clients x 8 passages and 1 client x 8 passages (TREC-DL passages from
 
 Setups, each a server subprocess started once (``python -m reranker``) and the same backend
 built in this process (``create_backend`` with the same settings; in-process = its forward
-passes alone, on the same texts in batches of 32 sorted by length, or one request's 8 items):
+passes alone, on the same texts in batches of 32 sorted by length, or one request's 8 items,
+on a worker thread as in the server):
 
 - ``float32 torch`` (BACKEND=torch DTYPE=float32): the server before DTYPE;
 - ``float32 auto`` (DTYPE=float32): float32 at its fastest here (ONNX Runtime where it equals torch);
@@ -40,6 +41,7 @@ from benchmarks.common import (
     drive,
     load_average,
     load_passages_and_queries,
+    on_model_thread,
     server_process,
 )
 
@@ -90,14 +92,14 @@ def in_process(backend: Any, workload: Workload, requests: list[dict], together:
         items = sorted((i for body in requests for i in items_of(body)), key=len)
         started = time.perf_counter()
         for start in range(0, len(items), BATCH):
-            backend.forward(items[start : start + BATCH])
+            on_model_thread(backend.forward, items[start : start + BATCH])
         seconds = time.perf_counter() - started
         return len(items) / seconds, float("nan")
     latencies, count = [], 0
     for body in requests:
         started = time.perf_counter()
         items = items_of(body)
-        backend.forward(items)
+        on_model_thread(backend.forward, items)
         latencies.append((time.perf_counter() - started) * 1000)
         count += len(items)
     return count / (sum(latencies) / 1000), float(np.median(latencies))

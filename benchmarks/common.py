@@ -11,14 +11,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
 
+T = TypeVar("T")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19-subset"
 
 
@@ -174,12 +177,21 @@ def load_average() -> str:
 
 def configure_threads() -> int:
     """Size torch's (and ONNX Runtime's) thread pools as the server does (reranker.backends.threads).
-    Without it, torch's first calls on the main thread ran 10x slower on a busy 2-core machine
-    (8 texts: 1 s against 0.09 s after ``torch.set_num_threads``), which made in-process
-    figures meaningless next to the server's."""
+    In-process figures also run their batches on a worker thread (``on_model_thread``), as the
+    server does."""
     from reranker.backends import threads
     from reranker.engine import resources
 
     count = resources.detect(1, 0).threads_per_batch
     threads.configure(count)
     return count
+
+
+_MODEL_THREAD = ThreadPoolExecutor(1, thread_name_prefix="model")
+
+
+def on_model_thread(call: Callable[..., T], *args: object) -> T:
+    """``call(*args)`` on one worker thread, as the server runs its batches (asyncio.to_thread).
+    On this busy 2-core machine torch ran the same 8-text batch in 1 s on the main thread and
+    0.08 s on a worker thread, so in-process figures taken on the main thread were meaningless."""
+    return _MODEL_THREAD.submit(call, *args).result()

@@ -40,7 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import bert_base_cross_encoder, configure_threads, drive, load_average, server_process
+from benchmarks.common import (
+    bert_base_cross_encoder,
+    configure_threads,
+    drive,
+    load_average,
+    on_model_thread,
+    server_process,
+)
 from tests.backend_texts import QUERY, TEXTS
 
 EXACT = 1e-5
@@ -128,7 +135,7 @@ def encode(backend: Any, texts: list[str]) -> np.ndarray:
     out = np.empty((len(items), backend.info().dimension), dtype=np.float32)
     for start in range(0, len(order), BATCH):
         chosen = order[start : start + BATCH]
-        out[chosen] = backend.forward([items[i] for i in chosen])
+        out[chosen] = on_model_thread(backend.forward, [items[i] for i in chosen])
     return out
 
 
@@ -159,7 +166,7 @@ def speed(device: str, cross_path: Path, small: bool) -> list[str]:
         backend.forward(items[:BATCH])  # warm
         started = time.perf_counter()
         for start in range(0, len(items), BATCH):
-            backend.forward(items[start : start + BATCH])
+            on_model_thread(backend.forward, items[start : start + BATCH])
         in_process = len(items) / (time.perf_counter() - started)
         del backend
         served = []
