@@ -116,9 +116,8 @@ def test_dev_mode_logs_what_the_daemon_logs_and_stops_cleanly(tmp_path: Path) ->
     )
     try:
         log = LogLines(process)
-        assert "backend torch on cpu for all-MiniLM-L6-v2 (bi-encoder): BACKEND=torch" in log.wait_for(
-            "backend "
-        )
+        serving = "serving all-MiniLM-L6-v2 (bi-encoder) with torch on cpu in float32: BACKEND=torch; "
+        assert serving in log.wait_for("serving ")
         assert "Memory limit set to" in log.wait_for("Memory limit")
         assert "ready: all-MiniLM-L6-v2 (bi-encoder) on torch/cpu" in log.wait_for("ready:")
         answer = httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": "q", "documents": ["d"]})
