@@ -125,7 +125,8 @@ def measure(
         servers: dict[str, str] = {}
         backends: dict[str, Any] = {}
         for setup in workload.setups:
-            env = {"ONNX_CACHE_DIR": onnx_cache, "LOG_LEVEL": "warning", **workload.env, **setup.env}
+            env = {"ONNX_CACHE_DIR": onnx_cache, "LOG_LEVEL": "warning", "REQUEST_TIMEOUT_S": "600"}
+            env |= workload.env | setup.env  # a busy shared machine: no request may time out
             backends[setup.name] = create_backend(load_settings(environ=env))
             url, _ = stack.enter_context(server_process(env))
             servers[setup.name] = url
@@ -178,13 +179,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests of 8 per 16-client measurement")
     parser.add_argument("--cross-requests", type=int, default=16, help="the same, for the cross-encoder")
     parser.add_argument("--no-cross-encoder", action="store_true")
+    parser.add_argument("--no-embeddings", action="store_true", help="the cross-encoder only")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(load_average(), f"(before); {configure_threads()} threads per batch, in-process as in the server")
     onnx_cache = tempfile.mkdtemp(prefix="reranker-bench-onnx-")
     embeddings = Workload("all-MiniLM-L6-v2, /v1/embeddings", "/v1/embeddings", "input", {}, False, SETUPS)
-    workloads = [(embeddings, args.requests)]
+    workloads = [] if args.no_embeddings else [(embeddings, args.requests)]
     if not args.no_cross_encoder:  # float32 auto left out: exporting BERT-base to ONNX takes minutes
         model = {"LOCAL_MODEL_PATH": str(bert_base_cross_encoder())}
         name = "BERT-base-shaped cross-encoder (random weights), /rerank"
