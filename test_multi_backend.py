@@ -11,7 +11,7 @@ of the Qwen3-Reranker formula), "WRONG" with the largest difference, or the star
 Exits 1 on a WRONG cell.
 
 Prints the CPU (instruction-set flags, and the int8 settings they call for), then for each
-backend (torch fp32, ONNX fp32, ONNX int8, MLX fp32): device, load time, items/s (real
+backend (torch fp32, torch bf16, torch fp16, ONNX fp32, ONNX int8, MLX fp32): device, load time, items/s (real
 passages sorted by length in batches, as the server's batcher groups them, interleaved
 between backends in chunks so that the machine's drift is shared), the largest
 difference from torch in a score or a normalised vector component and the ranking
@@ -28,7 +28,9 @@ NDCG@10 on the TREC-DL 2019 subset (``../shared/data/trec-dl19-subset``, BEIR fo
 Exits 1 when an exact backend (torch, ONNX fp32, MLX) differs from torch by more than
 1e-5: that holds on every CPU. int8's figures differ by instruction set (AVX2, AVX-512
 VNNI, ARM), so they are reported, not judged; the server itself refuses int8 below
-ONNX_INT8_MIN_AGREEMENT at start-up (shown here as "refused"). Backends whose package
+ONNX_INT8_MIN_AGREEMENT at start-up (shown here as "refused"). Half precision (DTYPE=bfloat16,
+float16) is reported the same way: fast where the CPU has AMX (bfloat16) or AMX-FP16, slow
+elsewhere (torch emulates it), and held by the server to HALF_PRECISION_MIN_AGREEMENT. Backends whose package
 is missing are listed as skipped. A script, not part of the pytest suite.
 """
 
@@ -49,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import on_model_thread
 from tests.backend_texts import QUERY, TEXTS
 
 EXACT = 1e-5  # torch, ONNX fp32 and MLX against torch: a score or a normalised vector component
@@ -122,7 +125,7 @@ class Timed:
         started = time.perf_counter()
         for start in range(0, len(order), self.batch_size):
             chosen = order[start : start + self.batch_size]
-            values = self.row.backend.forward([items[i] for i in chosen])
+            values = on_model_thread(self.row.backend.forward, [items[i] for i in chosen])
             for i, value in zip(chosen, values, strict=True):
                 out[i] = value
         count, seconds = self.row.speed.get(sample, (0, 0.0))
@@ -237,6 +240,7 @@ def family_matrix() -> int:
     from tests.families import FAMILIES, TOLERANCE, build_family, reference_output, served_output
 
     backends = {"torch": {"BACKEND": "torch"}, "onnx fp32": {"BACKEND": "onnx"}, "mlx": {"BACKEND": "mlx"}}
+    backends = {name: {**env, "DTYPE": "float32"} for name, env in backends.items()}
     root = Path(tempfile.mkdtemp(prefix="reranker-families-"))
     cache = str(root / "onnx-cache")
     wrong = 0
@@ -282,20 +286,24 @@ def main() -> int:
     if args.families:
         return family_matrix()
 
+    from benchmarks.common import configure_threads
     from reranker.backends.factory import create_backend, preflight
     from reranker.backends.selection import choose, probe_machine
     from reranker.errors import StartupError
     from reranker.settings import load_settings
 
+    configure_threads()  # as the server does: torch's default pool stalled on a busy machine
     base = {"ONNX_CACHE_DIR": tempfile.mkdtemp(prefix="reranker-onnx-"), "DEVICE_PREFERENCE": "cpu"}
     if args.model:
         base["LOCAL_MODEL_PATH" if os.path.isdir(args.model) else "MODEL_NAME"] = args.model
     kind = preflight(load_settings(environ=base)).kind.value
     plans = {
-        "torch fp32": {"BACKEND": "torch"},
+        "torch fp32": {"BACKEND": "torch", "DTYPE": "float32"},
+        "torch bf16": {"BACKEND": "torch", "DTYPE": "bfloat16"},
+        "torch fp16": {"BACKEND": "torch", "DTYPE": "float16"},
         "onnx fp32": {"BACKEND": "onnx", "ONNX_QUANTIZE": "none"},
         "onnx int8": {"BACKEND": "onnx", "ONNX_QUANTIZE": "int8"},
-        "mlx fp32": {"BACKEND": "mlx"},
+        "mlx fp32": {"BACKEND": "mlx", "DTYPE": "float32"},
     }
     rows: list[Row] = []
     reference: np.ndarray | None = None
@@ -306,15 +314,17 @@ def main() -> int:
         try:
             row.backend = create_backend(load_settings(environ={**base, **env}))
         except StartupError as exc:
-            row.verdict = f"refused: {exc.message}" if "int8" in name else f"skipped: {exc.message}"
+            judged = "int8" in name or "16" in name  # refused below its floor
+            row.verdict = f"refused: {exc.message}" if judged else f"skipped: {exc.message}"
             continue
         row.load_s, row.device = time.perf_counter() - started, row.backend.info().device
         values = comparable(row.backend, kind)
         if reference is None:
             reference = values
         compare(row, reference, values, kind)
-        exact = "int8" not in name
-        row.verdict = ("exact" if row.max_diff <= EXACT else "DISAGREES") if exact else "int8: not exact"
+        exact = "int8" not in name and "16" not in name
+        approximate = f"{name.split()[1]}: not exact"
+        row.verdict = ("exact" if row.max_diff <= EXACT else "DISAGREES") if exact else approximate
         print(f"loaded {name} in {row.load_s:.1f} s", file=sys.stderr, flush=True)
 
     trec = load_trec(args.data)
@@ -348,7 +358,7 @@ def main() -> int:
     )
     print(report(rows))
     auto = choose(load_settings(environ={**base, "DEVICE_PREFERENCE": "auto"}), probe_machine())
-    print(f"BACKEND=auto here: {auto.backend} on {auto.device} ({auto.reason})")
+    print(f"BACKEND=auto DTYPE=auto here: {auto.backend} on {auto.device} in {auto.dtype} ({auto.reason})")
     return 1 if any(row.verdict == "DISAGREES" for row in rows) else 0
 
 

@@ -11,14 +11,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
 
+T = TypeVar("T")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19-subset"
 
 
@@ -140,3 +143,55 @@ def row(label: str, items_per_s: float, p50: float, p95: float, extra: str = "")
 
 
 HEADER = f"{'setup':<44} {'items/s':>10} {'p50 ms':>10} {'p95 ms':>10}"
+
+
+BERT_BASE_CROSS_ENCODER = Path("/tmp/reranker-bench-bert-base-cross-encoder")
+
+
+def bert_base_cross_encoder(target: Path = BERT_BASE_CROSS_ENCODER) -> Path:
+    """A cross-encoder of BERT-base's shape (bge-reranker-base's size: 12 layers, hidden 768),
+    random weights with a fixed seed, the embedded model's WordPiece tokenizer: for timing only.
+    Built once (about 440 MB) and reused."""
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from reranker.backends.source import embedded_model_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
+    config = BertConfig(vocab_size=len(tokenizer), num_labels=1)  # BERT-base's defaults otherwise
+    hf_dir = target.parent / f"{target.name}-hf"
+    BertForSequenceClassification(config).eval().save_pretrained(str(hf_dir))
+    tokenizer.save_pretrained(str(hf_dir))
+    CrossEncoder(str(hf_dir), num_labels=1, device="cpu").save(str(target))
+    return target
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def configure_threads() -> int:
+    """Size torch's (and ONNX Runtime's) thread pools as the server does (reranker.backends.threads).
+    In-process figures also run their batches on a worker thread (``on_model_thread``), as the
+    server does."""
+    from reranker.backends import threads
+    from reranker.engine import resources
+
+    count = resources.detect(1, 0).threads_per_batch
+    threads.configure(count)
+    return count
+
+
+_MODEL_THREAD = ThreadPoolExecutor(1, thread_name_prefix="model")
+
+
+def on_model_thread(call: Callable[..., T], *args: object) -> T:
+    """``call(*args)`` on one worker thread, as the server runs its batches (asyncio.to_thread).
+    On this busy 2-core machine torch ran the same 8-text batch in 1 s on the main thread and
+    0.08 s on a worker thread, so in-process figures taken on the main thread were meaningless."""
+    return _MODEL_THREAD.submit(call, *args).result()

@@ -20,6 +20,7 @@ ModelKindSetting = Literal["auto", "cross-encoder", "bi-encoder"]
 DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
 BackendSetting = Literal["auto", "torch", "onnx", "mlx"]
 OnnxQuantize = Literal["none", "int8"]
+DtypeSetting = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 JobBackendSetting = Literal["local", "redis"]
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     device_preference: DevicePreference = "auto"
     use_mlx: bool = False
     backend: BackendSetting = "auto"
+    dtype: DtypeSetting = "auto"  # auto: the hardware's native half precision, else float32 (selection.py)
+    half_precision_min_agreement: float = Field(0.999, gt=0, le=1)  # precision.py: the start-up floor
     onnx_cache_dir: str | None = None
     onnx_quantize: OnnxQuantize = "none"
     onnx_int8_min_agreement: float = Field(0.98, gt=0, le=1)
@@ -116,6 +119,7 @@ class Settings(BaseSettings):
         "model_kind",
         "device_preference",
         "backend",
+        "dtype",
         "onnx_quantize",
         "job_backend",
         mode="before",

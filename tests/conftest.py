@@ -25,10 +25,12 @@ RUNTIME_PACKAGE = {"torch": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
 def make_settings(**values: object) -> Settings:
     """Settings from explicit values only: the test machine's environment never leaks in.
 
-    The backend is torch unless a test says otherwise (BACKEND=auto also serves torch on a
-    CPU machine; tests/test_backend_selection.py and tests/test_exact_default.py cover auto).
+    The backend is torch in float32 unless a test says otherwise: the oracles are
+    sentence-transformers' float32 numbers, and DTYPE=auto would run bfloat16 on a CPU with AMX
+    (tests/test_backend_selection.py, tests/test_exact_default.py and tests/test_precision.py
+    cover auto).
     """
-    return load_settings(environ={}, overrides={"backend": "torch", **values})
+    return load_settings(environ={}, overrides={"backend": "torch", "dtype": "float32", **values})
 
 
 def backend_param(name: str) -> Any:

@@ -28,6 +28,7 @@ def script_env(tmp: Path, port: int, **extra: str) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         BACKEND="torch",  # these tests are about processes, not backend selection
+        DTYPE="float32",  # nor precision: the same numbers on every CPU
     )
     env.update(extra)
     return env

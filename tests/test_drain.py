@@ -51,7 +51,8 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_zero() -> N
             "--shutdown-timeout-s",
             "60",
         ],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # torch float32 on any CPU: the requests must still be running when SIGTERM comes
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "BACKEND": "torch", "DTYPE": "float32"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

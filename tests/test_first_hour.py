@@ -41,7 +41,7 @@ def test_env_file_is_read_with_the_scripts_rules(tmp_path: Path, capsys: pytest.
 def test_python_m_reranker_honours_api_keys_from_dot_env(tmp_path: Path) -> None:
     """The security trap of the issue: API_KEYS in .env must protect the CLI-started server too."""
     port = free_ports(1)
-    (tmp_path / ".env").write_text(f"API_KEYS=s3cret\nPORT={port}\nBACKEND=torch\n")
+    (tmp_path / ".env").write_text(f"API_KEYS=s3cret\nPORT={port}\nBACKEND=torch\nDTYPE=float32\n")
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "API_KEYS_FILE", "PORT", "ENV_FILE")}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     process = subprocess.Popen(
@@ -116,9 +116,8 @@ def test_dev_mode_logs_what_the_daemon_logs_and_stops_cleanly(tmp_path: Path) ->
     )
     try:
         log = LogLines(process)
-        assert "backend torch on cpu for all-MiniLM-L6-v2 (bi-encoder): BACKEND=torch" in log.wait_for(
-            "backend "
-        )
+        serving = "serving all-MiniLM-L6-v2 (bi-encoder) with torch on cpu in float32: BACKEND=torch; "
+        assert serving in log.wait_for("serving ")
         assert "Memory limit set to" in log.wait_for("Memory limit")
         assert "ready: all-MiniLM-L6-v2 (bi-encoder) on torch/cpu" in log.wait_for("ready:")
         answer = httpx.post(f"http://127.0.0.1:{port}/rerank", json={"query": "q", "documents": ["d"]})

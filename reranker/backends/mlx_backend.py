@@ -1,4 +1,11 @@
-"""MLX backend: the model run with mlx.core, on Apple Silicon (or CPU elsewhere), in float32.
+"""MLX backend: the model run with mlx.core, on Apple Silicon (or CPU elsewhere), in float32,
+float16 or bfloat16.
+
+Half precision (``dtype``): the weights are stored in it and the transformer runs in it;
+its hidden states are upcast to float32 before pooling, heads and a causal-LM reranker's
+yes/no logit difference. ``half_agreement`` compares the probe texts' answers with a
+float32 copy loaded for the purpose (agreement.py); the factory holds it to
+HALF_PRECISION_MIN_AGREEMENT.
 
 Families (``mlx_families.py`` decides, before anything loads): BERT, RoBERTa / XLM-RoBERTa /
 CamemBERT, DistilBERT and ModernBERT run in our own encoder module (``mlx_encoders.py``);
@@ -17,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
+from reranker.backends.agreement import PROBES, Agreement, compare
 from reranker.backends.base import Encoded, ModelInfo, ModelKind
 from reranker.backends.mlx_decoders import Decoder
 from reranker.backends.mlx_encoders import PREFIXES, Encoder, build_encoder
@@ -37,14 +45,18 @@ def _max_length(layout: ModelLayout) -> int:
     return min(declared, limit) if limit else declared
 
 
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
 class MlxBackend(TokenizedBackend):
-    def __init__(self, source: ModelSource) -> None:
+    def __init__(self, source: ModelSource, dtype: str = "float32") -> None:
         refusal = mlx_refusal(source)
         if refusal:
             raise StartupError(f"{refusal}; {INSTEAD}")
         root = Path(source.path)
         self._source = source
         self._config = read_json(root / "config.json")
+        self._dtype = DTYPES[dtype]
         self._family = str(self._config["model_type"])
         self._max_length = _max_length(source.layout)
         if source.max_length_cap:
@@ -52,9 +64,9 @@ class MlxBackend(TokenizedBackend):
         self._encoder: Encoder | None = None
         self._decoder: Decoder | None = None
         if self._family in DECODER_FAMILIES:
-            self._decoder = Decoder(root, self._config)
+            self._decoder = Decoder(root, self._config, self._dtype)
         else:
-            self._encoder = build_encoder(self._config, Weights(load_weights(root, PREFIXES)))
+            self._encoder = build_encoder(self._config, Weights(load_weights(root, PREFIXES, self._dtype)))
         layout = source.layout
         bi_encoder = source.kind is ModelKind.BI_ENCODER
         self._pooling = (layout.pooling or ("mean",)) if bi_encoder else ()
@@ -72,6 +84,17 @@ class MlxBackend(TokenizedBackend):
         )
         if source.kind is ModelKind.CROSS_ENCODER:
             self._check_head(root)
+        self.half_agreement: Agreement | None = None
+        if dtype != "float32":
+            self.half_agreement = self._compare_with(MlxBackend(source))
+
+    def _compare_with(self, reference: MlxBackend) -> Agreement:
+        kind = self._source.kind
+        if kind is ModelKind.CROSS_ENCODER:
+            probes = self.tokenize_pairs([(PROBES[0], text) for text in PROBES])
+        else:
+            probes = self.tokenize_texts(PROBES)
+        return compare(kind, self.forward(probes), reference.forward(probes))
 
     def _check_head(self, root: Path) -> None:
         if self._decoder is not None and self._source.layout.causal_lm:
@@ -94,8 +117,9 @@ class MlxBackend(TokenizedBackend):
             max_length=self._max_length,
             dimension=self._dimension() if self._source.kind is ModelKind.BI_ENCODER else None,
             normalize_embeddings=self._normalizes,
-            dtype="float32",
-            details={"pooling": "+".join(self._pooling)} if self._pooling else {},
+            dtype=str(self._dtype).removeprefix("mlx.core."),
+            details=({"pooling": "+".join(self._pooling)} if self._pooling else {})
+            | ({"half_precision_agreement": self.half_agreement.text} if self.half_agreement else {}),
             **layout_facts(self._source),
         )
 
@@ -115,14 +139,15 @@ class MlxBackend(TokenizedBackend):
     def _logits(self, arrays: dict[str, np.ndarray]) -> mx.array:
         """Cross-encoder logits [n, labels], or bi-encoder vectors [n, dim]."""
         ids = mx.array(arrays["input_ids"].astype(np.int32))
-        mask = mx.array(arrays["attention_mask"].astype(np.float32))
+        mask = mx.array(arrays["attention_mask"].astype(np.float32)).astype(self._dtype)
         if self._decoder is not None:
             return self._forward_decoder(ids, mask, arrays["attention_mask"].sum(axis=1))
         return self._forward_encoder(ids, mx.array(arrays["token_type_ids"].astype(np.int32)), mask)
 
     def _forward_encoder(self, ids: mx.array, types: mx.array, mask: mx.array) -> mx.array:
         assert self._encoder is not None
-        hidden = self._encoder.hidden_states(ids, types, mask)
+        hidden = self._encoder.hidden_states(ids, types, mask).astype(mx.float32)  # heads run on float32
+        mask = mask.astype(mx.float32)
         if self._source.kind is ModelKind.CROSS_ENCODER:
             return self._encoder.score(hidden, mask)
         return self._head(pool(hidden, mask, self._pooling))
@@ -131,12 +156,15 @@ class MlxBackend(TokenizedBackend):
         assert self._decoder is not None
         if self._source.kind is ModelKind.BI_ENCODER:
             if self._pooling == ("lasttoken",):
-                return self._head(self._decoder.last_states(ids, lengths))
-            return self._head(pool(self._decoder.backbone(ids), mask, self._pooling))
+                return self._head(self._decoder.last_states(ids, lengths).astype(mx.float32))
+            hidden = self._decoder.backbone(ids).astype(mx.float32)
+            return self._head(pool(hidden, mask.astype(mx.float32), self._pooling))
         if self._yes_no is not None:
-            logits = self._decoder.last_states(ids, lengths) @ self._decoder.vocabulary_rows(self._yes_no).T
+            rows = self._decoder.vocabulary_rows(self._yes_no).astype(mx.float32)
+            logits = self._decoder.last_states(ids, lengths).astype(mx.float32) @ rows.T  # upcast first
             return logits[:, :1] - logits[:, 1:]  # its sigmoid is softmax([no, yes])[yes]
-        return self._decoder.last_states(ids, lengths, skip_padding_ids=True) @ self._decoder.score_head().T
+        last = self._decoder.last_states(ids, lengths, skip_padding_ids=True).astype(mx.float32)
+        return last @ self._decoder.score_head().astype(mx.float32).T
 
     def _head(self, vectors: mx.array) -> mx.array:
         for layer in self._dense:

@@ -31,7 +31,7 @@ HEAD_WEIGHTS = ("score.weight", "lm_head.weight")
 
 
 class Decoder:
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+    def __init__(self, root: Path, config: dict[str, Any], dtype: mx.Dtype = mx.float32) -> None:
         family = str(config.get("model_type"))
         if config.get("quantization") or config.get("quantization_config"):
             raise StartupError(
@@ -48,9 +48,10 @@ class Decoder:
         self.width = int(config["hidden_size"])
         self.pad_id = config.get("pad_token_id")
         self.tied = bool(config.get("tie_word_embeddings", False))
-        weights = load_weights(root, ("model.",))
+        weights = load_weights(root, ("model.",), dtype)
         self.heads = {name: weights.pop(name) for name in HEAD_WEIGHTS if name in weights}
         self.backbone = module.Model(args).model
+        self.backbone.set_dtype(dtype)
         try:
             self.backbone.load_weights(list(weights.items()), strict=True)
         except ValueError as exc:

@@ -19,8 +19,8 @@ from reranker.errors import StartupError
 Activation = Callable[[mx.array], mx.array]
 
 
-def load_weights(root: Path, prefixes: Iterable[str]) -> dict[str, mx.array]:
-    """Every tensor of ``model.safetensors`` (or its shards) in float32, ``prefixes`` removed."""
+def load_weights(root: Path, prefixes: Iterable[str], dtype: mx.Dtype = mx.float32) -> dict[str, mx.array]:
+    """Every tensor of ``model.safetensors`` (or its shards) in ``dtype``, ``prefixes`` removed."""
     files = sorted(root.glob("model*.safetensors"))
     if not files:
         raise StartupError(f"MLX backend: {root} has no model.safetensors (only safetensors weights load)")
@@ -34,7 +34,7 @@ def load_weights(root: Path, prefixes: Iterable[str]) -> dict[str, mx.array]:
             if name.startswith(prefix):
                 name = name.removeprefix(prefix)
                 break
-        stripped[name] = value.astype(mx.float32)
+        stripped[name] = value.astype(dtype)
     mx.eval(stripped)
     return stripped
 

@@ -27,12 +27,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from reranker.backends.agreement import PROBES, Agreement, compare
 from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
 from reranker.backends.onnx_quantize import Int8Profile, quantize_int8
 from reranker.backends.source import ModelSource, pooling_of, read_layout
@@ -148,38 +148,23 @@ def shipped_onnx(root: Path) -> Path | None:
 
 
 _POOLED = ("Transformer", "Pooling", "Normalize")
-PROBES = (  # agreement check and int8 calibration: short and long, plain and technical
-    "health check",
-    "Most broken bones heal in six to eight weeks.",
-    "Paris is the capital of France, and its museums are open every day of the week.",
-    "A compound fracture needs surgery; recovery takes months of physiotherapy and rest.",
-    "SELECT id, name FROM users WHERE created_at > '2024-01-01' ORDER BY id LIMIT 10;",
-    "The quarterly report shows revenue up 12% year over year, driven by cloud services.",
-    "how do i reset my password if i no longer have access to the recovery email",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Agreement:
-    """How close a file's answers are to torch fp32's on the probes: 1.0 is identical.
-
-    Bi-encoder: the worst cosine of a probe vector to torch's. Cross-encoder: 1 minus the
-    largest difference of a probe pair's sigmoid score from torch's."""
-
-    value: float
-    text: str
 
 
 class OnnxBackend(TokenizedBackend):
     def __init__(
-        self, source: ModelSource, cache_dir: Path, device: str, int8: Int8Profile | None = None
+        self,
+        source: ModelSource,
+        cache_dir: Path,
+        device: str,
+        int8: Int8Profile | None = None,
+        reference: TorchBackend | None = None,
     ) -> None:
+        """``reference``: the float32 torch backend on the CPU, when the caller has one loaded."""
         from reranker.backends.torch_backend import TorchBackend
 
         self._source = source
         self._int8 = int8
-        reference = TorchBackend(source, "cpu")  # loading, tokenizer, model facts; export on a miss
+        reference = reference or TorchBackend(source, "cpu")  # tokenizer, model facts; export on a miss
         self._info = reference.info()
         self.tokenizer = reference.tokenizer
         shipped = shipped_onnx(Path(source.path))
@@ -255,14 +240,9 @@ class OnnxBackend(TokenizedBackend):
         """How close this file's answers are to the torch model's on the probes (int8 drifts)."""
         if self._source.kind is ModelKind.CROSS_ENCODER:
             items = reference.tokenize_pairs([(PROBES[0], text) for text in PROBES])
-            gap = float(np.abs(_sigmoid(self.forward(items)) - _sigmoid(reference.forward(items))).max())
-            return Agreement(1.0 - gap, f"largest score difference {gap:.6f} over {len(items)} probes")
-        items = reference.tokenize_texts(PROBES)
-        got, want = self.forward(items), reference.forward(items)
-        cosine = float(
-            ((got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)).min()
-        )
-        return Agreement(cosine, f"worst cosine {cosine:.6f} over {len(items)} probes")
+        else:
+            items = reference.tokenize_texts(PROBES)
+        return compare(self._source.kind, self.forward(items), reference.forward(items))
 
 
 def _session(path: Path, device: str) -> onnxruntime.InferenceSession:
@@ -278,10 +258,6 @@ def _session(path: Path, device: str) -> onnxruntime.InferenceSession:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits))
 
 
 def _output_name(session: object, kind: ModelKind) -> str:

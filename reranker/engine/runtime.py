@@ -46,6 +46,14 @@ def default_backend_factory(settings: Settings) -> Backend:
     return create_backend(settings)
 
 
+def batch_size_for(settings: Settings, backend: Backend) -> int:
+    """BATCH_SIZE when it is set; else the backend's preference on its device (a GPU takes
+    larger batches: MAX_BATCH_TOKENS still caps them), else BATCH_SIZE's default."""
+    if "batch_size" in settings.model_fields_set or backend.preferred_batch_size is None:
+        return settings.batch_size
+    return backend.preferred_batch_size
+
+
 def calibration_batches(backend: Backend, batch_size: int) -> list[list[Encoded]]:
     """Batches of a few sizes and lengths (cheap: at most 8 x 128 tokens) to time at start-up."""
     info = backend.info()
@@ -86,6 +94,7 @@ class Runtime:
         backend_factory: BackendFactory = default_backend_factory,
     ) -> None:
         self.settings = settings
+        self.batch_size = settings.batch_size  # until the backend is loaded: batch_size_for
         self.metrics = Metrics()
         self._status = Status.LOADING
         self._error: str | None = None
@@ -146,9 +155,10 @@ class Runtime:
                 await asyncio.to_thread(threads.configure, self.resources.threads_per_batch)
             backend = self.backend or await asyncio.to_thread(self._factory, self.settings)
             await asyncio.to_thread(backend.warmup)
+            batch_size = self.batch_size = batch_size_for(settings, backend)
             sizer = BatchSizer(
-                initial=settings.batch_size,
-                maximum=max(settings.embedding_max_batch_size, settings.batch_size),
+                initial=batch_size,
+                maximum=max(settings.embedding_max_batch_size, batch_size),
                 adaptive=settings.embedding_adaptive_batching,
                 memory_limit_bytes=int(
                     self.resources.memory_bytes * settings.embedding_max_memory_percent / 100
@@ -156,7 +166,7 @@ class Runtime:
             )
             controller = InferenceController(
                 backend,
-                batch_size=self.settings.batch_size,
+                batch_size=batch_size,
                 max_parallel=self.settings.max_parallel_requests,
                 max_queue=self.settings.max_queue_size,
                 metrics=self.metrics,
@@ -168,9 +178,7 @@ class Runtime:
                 on_idle=self._after_burst,
             )
             if loaded_here:  # an injected backend (tests) starts with an unmeasured cost model
-                await asyncio.to_thread(
-                    controller.calibrate, calibration_batches(backend, settings.batch_size)
-                )
+                await asyncio.to_thread(controller.calibrate, calibration_batches(backend, batch_size))
             controller.start()
             self.backend, self.controller = backend, controller
             info = backend.info()
@@ -273,10 +281,8 @@ class Runtime:
             "controller": {
                 "max_parallel_requests": settings.max_parallel_requests,
                 "max_queue_size": settings.max_queue_size,
-                "batch_size": settings.batch_size,
-                "current_batch_limit": self.controller.batch_limit
-                if self.controller
-                else settings.batch_size,
+                "batch_size": self.batch_size,
+                "current_batch_limit": self.controller.batch_limit if self.controller else self.batch_size,
                 "queued": self.controller.queued if self.controller else 0,
                 "in_flight": self.controller.in_flight if self.controller else 0,
             },
