@@ -49,7 +49,7 @@ def test_cross_encoder_logits_equal_torch(backend: str, onnx_cache: Path, cross_
 
 @pytest.mark.parametrize(
     ("backend", "modules", "advice"),
-    [("onnx", ["onnxruntime"], "pip install onnxruntime"), ("mlx", ["mlx", "mlx.core"], "mlx[cpu]")],
+    [("onnx", ["onnxruntime"], "pip install -r requirements.txt"), ("mlx", ["mlx", "mlx.core"], "mlx[cpu]")],
 )
 def test_a_missing_runtime_is_a_clear_start_up_error(
     backend: str, modules: list[str], advice: str, monkeypatch: pytest.MonkeyPatch

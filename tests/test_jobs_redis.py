@@ -186,6 +186,7 @@ def test_a_sigkilled_worker_s_job_is_taken_over_and_completes_with_the_same_outp
     """Two real server processes on the real model; the one running the job is SIGKILLed mid-job."""
     env = {
         "BACKEND": "torch",
+        "DTYPE": "float32",  # the job's vectors are compared with /embed's to 1e-5
         "BATCH_SIZE": "16",
         "ENV_FILE": "/nonexistent",
         **{key.upper(): str(value) for key, value in redis_settings(redis_server, queue).items()},
