@@ -183,3 +183,27 @@ def test_a_worker_that_loses_its_lease_drops_that_run_and_goes_on(
         assert final["status"] == "COMPLETED" and len(final["output"]["vectors"]) == 40, final
         assert server.runtime.jobs.failure is None and client.get("/livez").status_code == 200
     assert "another worker took it over" in caplog.text
+
+
+def test_a_job_that_swallows_the_worker_s_stop_still_stops_the_worker() -> None:
+    """Work that catches the cancel passed on to it and returns must not keep the worker running
+    (the server's close would then wait for it forever)."""
+
+    async def scenario() -> bool:
+        started = asyncio.Event()
+
+        async def runner(job: Job) -> dict[str, object]:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return {"swallowed": True}
+            return {}
+
+        worker = asyncio.ensure_future(run_isolated(Job(id="j", type="embed", total=1), runner))
+        await started.wait()
+        worker.cancel()
+        (result,) = await asyncio.gather(worker, return_exceptions=True)
+        return isinstance(result, asyncio.CancelledError)
+
+    assert asyncio.run(scenario())

@@ -356,10 +356,11 @@ def test_a_cancel_that_finds_the_job_finished_since_it_was_read_says_so(
         async def runner(job: Job) -> dict[str, object]:
             return {"answer": 42}
 
-        jobs.start_worker(runner)
         try:
             job = await jobs.submit("embed", 1, {"type": "embed", "input": {}}, None)
-            stale = await jobs.get(job.id, None)
+            stale = await jobs.get(job.id, None)  # QUEUED: no worker runs yet
+            assert stale.status is JobStatus.QUEUED
+            jobs.start_worker(runner)
             while (await jobs.get(job.id, None)).status not in FINISHED:
                 await asyncio.sleep(0.01)  # polling the store, as a client does
             real_get = jobs.get

@@ -299,8 +299,8 @@ class LocalJobs:
         ``delete_finished`` is False)."""
         job = await self.get(job_id, owner)
         if job.status is JobStatus.QUEUED:
-            self._finish(job, JobStatus.CANCELLED)
-            await self._save_or_fail(job)
+            job.cancel_requested = True  # the worker skips it from now on
+            await self._conclude(job, JobStatus.CANCELLED)
         elif job.status is JobStatus.IN_PROGRESS:
             job.cancel_requested = True  # the worker stops before the next slice
         elif delete_finished:
@@ -313,7 +313,7 @@ class LocalJobs:
     async def _work_loop(self, runner: JobRunner) -> None:
         while True:
             job = await self._queue.get()
-            if job.status is not JobStatus.QUEUED:
+            if job.status is not JobStatus.QUEUED or job.cancel_requested:
                 continue
             try:
                 await self._run(job, runner)
@@ -332,19 +332,28 @@ class LocalJobs:
         status, error = outcome_of(failure, self.draining)
         if error is not None and error["type"] == "internal_error":
             log.error("job %s failed", job.id, exc_info=failure)
-        # Stored first, shown after: a client never sees COMPLETED that a full disk turns into FAILED.
-        final = dataclasses.replace(job, status=status, output=output, error=error, finished_at=self._clock())
-        saved = await self._save_or_fail(final)
-        if saved:
-            self._finish(job, status, output=output, error=error, finished_at=final.finished_at)
-        else:
-            self._finish(job, final.status, error=final.error, finished_at=final.finished_at)
+        saved = await self._conclude(job, status, output, error)
         if self._jobs.get(job.id) is not job:  # deleted while its result was being written
             if self._store is not None:
                 await asyncio.to_thread(self._store.delete, job.id)
         elif saved and self._store is not None and status is JobStatus.COMPLETED:
             job.output = None  # on disk now; read back when asked for
             self._on_disk.add(job.id)
+
+    async def _conclude(
+        self,
+        job: Job,
+        status: JobStatus,
+        output: dict[str, Any] | None = None,
+        error: dict[str, str] | None = None,
+    ) -> bool:
+        """Store the job's final state, then show it (so a client never sees a status that a
+        refused write turns into FAILED); False when the store refused (the job is FAILED)."""
+        final = dataclasses.replace(job, status=status, output=output, error=error, finished_at=self._clock())
+        saved = await self._save_or_fail(final)
+        shown = output if saved else None
+        self._finish(job, final.status, output=shown, error=final.error, finished_at=final.finished_at)
+        return saved
 
     async def _save_or_fail(self, job: Job) -> bool:
         """Persist the job; when the store refuses, the job fails with the reason (and True/False)."""

@@ -151,9 +151,9 @@ class RerankJob:
     return_details: bool = False  # spec version 2
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
-        query_vector = None
+        query_vector, query_tokens = None, 0
         if service.kind is ModelKind.BI_ENCODER:  # embedded once, not once per slice
-            query_vector = await service.query_vector_of(self.query, background=True)
+            query_vector, query_tokens = await service.query_vector_of(self.query, background=True)
 
         order = length_order(self.texts)
         texts_in_order = [self.texts[i] for i in order]
@@ -172,7 +172,7 @@ class RerankJob:
 
         outcomes = await in_slices(job, len(self.texts), service, piece)
         return cohere_v1_body(
-            joined(outcomes, order),
+            joined(outcomes, order, query_tokens),
             self.documents,
             top_n=self.top_n,
             return_documents=self.return_documents,
@@ -186,8 +186,9 @@ class RerankJob:
         return versioned_spec("rerank", asdict(self))
 
 
-def joined(outcomes: list[RerankOutcome], order: np.ndarray) -> RerankOutcome:
-    """One outcome for the whole request from its slices' (run in ``order``), in the order sent."""
+def joined(outcomes: list[RerankOutcome], order: np.ndarray, query_tokens: int = 0) -> RerankOutcome:
+    """One outcome for the whole request from its slices' (run in ``order``), in the order sent;
+    ``query_tokens``: a bi-encoder's query, embedded once before the slices."""
     offsets = np.cumsum([0] + [len(outcome.scores) for outcome in outcomes])
     cut = [
         int(order[offset + i])
@@ -198,7 +199,7 @@ def joined(outcomes: list[RerankOutcome], order: np.ndarray) -> RerankOutcome:
     return RerankOutcome(
         scores=unsorted(np.concatenate([outcome.scores for outcome in outcomes]), order),
         ranking=unsorted(np.concatenate([outcome.ranking for outcome in outcomes]), order),
-        tokens=sum(outcome.tokens for outcome in outcomes),
+        tokens=query_tokens + sum(outcome.tokens for outcome in outcomes),
         timing=outcomes[0].timing,
         windows=[int(w) for w in windows],
         truncated_documents=sorted(cut),
@@ -250,7 +251,11 @@ def work_from_spec(spec: dict[str, Any]) -> EmbedJob | RerankJob:
             f"unknown fields {unknown}, spec version {version})"
         )
     if kind is RerankJob:
-        fields["long"] = LongDocuments(**fields["long"])
+        long = fields.get("long")
+        known = {f.name for f in dataclasses.fields(LongDocuments)}
+        if not isinstance(long, dict) or set(long) - known:
+            raise JobSpecError(f"the job's spec cannot be run by this instance (long: {long!r})")
+        fields["long"] = LongDocuments(**long)
     return kind(**fields)
 
 

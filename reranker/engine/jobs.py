@@ -118,21 +118,24 @@ async def run_isolated(job: Job, runner: JobRunner) -> tuple[dict[str, Any] | No
     The work runs in a task of its own with a context of its own, so nothing it sets (the
     controller's ``background_wanted``: is this job still wanted?) outlives it or leaks into the
     next job, and whatever it raises, ``BaseException``s and a ``CancelledError`` it did not ask
-    for included, is this job's failure and never ends the worker. Only the worker's own
-    cancellation (the server stopping) propagates, after cancelling the work.
+    for included, is this job's failure and never ends the worker (``KeyboardInterrupt`` and
+    ``SystemExit`` excepted: asyncio stops the event loop for those before anyone can catch
+    them). Only the worker's own cancellation (the server stopping) propagates, after
+    cancelling the work.
     """
     context = contextvars.Context()
     context.run(background_wanted.set, lambda: not job.cancel_requested)
     work = asyncio.get_running_loop().create_task(runner(job), name=f"job {job.id}", context=context)
     try:
-        return await work, None
+        result: tuple[dict[str, Any] | None, BaseException | None] = (await work, None)
     except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling() > 0:  # the worker is being stopped
-            raise
-        return None, JobCancelledError() if job.cancel_requested else exc
+        result = (None, JobCancelledError() if job.cancel_requested else exc)
     except BaseException as exc:  # noqa: BLE001 - a job's failure is its own, never the worker's
-        return None, exc
+        result = (None, exc)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > 0:  # the worker is being stopped (even if the work
+        raise asyncio.CancelledError  # swallowed the cancel it passed on): stop after the work did
+    return result
 
 
 def worker_failure(task: asyncio.Task[None]) -> str:

@@ -329,11 +329,12 @@ class InferenceService:
         query part of its template."""
         return self._template.query_part(query, instruction) if self._template is not None else query
 
-    async def query_vector_of(self, query: str, background: bool = False) -> np.ndarray:
-        """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied)."""
+    async def query_vector_of(self, query: str, background: bool = False) -> tuple[np.ndarray, int]:
+        """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied),
+        and its tokens (which a rerank counts in its usage)."""
         prompt = query_prompt(self._info)
         outcome = await self.embed([prompt + query], normalize=True, background=background, prompt="")
-        return outcome.vectors[0]
+        return outcome.vectors[0], outcome.tokens
 
     @property
     def batch_limit(self) -> int:
