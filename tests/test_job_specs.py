@@ -18,7 +18,7 @@ from reranker.engine.service import LongDocuments
 from tests.conftest import make_settings
 from tests.redis_server import RedisServer
 from tests.server import ServerThread
-from tests.test_jobs import follow
+from tests.test_jobs import follow, rerank_job_and_direct
 
 # What the previous format (no "version" key, before return_details) wrote, verbatim.
 OLD_EMBED_SPEC = {
@@ -129,13 +129,7 @@ def test_a_rerank_job_answers_details_and_warnings_as_v1_rerank_does() -> None:
         "max_chunks_per_doc": 2,
         "top_n": 25,
     }
-    with (
-        ServerThread(create_app(make_settings(batch_size=8), backend=backend)) as server,
-        server.client() as client,
-    ):
-        direct = client.post("/v1/rerank", json=body).json()
-        job = client.post("/v1/jobs", json={"type": "rerank", "input": body}).json()
-        output = follow(client, job["job_id"])[-1]["output"]
+    output, direct = rerank_job_and_direct(backend, body)
     assert direct["meta"]["warnings"] and any(r["details"]["truncated"] for r in direct["results"])
     assert output["results"] == direct["results"]
     assert output["meta"] == direct["meta"]

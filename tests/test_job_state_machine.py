@@ -105,13 +105,12 @@ class Tracked:
     interrupted: bool = False  # a restart happened while it was unfinished
     cancelled_at_batch: int | None = None  # batch count when first seen CANCELLED
     output: dict | None = None
+    query_embedded: bool = False  # a bi-encoder rerank embeds its query once, before its slices
 
     @property
     def items(self) -> int:
         """What one run of it puts through the model."""
         return self.size + 1 if self.query_embedded else self.size
-
-    query_embedded: bool = False
 
 
 def embed_body(marker: str, size: int) -> dict:
@@ -233,9 +232,11 @@ class JobSequences(RuleBasedStateMachine):
             return None
         assert response.status_code in (200, 202), response.text
         answer = response.json()
-        job_id = answer.get("job_id") or answer["id"]
-        query_embedded = job_type == "rerank" and self.kind is ModelKind.BI_ENCODER
-        job = Tracked(job_id, job_type, body, marker, size, query_embedded=query_embedded)
+        return self._track(answer.get("job_id") or answer["id"], job_type, body, marker, size)
+
+    def _track(self, job_id: str, job_type: str, body: dict, marker: int, size: int) -> Tracked:
+        embedded = job_type == "rerank" and self.kind is ModelKind.BI_ENCODER
+        job = Tracked(job_id, job_type, body, marker, size, query_embedded=embedded)
         self.tracked[job_id] = job
         return job
 
@@ -250,10 +251,7 @@ class JobSequences(RuleBasedStateMachine):
             return
         assert response.status_code == 200, response.text
         answer = response.json()
-        job = Tracked(
-            answer["id"], "rerank", body, marker, size, query_embedded=self.kind is ModelKind.BI_ENCODER
-        )
-        self.tracked[job.id] = job
+        job = self._track(answer["id"], "rerank", body, marker, size)
         self._saw(job, runpod_status(answer["status"]), answer.get("output"))
 
     @precondition(lambda self: self.tracked)  # only the machine's own state: hypothesis replays it

@@ -16,7 +16,7 @@ from reranker.engine.jobs import FINISHED, Job, JobStatus, run_isolated
 from tests.conftest import make_settings
 from tests.redis_server import RedisServer
 from tests.server import ServerThread
-from tests.test_jobs import chunks, follow
+from tests.test_jobs import chunks, follow, job_in_the_model
 
 RERANK = {"query": "apple pie recipe", "documents": [f"apple {i} pie and more" for i in range(100)]}
 
@@ -56,12 +56,7 @@ def test_cancel_then_a_bi_encoder_rerank_job_completes_and_the_server_stays_live
     the cancelled job's 'still wanted?' callback, was dropped, and the CancelledError ended the worker."""
     server, backend = served
     with server.client() as client:
-        backend.gate.clear()
-        backend.batch_started.clear()
-        first = client.post(
-            "/v1/jobs", json={"type": "embed", "input": {"batch_id": "b", "chunks": chunks(3000)}}
-        ).json()
-        assert backend.batch_started.wait(30)
+        first = job_in_the_model(client, backend, 3000)
         assert client.delete(first["status_url"]).status_code == 200
         backend.gate.set()
         assert follow(client, first["job_id"])[-1]["status"] == "CANCELLED"
@@ -168,11 +163,7 @@ def test_a_worker_that_loses_its_lease_drops_that_run_and_goes_on(
         ServerThread(create_app(make_settings(batch_size=8, **values), backend=backend)) as server,
         server.client() as client,
     ):
-        backend.gate.clear()
-        backend.batch_started.clear()
-        body = {"batch_id": "b", "chunks": chunks(40)}
-        stolen = client.post("/v1/jobs", json={"type": "embed", "input": body}).json()
-        assert backend.batch_started.wait(30)
+        stolen = job_in_the_model(client, backend, 40)
         redis = redis_server.client()
         ((entry_id, _),) = redis.xrange(f"{queue}:stream")
         redis.xclaim(f"{queue}:stream", "workers", "a-stalled-thief", 0, [entry_id], justid=True)

@@ -53,6 +53,18 @@ def follow(client: httpx.Client, job_id: str, timeout_s: float = 300) -> list[di
     raise TimeoutError(f"job {job_id} never finished")
 
 
+def job_in_the_model(client: httpx.Client, backend: FakeBackend, count: int, batch_id: str = "b") -> dict:
+    """Submit an embed job of ``count`` chunks with the model held (``backend.gate`` closed) and
+    wait until its first batch is in the model; the caller opens the gate."""
+    backend.gate.clear()
+    backend.batch_started.clear()
+    body = {"batch_id": batch_id, "chunks": chunks(count)}
+    accepted = client.post("/v1/jobs", json={"type": "embed", "input": body})
+    assert accepted.status_code == 202, accepted.text
+    assert backend.batch_started.wait(30)
+    return accepted.json()
+
+
 def median_rerank_ms(client: httpx.Client, count: int = 10) -> float:
     times = []
     for _ in range(count):
@@ -210,20 +222,24 @@ def test_bad_job_input_is_refused_at_submission() -> None:
     assert "type" in no_type.json()["error"]["message"] and "batch_id" in bad_embed.json()["error"]["message"]
 
 
-def test_a_rerank_job_answers_like_v1_rerank() -> None:
-    backend = FakeBackend(ModelKind.CROSS_ENCODER)
-    body = {
-        "query": "apple pie",
-        "documents": [f"apple {i} pie" if i % 3 else f"car {i}" for i in range(50)],
-        "top_n": 5,
-    }
+def rerank_job_and_direct(backend: FakeBackend, body: dict) -> tuple[dict, dict]:
+    """(a rerank job's output, /v1/rerank's answer) for ``body`` on a server around ``backend``."""
     with (
         ServerThread(create_app(make_settings(batch_size=8), backend=backend)) as server,
         server.client() as client,
     ):
         direct = client.post("/v1/rerank", json=body).json()
         job = client.post("/v1/jobs", json={"type": "rerank", "input": body}).json()
-        output = follow(client, job["job_id"])[-1]["output"]
+        return follow(client, job["job_id"])[-1]["output"], direct
+
+
+def test_a_rerank_job_answers_like_v1_rerank() -> None:
+    body = {
+        "query": "apple pie",
+        "documents": [f"apple {i} pie" if i % 3 else f"car {i}" for i in range(50)],
+        "top_n": 5,
+    }
+    output, direct = rerank_job_and_direct(FakeBackend(ModelKind.CROSS_ENCODER), body)
     assert output["results"] == direct["results"]
 
 
