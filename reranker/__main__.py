@@ -18,9 +18,11 @@ from pathlib import Path
 
 from reranker import __version__
 from reranker.backends.factory import preflight
+from reranker.backends.source import ModelSource
 from reranker.errors import StartupError
 from reranker.launch import serve, serve_with_reload
 from reranker.logging_setup import configure_logging
+from reranker.model_specs import ModelSpec, model_specs
 from reranker.settings import Settings, env_name, load_settings
 
 log = logging.getLogger("reranker")
@@ -73,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preflight_model(spec: ModelSpec, several: bool) -> ModelSource:
+    """Where the model is and its kind; with several models, a failure names the model."""
+    try:
+        return preflight(spec.settings)
+    except StartupError as exc:
+        if several:
+            raise StartupError(f"model {spec.label}: {exc.message}") from None
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     reload = args.pop("reload")
@@ -80,11 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(overrides=args)
         configure_logging(settings.log_level, settings.log_format)
-        source = preflight(settings)
+        specs = model_specs(settings)
+        for spec in specs:
+            source = preflight_model(spec, several=len(specs) > 1)
+            log.info("model %s (%s) from %s", spec.name or source.name, source.kind.value, source.path)
     except StartupError as exc:
         print(f"reranker: {exc.message}", file=sys.stderr)
         return 2
-    log.info("model %s (%s) from %s", source.name, source.kind.value, source.path)
     if reload:
         return serve_with_reload(settings, args)
     try:

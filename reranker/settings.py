@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # Model
     model_name: str = Field(EMBEDDED_MODEL, min_length=1)
     local_model_path: str | None = None
+    models: str | None = None  # several models: NAME=SOURCE,... (model_specs.py); overrides MODEL_NAME
+    models_file: str | None = None  # several models with settings of their own: YAML or JSON list
     model_kind: ModelKindSetting = "auto"
     device_preference: DevicePreference = "auto"
     use_mlx: bool = False
@@ -130,6 +132,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "local_model_path",
+        "models",
+        "models_file",
         "onnx_cache_dir",
         "api_keys",
         "api_keys_file",

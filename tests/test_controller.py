@@ -13,7 +13,7 @@ from reranker.backends.base import Encoded
 from reranker.backends.fake import FakeBackend, SimulatedClock, cpu_like, gpu_like
 from reranker.engine.controller import InferenceController
 from reranker.engine.metrics import Metrics
-from reranker.engine.runtime import calibration_batches
+from reranker.engine.model import calibration_batches
 from reranker.errors import BackendError, NotReadyError, OverloadedError, RequestTimeoutError
 
 

@@ -186,18 +186,34 @@ def nginx_bytes(size: str) -> int:
 
 def routes(method: str, job_routes: bool) -> list[str]:
     """Paths of the server's ``method`` routes that are (or are not) job routes, ``{id}`` filled in."""
+    from starlette.routing import Mount
+
     from reranker.api.app import ROUTES
 
+    flat = [
+        (entry.path + route.path, route)
+        for entry in ROUTES
+        if isinstance(entry, Mount)
+        for route in entry.routes
+    ] + [(entry.path, entry) for entry in ROUTES if not isinstance(entry, Mount)]
     return [
-        re.sub(r"\{\w+\}", "some-id", route.path)
-        for route in ROUTES
+        re.sub(r"\{\w+\}", "some-id", path)
+        for path, route in flat
         if method in (route.methods or ()) and (route.endpoint.__module__ in JOB_MODULES) == job_routes
     ]
 
 
 def test_nginx_never_retries_a_job_post_an_instance_received() -> None:
     job_posts = routes("POST", job_routes=True)
-    assert sorted(job_posts) == ["/cancel/some-id", "/run", "/runsync", "/v1/jobs"]
+    assert sorted(job_posts) == [
+        "/cancel/some-id",
+        "/models/some-id/run",
+        "/models/some-id/runsync",
+        "/models/some-id/v1/jobs",
+        "/run",
+        "/runsync",
+        "/v1/jobs",
+    ]
     for path in job_posts:
         retry_on = nginx_directives_for(path)["proxy_next_upstream"].split()
         assert "non_idempotent" not in retry_on, path

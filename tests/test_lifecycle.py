@@ -12,7 +12,8 @@ from reranker.api.app import create_app
 from reranker.backends.base import Backend, ModelKind
 from reranker.backends.fake import FakeBackend
 from reranker.engine import resources
-from reranker.engine.runtime import RELEASE_MEMORY_AFTER_ITEMS, Runtime
+from reranker.engine.model import RELEASE_MEMORY_AFTER_ITEMS
+from reranker.engine.runtime import Runtime
 from reranker.settings import Settings
 from tests.conftest import make_settings
 from tests.server import ServerThread
@@ -75,11 +76,11 @@ def test_a_failed_memory_trim_after_a_burst_is_logged_not_dropped(
     runtime = Runtime(make_settings(), backend=FakeBackend(ModelKind.BI_ENCODER))
 
     async def burst() -> None:
-        runtime._after_burst(RELEASE_MEMORY_AFTER_ITEMS)
-        [trim] = runtime._trims  # held while it runs
+        runtime.default._after_burst(RELEASE_MEMORY_AFTER_ITEMS)
+        [trim] = runtime.default._trims  # held while it runs
         await asyncio.gather(trim, return_exceptions=True)
 
     with caplog.at_level(logging.WARNING, logger="reranker.engine.runtime"):
         asyncio.run(burst())
-    assert runtime.metrics.memory_trims == 1 and not runtime._trims
+    assert runtime.metrics.memory_trims == 1 and not runtime.default._trims
     assert "malloc_trim went wrong" in caplog.text

@@ -23,7 +23,7 @@ from reranker.backends.selection import Choice, Machine
 from reranker.backends.source import resolve_model_source
 from reranker.backends.torch_backend import TorchBackend, attention_kwargs, cuda_memory_details, upcast
 from reranker.engine.adaptive import is_out_of_memory
-from reranker.engine.runtime import batch_size_for
+from reranker.engine.model import batch_size_for
 from reranker.errors import StartupError
 from tests.backend_texts import QUERY, TEXTS
 from tests.conftest import make_settings

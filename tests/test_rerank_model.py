@@ -154,6 +154,7 @@ def test_health_and_metrics_describe_the_server(
     precision = "" if serving_backend["backend"] == "onnx" else "; DTYPE=float32"  # ONNX: ONNX_QUANTIZE says
     assert body["model"].pop("selected_because") == f"BACKEND={serving_backend['backend']}{precision}"
     family = body["model"].pop("family")  # MLX reports it once it builds ModelInfo with layout_facts
+    assert body["model"].pop("memory_bytes") > 1_000_000  # what loading it added to the process
     assert family == "bert" or (serving_backend["backend"] == "mlx" and family == "")
     assert body["model"] == {
         "name": "all-MiniLM-L6-v2",

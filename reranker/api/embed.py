@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from reranker.api import tei
 from reranker.api.body import read_body, read_json, unless_disconnected, validate
-from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
+from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
 from reranker.api.text_limits import fit_texts
@@ -49,7 +49,8 @@ async def embed(request: Request) -> Response:
     texts = [chunk.content for chunk in body.chunks]
     labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
     check_embed_limits(runtime.settings, texts)
-    service = runtime.require_service()
+    model = model_of(request, body.model, "embed")
+    service = model.require_service()
     budget = service.max_tokens if body.truncate else None
     texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
     outcome = await _embed(
@@ -57,7 +58,7 @@ async def embed(request: Request) -> Response:
     )
     content = {
         "batch_id": body.batch_id,
-        "model": runtime.model_name(),
+        "model": model.name,
         "dimension": int(outcome.vectors.shape[1]),
         "vectors": [
             {"chunk_id": chunk.chunk_id, "vector": vector}
@@ -81,9 +82,10 @@ async def openai_embeddings(request: Request) -> Response:
     texts = body.texts()
     labels = [f"input.{i}" for i in range(len(texts))]
     check_embed_limits(runtime.settings, texts)
-    service = runtime.require_service()
+    model = model_of(request, body.model, "embed")
+    service = model.require_service()
     texts = fit_texts(runtime.settings, texts, labels, service.max_tokens, "")  # always truncates
-    info = runtime.model_info()
+    info = model.info
     model_dimension = info.dimension if info else None
     if body.dimensions and model_dimension and body.dimensions > model_dimension:
         raise InvalidInputError(
@@ -100,7 +102,7 @@ async def openai_embeddings(request: Request) -> Response:
     content = {
         "object": "list",
         "data": data,
-        "model": body.model or runtime.model_name(),
+        "model": body.model or model.name,
         "usage": {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens},
     }
     return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))

@@ -71,6 +71,9 @@ def error_response(error: RerankerError, request: Request | None = None) -> ORJS
         if request is not None
         else error_body(error.error_type, error.message)
     )
+    extra = getattr(error, "details", None)  # e.g. OpenAI's "code" and "param" for an unknown model
+    if extra and isinstance(content.get("error"), dict):
+        content["error"].update(extra)
     return ORJSONResponse(content, status_code=status_for(error), headers=headers)
 
 

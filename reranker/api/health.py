@@ -9,6 +9,7 @@ from reranker.api.auth import authorize
 from reranker.api.observe import runtime_of
 from reranker.api.prometheus import CONTENT_TYPE, exposition
 from reranker.api.responses import ORJSONResponse
+from reranker.engine.model import ServedModel
 from reranker.engine.runtime import Status
 from reranker.errors import MalformedRequestError
 
@@ -47,16 +48,27 @@ async def metrics(request: Request) -> Response:
         authorize(request)
     if _wants_prometheus(request):
         return Response(exposition(request.app.state.prometheus), media_type=CONTENT_TYPE)
-    snapshot = runtime.metrics.snapshot()
-    controller = runtime.controller
+    if len(runtime.models) == 1:
+        snapshot = _model_metrics(runtime.default)
+    else:  # the server's totals, and each model's own
+        snapshot = runtime.metrics.snapshot()
+        snapshot["queue_depth"] = sum(m.controller.queued for m in runtime.models if m.controller)
+        snapshot["in_flight_batches"] = sum(m.controller.in_flight for m in runtime.models if m.controller)
+        snapshot["models"] = {model.name: _model_metrics(model) for model in runtime.models}
+    snapshot["status"] = runtime.status.value
+    return ORJSONResponse(snapshot)
+
+
+def _model_metrics(model: ServedModel) -> dict[str, object]:
+    snapshot = model.metrics.snapshot()
+    controller = model.controller
     snapshot["queue_depth"] = controller.queued if controller else 0
     snapshot["in_flight_batches"] = controller.in_flight if controller else 0
     cost = controller.batch_cost if controller else None
     snapshot["batch_overhead_tokens"] = round(cost.overhead, 1) if cost else None
     snapshot["batch_quadratic_per_token"] = cost.quadratic if cost else None
-    snapshot["cache"] = runtime.cache_stats()
-    snapshot["status"] = runtime.status.value
-    return ORJSONResponse(snapshot)
+    snapshot["cache"] = model.cache_stats()
+    return snapshot
 
 
 def _wants_prometheus(request: Request) -> bool:

@@ -19,10 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api.body import read_body, unless_disconnected
-from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
+from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import OpenAIEmbeddingRequest, RerankRequest, check_embed_limits, check_limits
 from reranker.api.text_limits import fit_rerank, fit_texts
+from reranker.engine.model import ServedModel
 from reranker.engine.service import l2_normalize
 from reranker.errors import InvalidInputError
 
@@ -30,7 +31,6 @@ PREFIX = "/infinity"
 
 
 class InfinityRerankRequest(RerankRequest):
-    model: str | None = None
     raw_scores: bool = Field(False, description="The raw logit instead of its sigmoid (cross-encoders).")
 
 
@@ -51,7 +51,8 @@ async def rerank(request: Request) -> Response:
     body = await read_body(request, InfinityRerankRequest, runtime.settings)
     top_n, top_name = body.limit
     check_limits(runtime.settings, body.query, body.documents, top_n, top_name)
-    service = runtime.require_service()
+    model = model_of(request, body.model, "rerank")
+    service = model.require_service()
     window = service.max_tokens  # Infinity truncates at the model window
     query, documents = fit_rerank(runtime.settings, body.query, body.documents, window, window, "")
     rerank_call = service.rerank(query, documents, instruction=body.instruction)
@@ -67,7 +68,7 @@ async def rerank(request: Request) -> Response:
     content = {
         "object": "rerank",
         "results": results,
-        "model": runtime.model_name(),
+        "model": model.name,
         "usage": _usage(outcome.tokens),
         "id": f"infinity-{uuid.uuid4()}",
         "created": int(time.time()),
@@ -83,11 +84,11 @@ async def embeddings(request: Request) -> Response:
     body = await read_body(request, InfinityEmbeddingRequest, runtime.settings)
     texts = body.texts()
     check_embed_limits(runtime.settings, texts)
-    service = runtime.require_service()
+    model = model_of(request, body.model, "embed")
+    service = model.require_service()
     labels = [f"input.{i}" for i in range(len(texts))]
     texts = fit_texts(runtime.settings, texts, labels, service.max_tokens, "")  # always truncates
-    model = runtime.model_info()
-    dimension = model.dimension if model else None
+    dimension = model.info.dimension if model.info else None
     if body.dimensions and dimension and body.dimensions > dimension:
         raise InvalidInputError(f"dimensions: {body.dimensions} is larger than the model's {dimension}")
     prompt = service.embed_prompt(body.prompt_name, body.input_type)  # an unknown one: 422
@@ -102,7 +103,7 @@ async def embeddings(request: Request) -> Response:
     content = {
         "object": "list",
         "data": data,
-        "model": runtime.model_name(),
+        "model": model.name,
         "usage": _usage(outcome.tokens),
         "id": f"infinity-{uuid.uuid4()}",
         "created": int(time.time()),
@@ -116,17 +117,17 @@ def _encoded(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
     return vector
 
 
-def model_card(request: Request) -> dict[str, Any]:
-    """The served model: OpenAI's fields (id, object, created, owned_by), Infinity's (stats,
-    backend, capabilities) and this server's kind and limits."""
+def model_card(request: Request, served: ServedModel) -> dict[str, Any]:
+    """A served model: OpenAI's fields (id, object, created, owned_by), Infinity's (stats,
+    backend, capabilities) and this server's kind, window, dimension and dtype."""
     runtime = runtime_of(request)
-    settings = runtime.settings
-    model = runtime.model_info()
-    controller = runtime.controller
+    settings = served.settings
+    model = served.info
+    controller = served.controller
     return {
-        "id": runtime.model_name(),
+        "id": served.name,
         "object": "model",
-        "created": int(time.time() - runtime.metrics.uptime_s()),
+        "created": int(time.time() - served.metrics.uptime_s()),
         "owned_by": "reranker",
         "backend": model.backend if model else "",
         "capabilities": model.capabilities if model else [],
@@ -134,6 +135,8 @@ def model_card(request: Request) -> dict[str, Any]:
         "device": model.device if model else None,
         "max_input_length": model.max_length if model else None,
         "dimension": model.dimension if model else None,
+        "dtype": model.dtype if model else None,
+        "source": settings.model_source,
         "limits": {
             "max_documents_per_request": settings.max_documents_per_request,
             "max_texts_per_embed_request": settings.max_texts_per_embed_request,
@@ -144,18 +147,20 @@ def model_card(request: Request) -> dict[str, Any]:
             "status": runtime.status.value,
             "queued": controller.queued if controller else 0,
             "in_flight": controller.in_flight if controller else 0,
-            "batch_size": settings.batch_size,
+            "batch_size": served.batch_size,
         },
     }
 
 
 async def models(request: Request) -> Response:
-    """``GET /models`` and ``GET /v1/models``: OpenAI's ``models.list()`` shape."""
-    return ORJSONResponse({"object": "list", "data": [model_card(request)]})
+    """``GET /models`` and ``GET /v1/models``: OpenAI's ``models.list()`` shape, every model."""
+    cards = [model_card(request, served) for served in runtime_of(request).models]
+    return ORJSONResponse({"object": "list", "data": cards})
 
 
 async def infinity_models(request: Request) -> Response:
     """``GET /infinity/models``: the same, less ``owned_by`` (infinity-client only accepts its own name)."""
-    card = model_card(request)
-    del card["owned_by"]
-    return ORJSONResponse({"object": "list", "data": [card]})
+    cards = [model_card(request, served) for served in runtime_of(request).models]
+    for card in cards:
+        del card["owned_by"]
+    return ORJSONResponse({"object": "list", "data": cards})

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api.body import read_json, validate
-from reranker.api.observe import job_endpoint, runtime_of
+from reranker.api.observe import job_endpoint, model_of, runtime_of
 from reranker.api.rerank import long_documents
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest
@@ -48,12 +48,15 @@ async def accept_job(request: Request, data: object) -> Job:
     The one way in for every job route (``/v1/jobs``, RunPod's ``/run`` and ``/runsync``).
     """
     runtime = runtime_of(request)
-    service = runtime.require_service()
+    job_input = data.get("input") if isinstance(data, dict) else None
+    requested = job_input.get("model") if isinstance(job_input, dict) else None
+    capability = "embed" if isinstance(data, dict) and data.get("type") == "embed" else "rerank"
+    model = model_of(request, requested if isinstance(requested, str) else None, capability)
+    service = model.require_service()
     # Validating (and, without truncation, tokenizing) 200,000 chunks is work: off the event loop.
-    job_type, total, work = await asyncio.to_thread(
-        _job_work, data, runtime.settings, service, runtime.model_name()
-    )
-    return await runtime.jobs.submit(job_type, total, work.spec(), owner_of(request))
+    job_type, total, work = await asyncio.to_thread(_job_work, data, runtime.settings, service, model.name)
+    spec = work.spec() | {"model": model.name}  # the worker runs it on this model, or fails it
+    return await runtime.jobs.submit(job_type, total, spec, owner_of(request))
 
 
 async def find_job(request: Request, job_id: str) -> Job:

@@ -17,6 +17,8 @@ from starlette.responses import Response
 
 from reranker.api.auth import authorize
 from reranker.api.errors import status_for
+from reranker.engine.metrics import Metrics
+from reranker.engine.model import ServedModel
 from reranker.engine.runtime import Runtime
 from reranker.engine.service import Timing
 from reranker.errors import RerankerError
@@ -29,6 +31,24 @@ def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+def model_of(request: Request, requested: str | None, capability: str) -> ServedModel:
+    """The model this request goes to: the one in its path (``/models/{name}/...``), else the one
+    its body names, else the first able to ``capability``. Counted under that model in /metrics."""
+    runtime = runtime_of(request)
+    in_path = request.path_params.get("model_name")
+    if in_path is not None:
+        runtime.named(in_path)  # a name in the path must exist, even on a one-model server
+        requested = in_path
+    model = runtime.model_for(requested, capability)
+    request.state.model = model
+    return model
+
+
+def _metrics_of(request: Request) -> Metrics:
+    model = getattr(request.state, "model", None)
+    return (model or runtime_of(request).default).metrics
+
+
 def inference_endpoint(name: str, timed: bool = True) -> Callable[[Handler], Handler]:
     """Require the API key (when keys are set) and count every request of the endpoint.
 
@@ -39,20 +59,23 @@ def inference_endpoint(name: str, timed: bool = True) -> Callable[[Handler], Han
     def decorate(handler: Handler) -> Handler:
         @wraps(handler)
         async def observed(request: Request) -> Response:
-            runtime = runtime_of(request)
             started = time.perf_counter()
             try:
                 authorize(request)
                 response = await handler(request)
             except RerankerError as exc:
-                runtime.metrics.record_request(
+                _metrics_of(request).record_request(
                     name, exc.error_type, _ms_since(started), status_for(exc), timed=timed
                 )
                 raise
             except Exception:
-                runtime.metrics.record_request(name, "internal_error", _ms_since(started), 500, timed=timed)
+                _metrics_of(request).record_request(
+                    name, "internal_error", _ms_since(started), 500, timed=timed
+                )
                 raise
-            runtime.metrics.record_request(name, None, _ms_since(started), response.status_code, timed=timed)
+            _metrics_of(request).record_request(
+                name, None, _ms_since(started), response.status_code, timed=timed
+            )
             return response
 
         if name not in INFERENCE_ENDPOINTS:
@@ -81,7 +104,7 @@ def timing_headers(request: Request, timing: Timing, started: float, items: int)
     request.state.items = items
     request.state.timing = timing
     if timing.batch_size:  # it reached the model (not only the cache)
-        runtime_of(request).metrics.record_timing(timing.queue_ms, timing.inference_ms)
+        _metrics_of(request).record_timing(timing.queue_ms, timing.inference_ms)
     return {
         "x-queue-time-ms": f"{timing.queue_ms:.3f}",
         "x-inference-time-ms": f"{timing.inference_ms:.3f}",

@@ -8,12 +8,13 @@ from start (zeros before the first request). Plus prometheus_client's process me
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from reranker.engine.metrics import Histogram
+from reranker.engine.model import ServedModel
 from reranker.engine.runtime import Runtime, Status
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -35,106 +36,138 @@ class RuntimeCollector:
         self._runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
+        """Every per-model series carries a ``model`` label (one value on a one-model server)."""
         runtime = self._runtime
-        metrics = runtime.metrics
+        models = runtime.models
+        label = ["model"]
+
+        def counter(name: str, documentation: str, value: Callable[[ServedModel], float]) -> Metric:
+            family = CounterMetricFamily(name, documentation, labels=label)
+            for model in models:
+                family.add_metric([model.name], value(model))
+            return family
+
+        def gauge(name: str, documentation: str, value: Callable[[ServedModel], float]) -> Metric:
+            family = GaugeMetricFamily(name, documentation, labels=label)
+            for model in models:
+                family.add_metric([model.name], value(model))
+            return family
+
+        def histogram(
+            name: str, documentation: str, of: Callable[[ServedModel], Histogram], scale: float = 1.0
+        ) -> Metric:
+            family = HistogramMetricFamily(name, documentation, labels=label)
+            for model in models:
+                buckets, total = _buckets(of(model), scale)
+                family.add_metric([model.name], buckets, sum_value=total)
+            return family
+
         requests = CounterMetricFamily(
             "reranker_requests",
             "Inference requests by endpoint and HTTP status.",
-            labels=["endpoint", "status"],
+            labels=["endpoint", "status", "model"],
         )
-        for (endpoint, status), count in sorted(metrics.responses.items()):
-            requests.add_metric([endpoint, str(status)], count)
-        yield requests
         failures = CounterMetricFamily(
-            "reranker_request_failures", "Failed inference requests by reason.", labels=["reason"]
+            "reranker_request_failures", "Failed inference requests by reason.", labels=["reason", "model"]
         )
-        for reason, count in sorted(metrics.failed_requests.items()):
-            failures.add_metric([reason], count)
+        for model in models:
+            for (endpoint, status), count in sorted(model.metrics.responses.items()):
+                requests.add_metric([endpoint, str(status), model.name], count)
+            for reason, count in sorted(model.metrics.failed_requests.items()):
+                failures.add_metric([reason, model.name], count)
+        yield requests
         yield failures
-        yield CounterMetricFamily(
+        yield counter(
             "reranker_client_disconnects",
             "Requests whose client went away before the answer (not failures of the server).",
-            value=metrics.client_disconnects,
+            lambda m: m.metrics.client_disconnects,
         )
-        yield _histogram(
+        yield histogram(
             "reranker_request_duration_seconds",
             "Successful inference requests, end to end (job routes excluded).",
-            metrics.latency_ms,
+            lambda m: m.metrics.latency_ms,
             1e-3,
         )
-        yield _histogram(
-            "reranker_queue_wait_seconds", "Time requests waited for the model.", metrics.queue_wait_ms, 1e-3
+        yield histogram(
+            "reranker_queue_wait_seconds",
+            "Time requests waited for the model.",
+            lambda m: m.metrics.queue_wait_ms,
+            1e-3,
         )
-        yield _histogram(
+        yield histogram(
             "reranker_inference_seconds",
             "Model time of the batches a request rode in.",
-            metrics.inference_ms,
+            lambda m: m.metrics.inference_ms,
             1e-3,
         )
-        yield _histogram("reranker_batch_size", "Items per model batch.", metrics.batch_size)
-        yield _histogram("reranker_batch_tokens", "Padded tokens per model batch.", metrics.batch_tokens)
-        controller = runtime.controller
-        yield GaugeMetricFamily(
+        yield histogram("reranker_batch_size", "Items per model batch.", lambda m: m.metrics.batch_size)
+        yield histogram(
+            "reranker_batch_tokens", "Padded tokens per model batch.", lambda m: m.metrics.batch_tokens
+        )
+        yield gauge(
             "reranker_queue_depth",
             "Requests waiting for the model.",
-            value=controller.queued if controller else 0,
+            lambda m: m.controller.queued if m.controller else 0,
         )
-        yield GaugeMetricFamily(
+        yield gauge(
             "reranker_in_flight_batches",
             "Model batches running now.",
-            value=controller.in_flight if controller else 0,
+            lambda m: m.controller.in_flight if m.controller else 0,
         )
-        yield CounterMetricFamily(
-            "reranker_items_processed", "Texts or pairs run through the model.", value=metrics.items_processed
+        yield counter(
+            "reranker_items_processed",
+            "Texts or pairs run through the model.",
+            lambda m: m.metrics.items_processed,
         )
-        yield CounterMetricFamily("reranker_batches", "Model batches run.", value=metrics.batches_run)
-        yield CounterMetricFamily(
+        yield counter("reranker_batches", "Model batches run.", lambda m: m.metrics.batches_run)
+        yield counter(
             "reranker_model_busy_seconds",
             "Time the model spent running batches.",
-            value=metrics.batch_seconds,
+            lambda m: m.metrics.batch_seconds,
         )
-        yield CounterMetricFamily(
-            "reranker_tokens", "Real tokens run through the model.", value=metrics.real_tokens
+        yield counter(
+            "reranker_tokens", "Real tokens run through the model.", lambda m: m.metrics.real_tokens
         )
-        yield CounterMetricFamily(
-            "reranker_padded_tokens", "Tokens including padding.", value=metrics.padded_tokens
+        yield counter(
+            "reranker_padded_tokens", "Tokens including padding.", lambda m: m.metrics.padded_tokens
         )
-        cache = runtime.cache_stats()
-        yield CounterMetricFamily(
-            "reranker_cache_hits", "Prediction cache hits.", value=int(cache.get("hits") or 0)
+        yield counter(
+            "reranker_cache_hits", "Prediction cache hits.", lambda m: int(m.cache_stats().get("hits") or 0)
         )
-        yield CounterMetricFamily(
-            "reranker_cache_misses", "Prediction cache misses.", value=int(cache.get("misses") or 0)
+        yield counter(
+            "reranker_cache_misses",
+            "Prediction cache misses.",
+            lambda m: int(m.cache_stats().get("misses") or 0),
         )
-        yield GaugeMetricFamily(
-            "reranker_cache_entries", "Prediction cache entries.", value=int(cache.get("size") or 0)
+        yield gauge(
+            "reranker_cache_entries",
+            "Prediction cache entries.",
+            lambda m: int(m.cache_stats().get("size") or 0),
         )
         yield GaugeMetricFamily(
             "reranker_ready", "1 when the server takes work.", value=int(runtime.status is Status.HEALTHY)
         )
-        yield GaugeMetricFamily("reranker_uptime_seconds", "Seconds since start.", value=metrics.uptime_s())
-        info = runtime.model_info()
-        model = GaugeMetricFamily(
+        yield GaugeMetricFamily(
+            "reranker_uptime_seconds", "Seconds since start.", value=runtime.default.metrics.uptime_s()
+        )
+        info_family = GaugeMetricFamily(
             "reranker_model_info",
-            "The model served (value 1).",
+            "The models served (value 1).",
             labels=["model", "kind", "backend", "device", "dtype"],
         )
-        model.add_metric(
-            [
-                runtime.model_name(),
-                *((info.kind.value, info.backend, info.device, info.dtype) if info else ("", "", "", "")),
-            ],
-            1,
-        )
-        yield model
+        for model in models:
+            info = model.info
+            facts = (info.kind.value, info.backend, info.device, info.dtype) if info else ("", "", "", "")
+            info_family.add_metric([model.name, *facts], 1)
+        yield info_family
 
 
-def _histogram(name: str, documentation: str, histogram: Histogram, scale: float = 1.0) -> Metric:
+def _buckets(histogram: Histogram, scale: float) -> tuple[list[tuple[str, float]], float]:
     cumulative, buckets = 0, []
     for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
         cumulative += count
         buckets.append(("+Inf" if bound == float("inf") else _number(bound * scale), cumulative))
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.sum * scale)
+    return buckets, histogram.sum * scale
 
 
 def _number(value: float) -> str:

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from reranker.api import tei
 from reranker.api.body import read_body, read_json, unless_disconnected, validate
-from reranker.api.observe import inference_endpoint, runtime_of, timing_headers, timing_ms
+from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import ORJSONResponse
 from reranker.api.schemas import (
     CohereRerankRequest,
@@ -29,8 +29,8 @@ from reranker.api.schemas import (
     check_limits,
 )
 from reranker.api.text_limits import document_tokens, fit_rerank
+from reranker.engine.model import ServedModel
 from reranker.engine.rerank_results import cohere_v1_body, ranked, result_details, scores_of, warnings
-from reranker.engine.runtime import Runtime
 from reranker.engine.service import LongDocuments, RerankOutcome, TextTooLongError
 from reranker.errors import InvalidInputError
 from reranker.settings import Settings
@@ -47,7 +47,8 @@ async def rerank(request: Request) -> Response:
     body = validate(RerankRequest, data)
     top_k, top_name = body.limit
     check_limits(runtime.settings, body.query, body.documents, top_k, top_name)
-    service = runtime.require_service()
+    model = model_of(request, body.model, "rerank")
+    service = model.require_service()
     window = service.max_tokens  # /rerank truncates at the model window
     query, documents = fit_rerank(settings, body.query, body.documents, window, window, "")
     rerank_call = service.rerank(query, documents, instruction=body.instruction)
@@ -61,7 +62,7 @@ async def rerank(request: Request) -> Response:
         results.append(result)
     content = {
         "results": results,
-        "model": runtime.model_name(),
+        "model": model.name,
         "usage": {
             "documents": len(body.documents),
             "total_tokens": outcome.tokens,
@@ -85,8 +86,9 @@ def long_documents(
 async def rerank_long(
     request: Request, query: str, texts: list[str], long: LongDocuments, instruction: str | None = None
 ) -> RerankOutcome:
-    """The service's rerank; a document refused for its length is a 422 naming it."""
-    service = runtime_of(request).require_service()
+    """The service's rerank (the request's model: ``model_of``); a document refused for its
+    length is a 422 naming it."""
+    service = request.state.model.require_service()
     try:
         return await unless_disconnected(request, service.rerank(query, texts, long, instruction=instruction))
     except TextTooLongError as exc:
@@ -96,9 +98,8 @@ async def rerank_long(
         ) from None
 
 
-def model_window(runtime: Runtime) -> int:
-    info = runtime.model_info()
-    return info.max_length if info else 0
+def model_window(model: ServedModel) -> int:
+    return model.info.max_length if model.info else 0
 
 
 @inference_endpoint("/v1/rerank")
@@ -109,7 +110,8 @@ async def rerank_v1(request: Request) -> Response:
     texts = body.texts()
     check_limits(runtime.settings, body.query, texts, body.top_n)
     long = long_documents(body, runtime.settings)
-    window = runtime.require_service().max_tokens
+    model = model_of(request, body.model, "rerank")
+    window = model.require_service().max_tokens
     budget = document_tokens(long, window)
     query, texts = fit_rerank(runtime.settings, body.query, texts, window, budget, 'truncate is "NONE"')
     outcome = await rerank_long(request, query, texts, long, body.instruction)
@@ -121,7 +123,7 @@ async def rerank_v1(request: Request) -> Response:
         return_details=body.return_details,
         raw_scores=body.raw_scores,
         long=long,
-        window=model_window(runtime),
+        window=model_window(model),
     )
     return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
@@ -133,7 +135,8 @@ async def rerank_v2(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await read_body(request, CohereV2RerankRequest, runtime.settings)
     check_limits(runtime.settings, body.query, body.documents, body.top_n)
-    service = runtime.require_service()
+    model = model_of(request, body.model, "rerank")
+    service = model.require_service()
     long = long_documents(body, runtime.settings, max_windows=None if body.max_chunks_per_doc else 1000)
     window, per_doc = service.max_tokens, body.max_tokens_per_doc  # documents are cut at per_doc always
     budget = min(per_doc, document_tokens(long, window) or per_doc)
@@ -152,7 +155,7 @@ async def rerank_v2(request: Request) -> Response:
                 "truncated": index in cut_by_budget or index in outcome.truncated_documents
             }
         results.append(result)
-    notes = warnings(outcome, long, model_window(runtime))
+    notes = warnings(outcome, long, model_window(model))
     if cut_by_budget:
         notes.append(
             f"{len(cut_by_budget)} document(s) were cut at max_tokens_per_doc={body.max_tokens_per_doc}"

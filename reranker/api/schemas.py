@@ -90,7 +90,11 @@ class ScoringOptions(_Body):
     )
 
 
+MODEL_FIELD = Field(None, description="A served model's name (GET /v1/models); absent: the first able to.")
+
+
 class RerankRequest(_QueryAndTextDocuments, ScoringOptions):
+    model: str | None = MODEL_FIELD
     top_k: int | None = Field(None, gt=0)
     top_n: int | None = Field(None, gt=0, description="Cohere's name for top_k (top_k wins over it).")
     return_documents: bool = False
@@ -217,6 +221,7 @@ class EmbedRequest(_PromptChoice):
 
     batch_id: str
     chunks: list[Chunk] = Field(min_length=1)
+    model: str | None = MODEL_FIELD
     normalize: bool | None = None
     truncate: bool = True
 

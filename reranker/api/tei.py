@@ -26,7 +26,7 @@ from starlette.responses import Response
 from reranker import __version__
 from reranker.api.body import read_json, unless_disconnected, validate
 from reranker.api.dialects import TEI, speak
-from reranker.api.observe import inference_endpoint, runtime_of, timing_headers
+from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
 from reranker.api.text_limits import fit_rerank, fit_texts
@@ -116,7 +116,7 @@ async def rerank(request: Request, data: Any, started: float) -> Response:
     runtime = runtime_of(request)
     body = validate(TeiRerankRequest, data)
     check_limits(runtime.settings, body.query, body.texts)
-    service = runtime.require_service()
+    service = model_of(request, None, "rerank").require_service()
     window = service.max_tokens
     budget = window if body.truncate else None
     query, texts = fit_rerank(
@@ -143,11 +143,12 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     body = validate(TeiEmbedRequest, data)
     texts = body.texts()
     check_embed_limits(runtime.settings, texts)
-    service = runtime.require_service()
+    served = model_of(request, None, "embed")
+    service = served.require_service()
     budget = service.max_tokens if body.truncate else None
     labels = [f"inputs.{i}" for i in range(len(texts))]
     texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
-    model = runtime.model_info()
+    model = served.info
     if body.dimensions and model and model.dimension and body.dimensions > model.dimension:
         raise InvalidInputError(
             f"dimensions: {body.dimensions} is larger than the model's {model.dimension} dimensions"
@@ -181,15 +182,17 @@ async def root(request: Request) -> Response:
 async def info(request: Request) -> Response:
     """TEI's ``GET /info``: the model and this server's limits."""
     runtime = runtime_of(request)
-    settings = runtime.settings
-    model = runtime.model_info()
+    in_path = request.path_params.get("model_name")
+    served = runtime.named(in_path) if in_path is not None else runtime.default
+    settings = served.settings
+    model = served.info
     if model is None or model.kind is ModelKind.BI_ENCODER:
         pooling = model.details.get("pooling", "mean") if model else "mean"
         model_type: dict[str, Any] = {"embedding": {"pooling": pooling}}
     else:
         model_type = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
     content = {
-        "model_id": runtime.model_name(),
+        "model_id": served.name,
         "model_sha": None,
         "model_dtype": model.dtype if model else "float32",
         "model_type": model_type,
@@ -220,7 +223,7 @@ async def tokenize(request: Request) -> Response:
     check_embed_limits(settings, texts)
     labels = [f"inputs.{i}" for i in range(len(texts))]
     fit_texts(settings, texts, labels, None, "/tokenize shows every token")
-    service = runtime.require_service()
+    service = model_of(request, None, "any").require_service()
     if body.prompt_name is not None:
         prompt = service.embed_prompt(body.prompt_name, None)  # one the model lacks: 422 listing its own
         texts = [prompt + text for text in texts]
@@ -246,5 +249,5 @@ def _tokens(text: str, spans: list[TokenSpan]) -> list[dict[str, Any]]:
 
 
 def _window(request: Request) -> int:
-    model = runtime_of(request).model_info()
+    model = request.state.model.info
     return model.max_length if model else 0

@@ -22,6 +22,7 @@ import contextvars
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,39 @@ log = logging.getLogger(__name__)
 background_wanted: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
     "background_wanted", default=None
 )
+
+
+class DeviceGate:
+    """The model batches the whole server runs at once, shared by every model's controller (the
+    CPU threads or the GPU are one). First come, first served across models: a burst on one
+    model delays another model's next batch by at most the batches already running."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted as it was cancelled: pass the slot on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +159,7 @@ class InferenceController:
         max_request_s: float | None = None,
         on_idle: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        gate: DeviceGate | None = None,
     ) -> None:
         self._backend = backend
         self._sizer = sizer or BatchSizer(batch_size, batch_size, adaptive=False, memory_limit_bytes=0)
@@ -147,7 +182,8 @@ class InferenceController:
         self._accepting = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_parallel)
+        self._slots = asyncio.Semaphore(max_parallel)  # this model's batches at once
+        self._gate = gate or DeviceGate(max_parallel)  # the server's, shared with its other models
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: asyncio.Task[None] | None = None
         self.failure: str | None = None  # set when the batcher died: the controller is broken
@@ -338,10 +374,12 @@ class InferenceController:
             while not self._waiting_items():
                 self._wake.clear()
                 await self._wake.wait()
+            await self._gate.acquire()
             if self._batch_wait_s > 0 and self._waiting_items() < self._sizer.limit:
                 await asyncio.sleep(self._batch_wait_s)  # a short deadline for more items to arrive
             batch = self._next_batch()
             if batch is None:  # everything waiting was cancelled meanwhile
+                self._gate.release()
                 self._slots.release()
                 continue
             self._in_flight += 1
@@ -400,6 +438,7 @@ class InferenceController:
 
     def _finish(self, batch: _Batch, done: asyncio.Future[tuple[np.ndarray, float]]) -> None:
         self._in_flight -= 1
+        self._gate.release()
         self._slots.release()
         try:
             if done.cancelled():

@@ -31,7 +31,7 @@ FAILURE_REASONS = (
     "invalid_request", "malformed_request", "payload_too_large", "body_timeout", "unauthorized",
     "unsupported_operation", "overloaded", "not_ready", "timeout", "backend_error",
     "internal_error", "not_found", "too_many_jobs", "unsupported_media_type", "job_store_unavailable",
-    "job_spec_unsupported",
+    "job_spec_unsupported", "model_not_found",
 )  # fmt: skip
 CLIENT_DISCONNECTED = "client_disconnected"  # the client's doing, not ours: counted apart
 
@@ -78,6 +78,28 @@ class Metrics:
         self.inference_ms = Histogram(LATENCY_BUCKETS_MS)
         self.batch_size = Histogram(BATCH_SIZE_BUCKETS)  # per batch
         self.batch_tokens = Histogram(BATCH_TOKEN_BUCKETS)  # padded tokens per batch
+
+    @classmethod
+    def combined(cls, parts: Sequence[Metrics]) -> Metrics:
+        """One view of several models' metrics: counts and histograms summed, windows joined."""
+        total = cls()
+        total.started_at = min(part.started_at for part in parts)
+        for part in parts:
+            for name in (
+                "total_requests", "successful_requests", "rejected_requests", "client_disconnects",
+                "memory_trims", "items_processed", "batches_run", "batch_seconds", "real_tokens",
+                "padded_tokens",
+            ):  # fmt: skip
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.failed_requests.update(part.failed_requests)
+            total.requests_by_endpoint.update(part.requests_by_endpoint)
+            total.responses.update(part.responses)
+            total._latencies_ms.extend(part._latencies_ms)
+            for name in ("latency_ms", "queue_wait_ms", "inference_ms", "batch_size", "batch_tokens"):
+                mine, theirs = getattr(total, name), getattr(part, name)
+                mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts, strict=True)]
+                mine.sum += theirs.sum
+        return total
 
     def expect_endpoints(self, endpoints: Sequence[str]) -> None:
         """Create the per-endpoint counters at 0, so they exist before the first request."""
