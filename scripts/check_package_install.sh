@@ -14,9 +14,12 @@ READY_TIMEOUT_S=${READY_TIMEOUT_S:-120}
 
 rm -rf "$PKG_VENV"
 "$PYTHON_BIN" -m venv "$PKG_VENV"
-"$PKG_VENV/bin/python" -m pip install -q --upgrade pip
+quiet_pip() { # pip's warnings about index directories that lack a package are noise here
+    "$PKG_VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location '" >&2)
+}
+quiet_pip install -q --upgrade pip
 started=$SECONDS
-"$PKG_VENV/bin/python" -m pip install -q "$REPO_ROOT"
+quiet_pip install -q "$REPO_ROOT"
 echo "check_package_install: installed in $((SECONDS - started)) s ($(du -sh "$PKG_VENV" | cut -f1))"
 
 work=$(mktemp -d)
