@@ -71,6 +71,84 @@ def test_kubernetes_manifests_validate_and_probe_the_right_endpoints() -> None:
     assert kinds == {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler"}
 
 
+def kube_documents(name: str) -> dict[tuple[str, str], dict]:
+    import yaml
+
+    documents = yaml.safe_load_all((REPO_ROOT / "deploy" / "kubernetes" / name).read_text())
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in documents}
+
+
+def test_gpu_deployment_asks_for_one_gpu_and_probes_as_the_cpu_one() -> None:
+    cpu = kube_documents("deployment.yaml")[("Deployment", "reranker")]["spec"]["template"]
+    gpu_files = kube_documents("deployment-gpu.yaml")
+    gpu = gpu_files[("Deployment", "reranker-gpu")]["spec"]["template"]
+    (cpu_box,), (gpu_box,) = cpu["spec"]["containers"], gpu["spec"]["containers"]
+    assert gpu_box["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["spec"]["nodeSelector"] and "nvidia.com/gpu" in gpu["spec"]["nodeSelector"].popitem()[0]
+    assert [t["key"] for t in gpu["spec"]["tolerations"]] == ["nvidia.com/gpu"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert gpu_box[probe] == cpu_box[probe], probe
+    window = {
+        name: box["startupProbe"]["periodSeconds"] * box["startupProbe"]["failureThreshold"]
+        for name, box in (("cpu", cpu_box), ("gpu", gpu_box))
+    }
+    assert window["gpu"] >= 600 and window["gpu"] > window["cpu"], window  # a big model loads slowly
+    assert gpu_box["startupProbe"]["httpGet"] == cpu_box["startupProbe"]["httpGet"]
+    for same in ("terminationGracePeriodSeconds", "securityContext"):
+        assert gpu["spec"][same] == cpu["spec"][same], same
+    for same in ("envFrom", "securityContext", "lifecycle", "ports"):
+        assert gpu_box[same] == cpu_box[same], same
+    env = {item["name"]: item["value"] for item in gpu_box["env"]}
+    assert env["DTYPE"] == "auto" and env["DEVICE_PREFERENCE"] == "cuda"
+    assert gpu_box["image"].endswith("-cuda")
+    # its own Service, and the CPU Service does not route to GPU pods
+    pods = gpu["metadata"]["labels"]
+    assert gpu_files[("Service", "reranker-gpu")]["spec"]["selector"].items() <= pods.items()
+    cpu_service = kube_documents("service.yaml")[("Service", "reranker")]["spec"]["selector"]
+    assert not cpu_service.items() <= pods.items()
+
+
+def dockerfile(name: str) -> dict[str, list[str]]:
+    """A Dockerfile's instructions by keyword (continuation lines joined), in order."""
+    found: dict[str, list[str]] = {}
+    text = re.sub(r"\\\n\s*", " ", (REPO_ROOT / "deploy" / name).read_text())
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            keyword, _, rest = line.strip().partition(" ")
+            found.setdefault(keyword.upper(), []).append(rest.strip())
+    return found
+
+
+def test_cuda_image_runs_as_the_cpu_image_with_the_pinned_cuda_torch() -> None:
+    cpu, cuda = dockerfile("Dockerfile"), dockerfile("Dockerfile.cuda")
+    for same in ("USER", "STOPSIGNAL", "CMD", "ENTRYPOINT", "EXPOSE", "WORKDIR"):
+        assert cuda.get(same) == cpu.get(same), same
+    assert cpu["STOPSIGNAL"] == ["SIGTERM"] and cpu["CMD"] == ['["python", "-m", "reranker"]']
+    for image in (cpu, cuda):  # the same health check command; the start period may differ
+        (check,) = image["HEALTHCHECK"]
+        assert "/livez" in check
+    assert cuda["HEALTHCHECK"][0].split(" CMD ")[1] == cpu["HEALTHCHECK"][0].split(" CMD ")[1]
+    useradd = [[run for run in image["RUN"] if run.startswith("useradd")] for image in (cpu, cuda)]
+    assert useradd[0] == useradd[1] and len(useradd[0]) == 1
+    uid = int(re.search(r"--uid (\d+)", useradd[0][0]).group(1))
+    assert cpu["USER"] == [str(uid)]
+    for manifest, name in (("deployment.yaml", "reranker"), ("deployment-gpu.yaml", "reranker-gpu")):
+        pod = kube_documents(manifest)[("Deployment", name)]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == uid, manifest
+    torch_pin = re.search(r"^torch==(\S+)", (REPO_ROOT / "requirements.txt").read_text(), re.M).group(1)
+    installs = {
+        label: next(run for run in image["RUN"] if "torch==" in run)
+        for label, image in (("cpu", cpu), ("cuda", cuda))
+    }
+    for label, run in installs.items():
+        assert re.search(r"torch==(\S+)", run).group(1) == torch_pin, label
+    assert "download.pytorch.org/whl/cpu" in installs["cpu"]
+    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cu\d+ ", installs["cuda"])
+    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-runtime-ubuntu[\d.]+", cuda["FROM"][0])
+    assert "python3.11" in " ".join(cuda["RUN"])
+    assert re.search(r"\bDTYPE=auto\b", " ".join(cuda["ENV"]))
+
+
 def test_every_multi_instance_deployment_shares_its_jobs_through_redis() -> None:
     """Kubernetes (2+ replicas) and the systemd template (one unit per port) use JOB_BACKEND=redis
     with a REDIS_URL that reaches the Redis they ship or name; the single-instance unit does not."""
