@@ -91,6 +91,7 @@ def aggregate(snapshots: dict[str, dict[str, Any] | Unanswered | None]) -> dict[
     merged_counts: list[int] = []
     bounds: list[float] = []
     instances = []
+    by_model: dict[str, Counter[str]] = {}
     for url, snap in snapshots.items():
         if not isinstance(snap, dict):
             missing = snap or Unanswered(False, "unreachable")
@@ -101,6 +102,12 @@ def aggregate(snapshots: dict[str, dict[str, Any] | Unanswered | None]) -> dict[
         for key in ("total_requests", "successful_requests", "rejected_requests", "items_processed"):
             totals[key] += int(snap.get(key, 0))
         failures.update(snap.get("failed_requests", {}))
+        models = snap.get("models") or ({snap["model"]: snap} if snap.get("model") else {})
+        for name, own in models.items():
+            counts = by_model.setdefault(name, Counter())
+            for key in ("total_requests", "successful_requests", "items_processed"):
+                counts[key] += int(own.get(key, 0))
+            counts["instances"] += 1
         histogram = snap.get("latency_histogram_ms") or {}
         if histogram:
             if not bounds:
@@ -139,6 +146,7 @@ def aggregate(snapshots: dict[str, dict[str, Any] | Unanswered | None]) -> dict[
             "latency_method": "merged fixed-bucket histograms, linear interpolation within a bucket",
             "slowest_instance_p95_ms": max(p95s) if p95s else None,
         },
+        "models": {name: dict(counts) for name, counts in sorted(by_model.items())},
     }
 
 
@@ -164,6 +172,11 @@ def render(report: dict[str, Any]) -> str:
         f"  latency ms p50 {latency['p50']}  p95 {latency['p95']}  p99 {latency['p99']}"
         f"  (from merged histograms; slowest instance's own p95 {c['slowest_instance_p95_ms']})",
     ]
+    for name, counts in report.get("models", {}).items():
+        lines.append(
+            f"  model {name}: {counts['total_requests']} requests, {counts['items_processed']} items "
+            f"on {counts['instances']} instance(s)"
+        )
     return "\n".join(lines)
 
 

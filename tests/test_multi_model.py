@@ -231,6 +231,19 @@ def test_models_health_and_metrics_name_each_model(two_models) -> None:
         health = client.get("/health").json()
         metrics = client.get("/metrics").json()
         prometheus = client.get("/metrics", params={"format": "prometheus"}).text
+        landing = client.get("/").json()
+        page = client.get("/", headers={"accept": "text/html"}).text
+    assert [m["name"] for m in landing["models"]] == ["embed", "rerank"]
+    assert "model rerank" in page and "cross-encoder on fake / cpu" in page
+    from aggregate_metrics import aggregate
+
+    cluster = aggregate({"a": metrics, "b": metrics})["models"]
+    assert cluster["rerank"] == {
+        "total_requests": 2,
+        "successful_requests": 2,
+        "items_processed": 6,
+        "instances": 2,
+    }
     assert [(m["id"], m["kind"], m["dimension"], m["dtype"]) for m in listed] == [
         ("embed", "bi-encoder", 8, "float32"),
         ("rerank", "cross-encoder", None, "float32"),

@@ -50,6 +50,7 @@ async def metrics(request: Request) -> Response:
         return Response(exposition(request.app.state.prometheus), media_type=CONTENT_TYPE)
     if len(runtime.models) == 1:
         snapshot = _model_metrics(runtime.default)
+        snapshot["model"] = runtime.default.name
     else:  # the server's totals, and each model's own
         snapshot = runtime.metrics.snapshot()
         snapshot["queue_depth"] = sum(m.controller.queued for m in runtime.models if m.controller)

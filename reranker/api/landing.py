@@ -34,6 +34,10 @@ def summary(request: Request) -> dict[str, Any]:
         "version": __version__,
         "status": health["status"],
         "model": {key: model[key] for key in ("name", "kind", "backend", "device", "capabilities")},
+        "models": [
+            {key: each[key] for key in ("name", "kind", "backend", "device", "capabilities")}
+            for each in (health.get("models") or {"": model}).values()
+        ],
         "links": LINKS,
     }
 
@@ -44,12 +48,13 @@ async def root(request: Request) -> Response:
         return ORJSONResponse(facts)
     model = facts["model"]
     rows = [
-        ("model", model["name"]),
-        ("kind", model["kind"] or "-"),
-        ("backend / device", f"{model['backend'] or '-'} / {model['device'] or '-'}"),
-        ("status", facts["status"]),
-        ("version", facts["version"]),
+        (
+            f"model {each['name']}",
+            f"{each['kind'] or '-'} on {each['backend'] or '-'} / {each['device'] or '-'}",
+        )
+        for each in facts["models"]
     ]
+    rows += [("status", facts["status"]), ("version", facts["version"])]
     table = "\n".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     links = "\n".join(f'<li><a href="{url}">{escape(url)}</a></li>' for url in LINKS.values())
     page = f"""<!DOCTYPE html>

@@ -271,7 +271,7 @@ def describe(layout: Layout, port: int, host: str) -> dict[str, Any]:
         health=body.get("status", "unknown") if status in (200, 503) else f"http_{status}",
         backend=model.get("backend"),
         device=model.get("device"),
-        model=model.get("name"),
+        model=", ".join(body["models"]) if isinstance(body.get("models"), dict) else model.get("name"),
         queued=(body.get("controller") or {}).get("queued"),
     )
     return row
