@@ -26,6 +26,7 @@ MODEL_KEYS = {
     "name": None,
     "source": "model_name",
     "kind": "model_kind",
+    "task": "model_task",
     "backend": "backend",
     "dtype": "dtype",
     "batch_size": "batch_size",

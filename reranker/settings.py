@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from reranker.errors import StartupError
 
 ModelKindSetting = Literal["auto", "cross-encoder", "bi-encoder"]
+ModelTaskSetting = Literal["auto", "rerank", "classify"]
 DevicePreference = Literal["auto", "cuda", "mps", "cpu"]
 BackendSetting = Literal["auto", "torch", "onnx", "mlx"]
 OnnxQuantize = Literal["none", "int8"]
@@ -39,6 +40,7 @@ class Settings(BaseSettings):
     models: str | None = None  # several models: NAME=SOURCE,... (model_specs.py); overrides MODEL_NAME
     models_file: str | None = None  # several models with settings of their own: YAML or JSON list
     model_kind: ModelKindSetting = "auto"
+    model_task: ModelTaskSetting = "auto"  # a one-label sequence classifier: reranker (auto) or classifier
     device_preference: DevicePreference = "auto"
     use_mlx: bool = False
     backend: BackendSetting = "auto"
@@ -70,6 +72,7 @@ class Settings(BaseSettings):
     embedding_max_batch_size: int = Field(64, ge=1, le=4096)
     embedding_adaptive_batching: bool = True
     max_texts_per_embed_request: int = Field(10_000, ge=1)
+    embedding_calibration_file: str | None = None  # int8/uint8 embedding ranges: texts, one per line
 
     # Long documents in /v1/rerank and /v2/rerank
     max_chunks_per_doc: int = Field(10, ge=1, le=1000)
@@ -119,6 +122,7 @@ class Settings(BaseSettings):
         "log_level",
         "log_format",
         "model_kind",
+        "model_task",
         "device_preference",
         "backend",
         "dtype",
@@ -134,6 +138,7 @@ class Settings(BaseSettings):
         "local_model_path",
         "models",
         "models_file",
+        "embedding_calibration_file",
         "onnx_cache_dir",
         "api_keys",
         "api_keys_file",
