@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from reranker.api import tei
 from reranker.api.body import read_body, read_json, unless_disconnected, validate
-from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers, timing_ms
+from reranker.api.observe import model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
 from reranker.api.text_limits import fit_texts
@@ -37,7 +37,6 @@ async def _embed(
         ) from None
 
 
-@inference_endpoint("/embed")
 async def embed(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
@@ -74,7 +73,6 @@ async def embed(request: Request) -> Response:
     return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
-@inference_endpoint("/v1/embeddings")
 async def openai_embeddings(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)

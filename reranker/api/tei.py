@@ -26,7 +26,7 @@ from starlette.responses import Response
 from reranker import __version__
 from reranker.api.body import read_json, unless_disconnected, validate
 from reranker.api.dialects import TEI, speak
-from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers
+from reranker.api.observe import model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
 from reranker.api.text_limits import fit_rerank, fit_texts
@@ -166,7 +166,6 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     return await json_response(list(vectors), headers=headers)
 
 
-@inference_endpoint("/")
 async def root(request: Request) -> Response:
     """``POST /``: TEI serves its model's task here; ``huggingface_hub``'s ``InferenceClient``
     posts ``{"inputs", "parameters": {...}}`` for feature extraction."""
@@ -210,7 +209,6 @@ async def info(request: Request) -> Response:
     return ORJSONResponse(content)
 
 
-@inference_endpoint("/tokenize")
 async def tokenize(request: Request) -> Response:
     """TEI's ``POST /tokenize``: per input, its tokens with their offsets in the input, as the
     loaded model's tokenizer cuts them (in a worker thread: up to MAX_TEXTS_PER_EMBED_REQUEST texts)."""
