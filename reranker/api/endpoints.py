@@ -14,7 +14,7 @@ from enum import Enum
 from pydantic import BaseModel
 from starlette.routing import BaseRoute, Mount, Route
 
-from reranker.api import docs, embed, health, infinity, jobs, landing, rerank, runpod, tei
+from reranker.api import classify, docs, embed, health, infinity, jobs, landing, rerank, runpod, sparse, tei
 from reranker.api import response_models as out
 from reranker.api.observe import Handler, observed
 from reranker.api.openapi import openapi_json
@@ -209,6 +209,28 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         per_model=True,
     ),
     Endpoint(
+        "/embed_sparse",
+        "POST",
+        sparse.embed_sparse_route,
+        "Text-embeddings-inference: sparse (SPLADE) weights of each input",
+        out.TeiSparse,
+        sparse.TeiSparseRequest,
+        INFERENCE_ERRORS,
+        Counted.INFERENCE,
+        per_model=True,
+    ),
+    Endpoint(
+        "/predict",
+        "POST",
+        classify.predict_route,
+        "Text-embeddings-inference: a classifier's label scores of a text, a pair, or a batch",
+        out.Predictions,
+        classify.PredictRequest,
+        INFERENCE_ERRORS,
+        Counted.INFERENCE,
+        per_model=True,
+    ),
+    Endpoint(
         "/info",
         "GET",
         tei.info,
@@ -236,6 +258,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Infinity: embed",
         out.InfinityEmbeddingResponse,
         infinity.InfinityEmbeddingRequest,
+        INFERENCE_ERRORS,
+        Counted.INFERENCE,
+        per_model=True,
+    ),
+    Endpoint(
+        infinity.PREFIX + "/classify",
+        "POST",
+        classify.infinity_classify,
+        "Infinity: a classifier's label scores of each text",
+        out.InfinityClassifyResponse,
+        classify.InfinityClassifyRequest,
         INFERENCE_ERRORS,
         Counted.INFERENCE,
         per_model=True,

@@ -282,3 +282,30 @@ class Landing(BaseModel):
     model: dict[str, Any]
     models: list[dict[str, Any]]
     links: dict[str, str]
+
+
+class SparseValue(BaseModel):
+    index: int
+    value: float
+
+
+class TeiSparse(RootModel[list[list[SparseValue]]]):
+    """Text-embeddings-inference's POST /embed_sparse: per input, its non-zero weights by index."""
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+class Predictions(RootModel[list[Prediction] | list[list[Prediction]]]):
+    """Text-embeddings-inference's POST /predict: every label, best first (one list per batch item)."""
+
+
+class InfinityClassifyResponse(BaseModel):
+    object: Literal["classify"]
+    data: list[list[Prediction]]
+    model: str
+    usage: OpenAIUsage
+    id: str
+    created: int
