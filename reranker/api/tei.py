@@ -183,10 +183,10 @@ async def root(request: Request) -> Response:
     data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
     in_path = request.path_params.get("model_name")
     kind = (runtime.named(in_path) if in_path is not None else runtime.default).info
-    if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
-        if kind is None or kind.kind is not ModelKind.CLASSIFIER:
-            data = {**data["parameters"], **{k: v for k, v in data.items() if k != "parameters"}}
-    if kind is not None and kind.kind is ModelKind.CLASSIFIER:
+    classifier = kind is not None and kind.kind is ModelKind.CLASSIFIER
+    if isinstance(data, dict) and isinstance(data.get("parameters"), dict) and not classifier:
+        data = {**data["parameters"], **{k: v for k, v in data.items() if k != "parameters"}}
+    if classifier:
         # huggingface_hub's text_classification (it sends "parameters") reads [[...]], the
         # Inference API's shape; TEI's flat list would give its caller the top label only.
         nested = isinstance(data, dict) and "parameters" in data and isinstance(data.get("inputs"), str)
