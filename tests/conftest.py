@@ -21,6 +21,35 @@ from tests.server import ServerThread
 
 RUNTIME_PACKAGE = {"torch": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
 
+# The fast tier (./run_tests.sh --fast: ``-m "not slow"``) leaves out every test that needs a real
+# model, a server process or a system tool: those using these fixtures, and these modules.
+SLOW_FIXTURES = frozenset(
+    {
+        "serving_backend", "embedded_server", "embedded_path", "cross_encoder_path", "sentence_transformer",
+        "family_model", "onnx_cache", "redis_server", "model_server", "bi_server", "cross_server",
+    }
+)  # fmt: skip
+SLOW_MODULES = frozenset(
+    {
+        # server processes, daemons, nginx, Prometheus, Chromium, wheels
+        "test_cli", "test_daemon_scripts", "test_docs", "test_drain", "test_first_hour", "test_job_faults",
+        "test_jobs_redis", "test_monitoring", "test_nginx_cluster", "test_packaging", "test_structured_logs",
+        "test_supervision", "test_performance_script", "test_job_state_machine", "test_job_cluster",
+        # real models loaded by the test itself
+        "test_clients_infinity", "test_clients_tei", "test_cross_encoder", "test_long_documents",
+        "test_openapi_fuzz", "test_prompts", "test_text_limits", "test_model_families", "test_mlx_families",
+        "test_backend_parity", "test_onnx_backend", "test_int8", "test_precision", "test_exact_default",
+        "test_embeddings", "test_rerank_model", "test_model_kinds", "test_backend_selection",
+    }
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def make_settings(**values: object) -> Settings:
     """Settings from explicit values only: the test machine's environment never leaks in.
