@@ -28,6 +28,7 @@ import pytest
 from reranker.api.app import create_app
 from reranker.backends.base import ModelKind
 from reranker.backends.fake import FakeBackend
+from reranker.model_specs import model_specs
 from tests.conftest import make_settings
 from tests.server import ServerThread
 
@@ -195,3 +196,12 @@ def test_extract_reads_markers_and_expected_output(tmp_path: Path) -> None:
         '{"a": 1}',
         "print(1)\n",
     )
+
+
+def test_models_file_example_is_a_valid_models_file(tmp_path: Path) -> None:
+    text = (REPO_ROOT / "docs" / "MODELS.md").read_text(encoding="utf-8")
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "models.yaml").write_text(example)
+    specs = model_specs(make_settings(models_file=str(tmp_path / "models.yaml")))
+    assert [spec.name for spec in specs] == ["embed", "rerank"]
+    assert specs[0].settings.batch_size == 64 and specs[1].settings.max_model_length == 1024
