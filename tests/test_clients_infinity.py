@@ -121,6 +121,10 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/embed": {"batch_id": "b", "chunks": [{"chunk_id": "a", "content": "hello"}]},
     "/v1/embeddings": {"input": ["hello"]},
     "/v1/jobs": {"type": "embed", "input": {"batch_id": "b", "chunks": [{"chunk_id": "a", "content": "hi"}]}},
+    "/": {"inputs": "hello"},
+    "/tokenize": {"inputs": "hello"},
+    "/infinity/rerank": {"query": QUERY, "documents": DOCUMENTS},
+    "/infinity/embeddings": {"input": ["hello"]},
 }
 DOCUMENT = openapi_document(make_settings(), protected=False)
 

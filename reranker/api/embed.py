@@ -11,10 +11,12 @@ from starlette.responses import Response
 
 from reranker.api import tei
 from reranker.api.body import read_body, read_json, unless_disconnected, validate
-from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers, timing_ms
+from reranker.api.observe import model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
+from reranker.api.sparse import sparse
 from reranker.api.text_limits import fit_texts
+from reranker.backends.base import ModelKind
 from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
 
@@ -37,7 +39,6 @@ async def _embed(
         ) from None
 
 
-@inference_endpoint("/embed")
 async def embed(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
@@ -49,21 +50,31 @@ async def embed(request: Request) -> Response:
     texts = [chunk.content for chunk in body.chunks]
     labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
     check_embed_limits(runtime.settings, texts)
-    model = model_of(request, body.model, "embed")
+    model = model_of(request, body.model, ("embed", "embed_sparse"))
     service = model.require_service()
     budget = service.max_tokens if body.truncate else None
     texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
     outcome = await _embed(
         request, service, texts, labels, body, normalize=body.normalize, allow_truncation=body.truncate
     )
+    if model.info is not None and model.info.kind is ModelKind.SPARSE:
+        vectors = [
+            {
+                "chunk_id": chunk.chunk_id,
+                **dict(zip(("indices", "values"), sparse(vector, body.top_k), strict=True)),
+            }
+            for chunk, vector in zip(body.chunks, outcome.vectors, strict=True)
+        ]
+    else:
+        vectors = [
+            {"chunk_id": chunk.chunk_id, "vector": vector}
+            for chunk, vector in zip(body.chunks, outcome.vectors, strict=True)
+        ]
     content = {
         "batch_id": body.batch_id,
         "model": model.name,
         "dimension": int(outcome.vectors.shape[1]),
-        "vectors": [
-            {"chunk_id": chunk.chunk_id, "vector": vector}
-            for chunk, vector in zip(body.chunks, outcome.vectors, strict=True)
-        ],
+        "vectors": vectors,
         "usage": {
             "chunks": len(texts),
             "total_tokens": outcome.tokens,
@@ -74,7 +85,6 @@ async def embed(request: Request) -> Response:
     return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
-@inference_endpoint("/v1/embeddings")
 async def openai_embeddings(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api.body import read_body, unless_disconnected
-from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers
+from reranker.api.observe import model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import OpenAIEmbeddingRequest, RerankRequest, check_embed_limits, check_limits
 from reranker.api.text_limits import fit_rerank, fit_texts
@@ -44,7 +44,6 @@ def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
-@inference_endpoint(PREFIX + "/rerank")
 async def rerank(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
@@ -77,7 +76,6 @@ async def rerank(request: Request) -> Response:
     return ORJSONResponse(content, headers=headers)
 
 
-@inference_endpoint(PREFIX + "/embeddings")
 async def embeddings(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)

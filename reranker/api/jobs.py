@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api.body import read_json, validate
-from reranker.api.observe import job_endpoint, model_of, runtime_of
+from reranker.api.observe import model_of, runtime_of
 from reranker.api.rerank import long_documents
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest
@@ -30,7 +30,6 @@ from reranker.errors import InvalidInputError, PayloadTooLargeError, Unsupported
 from reranker.settings import Settings
 
 
-@job_endpoint("/v1/jobs")
 async def submit_job(request: Request) -> Response:
     runtime = runtime_of(request)
     data = await read_json(
@@ -146,13 +145,11 @@ def _refuse_too_long(
         )
 
 
-@job_endpoint("/v1/jobs/{job_id}")
 async def job_status(request: Request) -> Response:
     job = await find_job(request, request.path_params["job_id"])
     return await json_response(job.view())
 
 
-@job_endpoint("/v1/jobs/{job_id}")
 async def cancel_job(request: Request) -> Response:
     """Cancel a queued or running job (it stops before its next slice); delete a finished one."""
     job = await cancel_job_for(request, request.path_params["job_id"])

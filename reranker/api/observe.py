@@ -1,7 +1,7 @@
 """Per-request bookkeeping of the inference endpoints: API key, metrics, timing headers.
 
 A handler publishes what the request cost (items, queue and inference time, batch
-size) with ``timing_headers``; the ``inference_endpoint`` wrapper counts the outcome
+size) with ``timing_headers``; the ``observed`` wrapper counts the outcome
 in /metrics and the request-log middleware reads the same facts from
 ``request.state``.
 """
@@ -24,7 +24,6 @@ from reranker.engine.service import Timing
 from reranker.errors import RerankerError
 
 Handler = Callable[[Request], Awaitable[Response]]
-INFERENCE_ENDPOINTS: list[str] = []  # filled by the decorator: /metrics shows each from the start
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -49,46 +48,32 @@ def _metrics_of(request: Request) -> Metrics:
     return (model or runtime_of(request).default).metrics
 
 
-def inference_endpoint(name: str, timed: bool = True) -> Callable[[Handler], Handler]:
-    """Require the API key (when keys are set) and count every request of the endpoint.
+def observed(handler: Handler, name: str, timed: bool = True) -> Handler:
+    """``handler``, requiring the API key (when keys are set) and counting every request under
+    ``name`` in /metrics (endpoints.py wraps each counted endpoint).
 
     ``timed`` False (the job routes): counted by status and failure reason, but kept out of the
     latency window and histogram, which describe inference requests (a status poll takes a
     millisecond, a /runsync wait up to RUNSYNC_WAIT_S)."""
 
-    def decorate(handler: Handler) -> Handler:
-        @wraps(handler)
-        async def observed(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                authorize(request)
-                response = await handler(request)
-            except RerankerError as exc:
-                _metrics_of(request).record_request(
-                    name, exc.error_type, _ms_since(started), status_for(exc), timed=timed
-                )
-                raise
-            except Exception:
-                _metrics_of(request).record_request(
-                    name, "internal_error", _ms_since(started), 500, timed=timed
-                )
-                raise
+    @wraps(handler)
+    async def observe(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            authorize(request)
+            response = await handler(request)
+        except RerankerError as exc:
             _metrics_of(request).record_request(
-                name, None, _ms_since(started), response.status_code, timed=timed
+                name, exc.error_type, _ms_since(started), status_for(exc), timed=timed
             )
-            return response
+            raise
+        except Exception:
+            _metrics_of(request).record_request(name, "internal_error", _ms_since(started), 500, timed=timed)
+            raise
+        _metrics_of(request).record_request(name, None, _ms_since(started), response.status_code, timed=timed)
+        return response
 
-        if name not in INFERENCE_ENDPOINTS:
-            INFERENCE_ENDPOINTS.append(name)
-        return observed
-
-    return decorate
-
-
-def job_endpoint(name: str) -> Callable[[Handler], Handler]:
-    """An endpoint of the job API (submit, poll, cancel, RunPod's routes): an ``inference_endpoint``
-    whose durations are not inference latencies."""
-    return inference_endpoint(name, timed=False)
+    return observe
 
 
 def timing_ms(timing: Timing, started: float) -> dict[str, float]:

@@ -9,8 +9,7 @@ The request schemas are the pydantic models that validate the requests
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -19,22 +18,18 @@ from starlette.responses import Response
 from reranker import __version__
 from reranker.api import response_models as out
 from reranker.api.responses import ORJSONResponse
-from reranker.api.schemas import (
-    CohereRerankRequest,
-    CohereV2RerankRequest,
-    EmbedRequest,
-    JobRequest,
-    OpenAIEmbeddingRequest,
-    RerankRequest,
-    RunRequest,
-)
 from reranker.settings import Settings
 
+if TYPE_CHECKING:
+    from reranker.api.endpoints import Endpoint
+
 REF = "#/components/schemas/{model}"
-INFERENCE_ERRORS = {
-    400: "Malformed JSON, or an operation the loaded model cannot do (embed on a cross-encoder).",
+ERROR_MEANINGS = {
+    400: "Malformed JSON, or an operation the chosen model cannot do (embed on a cross-encoder: the "
+    "message names the models that can).",
     401: "API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
-    404: "No such job (never submitted, evicted after JOB_RESULT_TTL_S, or another API key's).",
+    404: "No such model (the body's `model`, or /models/{name}/...: the message lists the served ones), "
+    "or no such job (never submitted, evicted after JOB_RESULT_TTL_S, or another API key's).",
     408: "The body did not arrive within BODY_READ_TIMEOUT_S.",
     413: "The body is over MAX_REQUEST_BYTES, too many texts for one request, or more model time than "
     "MAX_REQUEST_SECONDS: use /v1/jobs.",
@@ -48,118 +43,14 @@ INFERENCE_ERRORS = {
 }
 
 
-@dataclass(frozen=True)
-class Operation:
-    path: str
-    method: str
-    summary: str
-    response: type[BaseModel]
-    request: type[BaseModel] | None = None
-    errors: tuple[int, ...] = ()
-    text_response: bool = False  # also answers text/plain (Prometheus)
-    ok_status: int = 200
-    keyed: bool = True  # needs the API key when keys are configured (probes and docs do not)
-
-
-ERRORS = tuple(status for status in INFERENCE_ERRORS if status not in (404, 429))
-JOB_SUBMIT_ERRORS = (400, 401, 408, 413, 415, 422, 429, 503)
-JOB_ERRORS = (401, 404, 503)
-OPERATIONS = (
-    Operation("/rerank", "post", "Rerank documents for a query", out.RerankResponse, RerankRequest, ERRORS),
-    Operation(
-        "/v1/rerank",
-        "post",
-        "Rerank, Cohere v1 / Jina shape",
-        out.CohereRerankResponse,
-        CohereRerankRequest,
-        ERRORS,
-    ),
-    Operation(
-        "/v2/rerank", "post", "Rerank, Cohere v2 shape", out.V2RerankResponse, CohereV2RerankRequest, ERRORS
-    ),
-    Operation(
-        "/embed", "post", "Embed chunks (ingestion-worker shape)", out.EmbedResponse, EmbedRequest, ERRORS
-    ),
-    Operation(
-        "/v1/embeddings",
-        "post",
-        "Embed texts, OpenAI shape",
-        out.OpenAIEmbeddingResponse,
-        OpenAIEmbeddingRequest,
-        ERRORS,
-    ),
-    Operation(
-        "/health",
-        "get",
-        "Status, model, controller and cache (503 unless ready)",
-        out.HealthResponse,
-        keyed=False,
-    ),
-    Operation("/livez", "get", "Liveness: the process answers", out.StatusResponse, keyed=False),
-    Operation("/readyz", "get", "Readiness: 200 only when the model serves", out.StatusResponse, keyed=False),
-    Operation(
-        "/v1/jobs",
-        "post",
-        "Submit an embed or rerank job (the body of /embed or /v1/rerank as input)",
-        out.JobAccepted,
-        JobRequest,
-        JOB_SUBMIT_ERRORS,
-        ok_status=202,
-    ),
-    Operation(
-        "/v1/jobs/{job_id}", "get", "A job's status, progress and output", out.JobView, errors=JOB_ERRORS
-    ),
-    Operation(
-        "/v1/jobs/{job_id}",
-        "delete",
-        "Cancel a queued or running job; delete a finished one",
-        out.JobView,
-        errors=JOB_ERRORS,
-    ),
-    Operation(
-        "/run",
-        "post",
-        "RunPod: submit an embed or rerank job; answers its id at once",
-        out.RunPodJob,
-        RunRequest,
-        JOB_SUBMIT_ERRORS,
-    ),
-    Operation(
-        "/runsync",
-        "post",
-        "RunPod: submit a job and wait up to RUNSYNC_WAIT_S for its output (else its id to poll)",
-        out.RunPodJob,
-        RunRequest,
-        JOB_SUBMIT_ERRORS,
-    ),
-    Operation("/status/{id}", "get", "RunPod: a job's status and output", out.RunPodJob, errors=JOB_ERRORS),
-    Operation(
-        "/cancel/{id}",
-        "post",
-        "RunPod: cancel a queued or running job (a finished one is left as it is)",
-        out.RunPodJob,
-        errors=JOB_ERRORS,
-    ),
-    Operation("/models", "get", "The served model, its kind and limits", out.ModelList, keyed=False),
-    Operation("/v1/models", "get", "The same, for OpenAI's models.list()", out.ModelList, keyed=False),
-    Operation("/info", "get", "Text-embeddings-inference's model info", out.TeiInfo, keyed=False),
-    Operation(
-        "/metrics",
-        "get",
-        "Metrics: JSON, or Prometheus text with ?format=prometheus",
-        out.MetricsResponse,
-        errors=(400, 401),
-        text_response=True,
-        keyed=False,
-    ),
-)
-
-
 def openapi_document(settings: Settings, protected: bool) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     paths: dict[str, Any] = {}
-    for op in OPERATIONS:
-        paths.setdefault(op.path, {})[op.method] = _operation(op, settings, protected, schemas)
+    from reranker.api.endpoints import ENDPOINTS  # the table imports this module's handler
+
+    for op in ENDPOINTS:
+        if op.response is not None:
+            paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, settings, protected, schemas)
     _write_limits(schemas, settings)
     schemas["ErrorResponse"] = _schema(out.ErrorResponse, schemas, "serialization")
     document: dict[str, Any] = {
@@ -180,7 +71,8 @@ async def openapi_json(request: Request) -> Response:
     return ORJSONResponse(state.openapi)
 
 
-def _operation(op: Operation, settings: Settings, protected: bool, schemas: dict[str, Any]) -> dict[str, Any]:
+def _operation(op: Endpoint, settings: Settings, protected: bool, schemas: dict[str, Any]) -> dict[str, Any]:
+    assert op.response is not None
     ok: dict[str, Any] = {"application/json": {"schema": _schema(op.response, schemas, "serialization")}}
     if op.text_response:
         ok["text/plain"] = {"schema": {"type": "string"}}
@@ -189,12 +81,12 @@ def _operation(op: Operation, settings: Settings, protected: bool, schemas: dict
     for status in op.errors:
         if status == 401 and not (protected and (op.keyed or settings.protect_metrics)):
             continue
-        responses[str(status)] = {"description": INFERENCE_ERRORS.get(status, "Bad query"), "content": error}
+        responses[str(status)] = {"description": ERROR_MEANINGS.get(status, "Bad query"), "content": error}
     if op.path in ("/health", "/readyz"):
         responses["503"] = {"description": "Not ready (loading, unhealthy or draining)", "content": ok}
     operation: dict[str, Any] = {
         "summary": op.summary,
-        "operationId": op.method + "_" + re.sub(r"[^a-z0-9]+", "_", op.path).strip("_"),
+        "operationId": op.method.lower() + "_" + re.sub(r"[^a-z0-9]+", "_", op.path).strip("_"),
         "responses": responses,
     }
     if op.path == "/metrics":

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from reranker.api import tei
 from reranker.api.body import read_body, read_json, unless_disconnected, validate
-from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers, timing_ms
+from reranker.api.observe import model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import ORJSONResponse
 from reranker.api.schemas import (
     CohereRerankRequest,
@@ -36,7 +36,6 @@ from reranker.errors import InvalidInputError
 from reranker.settings import Settings
 
 
-@inference_endpoint("/rerank")
 async def rerank(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
@@ -102,7 +101,6 @@ def model_window(model: ServedModel) -> int:
     return model.info.max_length if model.info else 0
 
 
-@inference_endpoint("/v1/rerank")
 async def rerank_v1(request: Request) -> Response:
     started = time.perf_counter()
     runtime = runtime_of(request)
@@ -128,7 +126,6 @@ async def rerank_v1(request: Request) -> Response:
     return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 
-@inference_endpoint("/v2/rerank")
 async def rerank_v2(request: Request) -> Response:
     """Cohere v2: documents beyond ``max_tokens_per_doc`` tokens are cut; the rest is chunked."""
     started = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, RootModel
 
 
 class ErrorDetail(BaseModel):
@@ -208,13 +208,15 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
     created: int
-    owned_by: str
+    owned_by: str = Field("reranker", description="Absent on /infinity/models (infinity-client's own).")
     backend: str
     capabilities: list[str]
     kind: str | None
     device: str | None
     max_input_length: int | None
     dimension: int | None
+    dtype: str | None = None
+    source: str | None = Field(None, description="What was loaded: a hub id or a local path.")
     limits: dict[str, int]
     stats: dict[str, Any]
 
@@ -233,3 +235,77 @@ class TeiInfo(BaseModel):
     max_client_batch_size: int
     version: str
     model_config = {"extra": "allow"}
+
+
+class TeiToken(BaseModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class TeiTokens(RootModel[list[list[TeiToken]]]):
+    """Text-embeddings-inference's POST /tokenize: per input, its tokens."""
+
+
+class TeiVectors(RootModel[list[list[float]]]):
+    """Text-embeddings-inference's POST / and POST /embed: one vector per input."""
+
+
+class InfinityRerankResult(BaseModel):
+    relevance_score: float
+    index: int
+    document: str | None = None
+
+
+class InfinityRerankResponse(BaseModel):
+    object: Literal["rerank"]
+    results: list[InfinityRerankResult]
+    model: str
+    usage: OpenAIUsage
+    id: str
+    created: int
+
+
+class InfinityEmbeddingResponse(OpenAIEmbeddingResponse):
+    id: str
+    created: int
+
+
+class Landing(BaseModel):
+    """GET / (JSON unless the client asks for HTML): what runs here and where to look."""
+
+    service: Literal["reranker"]
+    version: str
+    status: str
+    model: dict[str, Any]
+    models: list[dict[str, Any]]
+    links: dict[str, str]
+
+
+class SparseValue(BaseModel):
+    index: int
+    value: float
+
+
+class TeiSparse(RootModel[list[list[SparseValue]]]):
+    """Text-embeddings-inference's POST /embed_sparse: per input, its non-zero weights by index."""
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+class Predictions(RootModel[list[Prediction] | list[list[Prediction]]]):
+    """Text-embeddings-inference's POST /predict: every label, best first (one list per batch item)."""
+
+
+class InfinityClassifyResponse(BaseModel):
+    object: Literal["classify"]
+    data: list[list[Prediction]]
+    model: str
+    usage: OpenAIUsage
+    id: str
+    created: int

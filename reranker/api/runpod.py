@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from reranker.api.body import read_json, unless_disconnected
 from reranker.api.jobs import accept_job, cancel_job_for, find_job
-from reranker.api.observe import job_endpoint, runtime_of
+from reranker.api.observe import runtime_of
 from reranker.api.responses import json_response
 from reranker.engine.jobs import FINISHED, Job, JobStatus
 from reranker.engine.runtime import Status
@@ -76,14 +76,12 @@ async def _submit(request: Request) -> Job:
     return await accept_job(request, job_body(data))
 
 
-@job_endpoint("/run")
 async def run(request: Request) -> Response:
     """Queue the job; answer at once with its id (poll GET /status/{id})."""
     job = await _submit(request)
     return await json_response(runpod_view(job))
 
 
-@job_endpoint("/runsync")
 async def runsync(request: Request) -> Response:
     """Queue the job and wait up to RUNSYNC_WAIT_S for it: its result, or its id to poll."""
     job = await _submit(request)
@@ -111,13 +109,11 @@ async def _wait_finished(request: Request, job: Job) -> Job:
     return job
 
 
-@job_endpoint("/status/{id}")
 async def status(request: Request) -> Response:
     job = await find_job(request, request.path_params["id"])
     return await json_response(runpod_view(job))
 
 
-@job_endpoint("/cancel/{id}")
 async def cancel(request: Request) -> Response:
     """Cancel a queued job (CANCELLED) or a running one (IN_PROGRESS until it stops at its next
     slice, then CANCELLED). A finished job is left as it is, its result kept (as RunPod does)."""

@@ -222,6 +222,9 @@ class EmbedRequest(_PromptChoice):
     batch_id: str
     chunks: list[Chunk] = Field(min_length=1)
     model: str | None = MODEL_FIELD
+    top_k: int | None = Field(
+        None, gt=0, description="Sparse models: keep each chunk's largest top_k weights."
+    )
     normalize: bool | None = None
     truncate: bool = True
 

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from reranker import __version__
 from reranker.api.body import read_json, unless_disconnected, validate
 from reranker.api.dialects import TEI, speak
-from reranker.api.observe import inference_endpoint, model_of, runtime_of, timing_headers
+from reranker.api.observe import model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
 from reranker.api.text_limits import fit_rerank, fit_texts
@@ -66,13 +66,8 @@ class TeiRerankRequest(_TeiOptions):
         return _non_empty(value, "text")
 
 
-class TeiEmbedRequest(_TeiOptions):
+class TeiInputs(_TeiOptions):
     inputs: str | list[str]
-    normalize: bool = True
-    prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
-    dimensions: int | None = Field(
-        None, gt=0, description="Keep the first N values (Matryoshka), then normalise if normalize is true."
-    )
 
     @field_validator("inputs")
     @classmethod
@@ -85,6 +80,14 @@ class TeiEmbedRequest(_TeiOptions):
 
     def texts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class TeiEmbedRequest(TeiInputs):
+    normalize: bool = True
+    prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
+    dimensions: int | None = Field(
+        None, gt=0, description="Keep the first N values (Matryoshka), then normalise if normalize is true."
+    )
 
 
 class TeiTokenizeRequest(_Body):
@@ -101,7 +104,7 @@ def is_tei_embed(data: Any) -> bool:
     return isinstance(data, dict) and "inputs" in data and "chunks" not in data
 
 
-async def _long_refused(work: Awaitable[T], what: str, max_length: int) -> T:
+async def long_refused(work: Awaitable[T], what: str, max_length: int) -> T:
     try:
         return await work
     except TextTooLongError as exc:
@@ -124,7 +127,7 @@ async def rerank(request: Request, data: Any, started: float) -> Response:
     )
     long = LongDocuments("truncate" if body.truncate else "refuse")
     work = unless_disconnected(request, service.rerank(query, texts, long))
-    outcome = await _long_refused(work, "texts", _window(request))
+    outcome = await long_refused(work, "texts", _window(request))
     scores = outcome.ranking if body.raw_scores else outcome.scores
     results: list[dict[str, Any]] = []
     for index in np.argsort(-outcome.ranking, kind="stable"):
@@ -157,7 +160,7 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     work = unless_disconnected(
         request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate, prompt=prompt)
     )
-    outcome = await _long_refused(work, "inputs", _window(request))
+    outcome = await long_refused(work, "inputs", _window(request))
     vectors = outcome.vectors
     if body.dimensions is not None and body.dimensions < vectors.shape[1]:  # TEI: cut, then normalise
         vectors = vectors[:, : body.dimensions]
@@ -166,16 +169,35 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     return await json_response(list(vectors), headers=headers)
 
 
-@inference_endpoint("/")
 async def root(request: Request) -> Response:
-    """``POST /``: TEI serves its model's task here; ``huggingface_hub``'s ``InferenceClient``
-    posts ``{"inputs", "parameters": {...}}`` for feature extraction."""
+    """``POST /``: TEI serves its model's task here (the first model's; ``/models/{name}/``: that
+    model's): a classifier predicts, a sparse model answers /embed_sparse, a reranker reranks,
+    a bi-encoder embeds. ``huggingface_hub``'s ``InferenceClient`` posts ``{"inputs", "parameters":
+    {...}}``; the parameters apply as if at the root."""
+    from reranker.api import classify, sparse
+
     started = time.perf_counter()
     speak(request, TEI)
-    settings = runtime_of(request).settings
+    runtime = runtime_of(request)
+    settings = runtime.settings
     data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
-    if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
+    in_path = request.path_params.get("model_name")
+    kind = (runtime.named(in_path) if in_path is not None else runtime.default).info
+    classifier = kind is not None and kind.kind is ModelKind.CLASSIFIER
+    if isinstance(data, dict) and isinstance(data.get("parameters"), dict) and not classifier:
         data = {**data["parameters"], **{k: v for k, v in data.items() if k != "parameters"}}
+    if classifier:
+        # huggingface_hub's text_classification (it sends "parameters") reads [[...]], the
+        # Inference API's shape; TEI's flat list would give its caller the top label only.
+        nested = isinstance(data, dict) and "parameters" in data and isinstance(data.get("inputs"), str)
+        if nested:
+            data = {key: value for key, value in data.items() if key != "parameters"}
+            data["inputs"] = [[data["inputs"]]]
+        return await classify.predict(request, data, started)
+    if kind is not None and kind.kind is ModelKind.SPARSE:
+        return await sparse.embed_sparse(request, data, started)
+    if kind is not None and kind.kind is ModelKind.CROSS_ENCODER:
+        return await rerank(request, data, started)
     return await embed(request, data, started)
 
 
@@ -210,7 +232,6 @@ async def info(request: Request) -> Response:
     return ORJSONResponse(content)
 
 
-@inference_endpoint("/tokenize")
 async def tokenize(request: Request) -> Response:
     """TEI's ``POST /tokenize``: per input, its tokens with their offsets in the input, as the
     loaded model's tokenizer cuts them (in a worker thread: up to MAX_TEXTS_PER_EMBED_REQUEST texts)."""

@@ -17,8 +17,21 @@ from reranker.errors import UnsupportedOperationError
 
 
 class ModelKind(StrEnum):
-    CROSS_ENCODER = "cross-encoder"
-    BI_ENCODER = "bi-encoder"
+    CROSS_ENCODER = "cross-encoder"  # a reranker: one logit per (query, document) pair
+    BI_ENCODER = "bi-encoder"  # one dense vector per text
+    CLASSIFIER = "classifier"  # one logit per label per text or pair (id2label)
+    SPARSE = "sparse"  # one vocabulary-sized vector per text, mostly zeros (SPLADE)
+
+
+# What each kind serves (routes ask for one of these; the server picks a model that has it).
+CAPABILITIES = {
+    ModelKind.BI_ENCODER: ("rerank", "embed"),
+    ModelKind.CROSS_ENCODER: ("rerank",),
+    ModelKind.CLASSIFIER: ("classify",),
+    ModelKind.SPARSE: ("embed_sparse", "rerank"),
+}
+# Kinds whose inputs are single texts (a cross-encoder's are pairs; a classifier takes either).
+TEXT_KINDS = frozenset({ModelKind.BI_ENCODER, ModelKind.SPARSE, ModelKind.CLASSIFIER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +52,12 @@ class ModelInfo:
     prompts: dict[str, str] = field(default_factory=dict)  # bi-encoders: name -> text prepended
     default_prompt_name: str | None = None
     instruction: str | None = None  # instruction-style rerankers (Qwen3-Reranker): the default
+    labels: tuple[str, ...] = ()  # classifiers: id2label in label-index order
+    multi_label: bool = False  # classifiers: problem_type multi_label_classification (sigmoid per label)
 
     @property
     def capabilities(self) -> list[str]:
-        return ["rerank", "embed"] if self.kind is ModelKind.BI_ENCODER else ["rerank"]
+        return list(CAPABILITIES[self.kind])
 
 
 @dataclass(frozen=True, slots=True)

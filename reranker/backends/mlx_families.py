@@ -28,6 +28,8 @@ INSTEAD = "use BACKEND=torch (or BACKEND=onnx)"
 def mlx_refusal(source: ModelSource) -> str | None:
     """Why the MLX backend cannot serve this model (a clause naming the family; ``INSTEAD`` says
     what to use), or None when it can."""
+    if source.kind not in (ModelKind.BI_ENCODER, ModelKind.CROSS_ENCODER):
+        return f"MLX backend does not serve {source.kind.value} models"
     layout = source.layout
     family = layout.family or "unknown"
     config = read_json(Path(source.path) / "config.json")

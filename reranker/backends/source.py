@@ -33,6 +33,13 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     kind = detected if settings.model_kind == "auto" else ModelKind(settings.model_kind)
     name = "all-MiniLM-L6-v2" if requested == EMBEDDED_MODEL else requested
     layout = read_layout(path)
+    if kind is ModelKind.CROSS_ENCODER and not layout.causal_lm:
+        if len(layout.labels) > 1 and settings.model_task != "rerank":
+            kind = ModelKind.CLASSIFIER  # several labels: a classifier (MODEL_TASK=rerank refuses it)
+        elif settings.model_task == "classify":
+            kind = ModelKind.CLASSIFIER  # one label, served as a classifier (TEI: sigmoid)
+    elif settings.model_task == "classify":
+        raise StartupError(f"MODEL_TASK=classify: model {name} is a {kind.value}, not a sequence classifier")
     if layout.needs_remote_code and not settings.trust_remote_code:
         raise StartupError(
             f"model {name} ships its own Python code (config.json auto_map), which runs only with "
@@ -58,6 +65,8 @@ def layout_facts(source: ModelSource) -> dict[str, object]:
         "prompts": dict(layout.prompts) if bi_encoder else {},
         "default_prompt_name": layout.default_prompt_name if bi_encoder else None,
         "instruction": template.default_instruction if template else None,
+        "labels": layout.labels if source.kind is ModelKind.CLASSIFIER else (),
+        "multi_label": layout.multi_label and source.kind is ModelKind.CLASSIFIER,
     }
 
 
@@ -77,7 +86,7 @@ def _locate(requested: str) -> Path:
         return embedded_model_path()
     candidate = Path(requested).expanduser()
     if candidate.exists():
-        if not (candidate / "config.json").is_file():
+        if not (candidate / "config.json").is_file() and not (candidate / "modules.json").is_file():
             raise StartupError(f"model path {candidate} has no config.json: not a model directory")
         return candidate.resolve()
     if requested.startswith(("/", ".", "~")) or requested.count("/") > 1:
@@ -122,6 +131,10 @@ def detect_kind(path: Path) -> ModelKind:
     st_config = read_json(path / "config_sentence_transformers.json")
     if st_config.get("model_type") == "CrossEncoder":
         return ModelKind.CROSS_ENCODER
+    if st_config.get("model_type") == "SparseEncoder" or any(
+        str(m.get("type", "")).endswith("SpladePooling") for m in module_list(path)
+    ):
+        return ModelKind.SPARSE
     if st_config.get("model_type") == "SentenceTransformer":
         return ModelKind.BI_ENCODER
     if any(str(m.get("type", "")).endswith("Pooling") for m in module_list(path)):
@@ -144,7 +157,9 @@ POOLING_MODES = frozenset(LEGACY_POOLING_KEYS.values())
 # The sentence-transformers modules a backend can run; anything else in modules.json is refused.
 # Families whose position ids start at padding_idx + 1: max_position_embeddings 514 holds 512 tokens.
 POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "camembert"})
-UNDERSTOOD_MODULES = frozenset({"Transformer", "Pooling", "Dense", "Normalize", "LogitScore"})
+UNDERSTOOD_MODULES = frozenset(
+    {"Transformer", "Pooling", "Dense", "Normalize", "LogitScore", "MLMTransformer", "SpladePooling"}
+)
 ACTIVATIONS = {  # a cross-encoder's declared activation (torch class name) -> ours
     "Sigmoid": "sigmoid",
     "Identity": "identity",
@@ -188,6 +203,8 @@ class ModelLayout:
     declared_max_length: int | None  # sentence_bert_config max_seq_length, else the tokenizer's
     position_limit: int | None  # how many tokens the position table holds (what the model can take at all)
     needs_remote_code: bool  # config.json auto_map: the model ships its own Python code
+    labels: tuple[str, ...] = ()  # id2label in index order (sequence classifiers)
+    multi_label: bool = False  # problem_type multi_label_classification: a sigmoid per label
 
     @property
     def uses_token_types(self) -> bool:
@@ -247,7 +264,18 @@ def read_layout(root: Path) -> ModelLayout:
         declared_max_length=int(declared) if declared else None,
         position_limit=int(positions) if isinstance(positions, int) else None,
         needs_remote_code=bool(config.get("auto_map")),
+        labels=_labels(config),
+        multi_label=config.get("problem_type") == "multi_label_classification",
     )
+
+
+def _labels(config: dict) -> tuple[str, ...]:
+    """A sequence classifier's label names in index order (id2label; LABEL_i when missing)."""
+    id2label = config.get("id2label") or {}
+    count = max(len(id2label), int(config.get("num_labels") or 0))
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
+        return ()
+    return tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count or 1))
 
 
 def _module_type(module: dict, root: Path) -> str:

@@ -73,8 +73,10 @@ class TorchBackend(TokenizedBackend):
             torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32
             torch.backends.cudnn.allow_tf32 = False
         self._model_kwargs = attention_kwargs(self._device.type, dtype)
-        if source.kind is ModelKind.CROSS_ENCODER:
+        if source.kind in (ModelKind.CROSS_ENCODER, ModelKind.CLASSIFIER):
             self._load_cross_encoder()
+        elif source.kind is ModelKind.SPARSE:
+            self._load_sparse_encoder()
         else:
             self._load_bi_encoder()
         self._model.eval()
@@ -101,6 +103,9 @@ class TorchBackend(TokenizedBackend):
         kind = self._source.kind
         if kind is ModelKind.CROSS_ENCODER:
             probes = self.tokenize_pairs([(PROBES[0], text) for text in PROBES])
+        elif kind is ModelKind.CLASSIFIER:
+            probes = self.tokenize_texts(PROBES)
+            kind = ModelKind.BI_ENCODER  # label logits compare as vectors (their direction)
         else:
             probes = self.tokenize_texts(PROBES)
         dtype, self._dtype = self._dtype, torch.float32
@@ -144,16 +149,33 @@ class TorchBackend(TokenizedBackend):
             trust_remote_code=self._source.trust_remote_code,
             model_kwargs=self._model_kwargs or None,
         )
-        if model.num_labels != 1:
+        if model.num_labels != 1 and self._source.kind is ModelKind.CROSS_ENCODER:
             raise StartupError(
-                f"model {self._source.name} has {model.num_labels} labels; only single-label "
-                "cross-encoders (rerankers) can be served"
+                f"model {self._source.name} has {model.num_labels} labels: a classifier, not a reranker "
+                "(MODEL_TASK=rerank asks for one); serve it with MODEL_TASK=auto on /predict"
             )
         self._layers = list(model.children())
         self._normalizes = False
         self._model = model
         self._max_length = int(model.max_length or self._source.layout.position_limit or 512)
         self._dimension = None
+
+    def _load_sparse_encoder(self) -> None:
+        """A SPLADE model (MLMTransformer + SpladePooling): one vocabulary-sized vector per text."""
+        from sentence_transformers import SparseEncoder
+
+        model = SparseEncoder(
+            str(self._source.path),
+            device=str(self._device),
+            local_files_only=True,
+            trust_remote_code=self._source.trust_remote_code,
+            model_kwargs=self._model_kwargs or None,
+        )
+        self._layers = list(model.children())
+        self._normalizes = False
+        self._model = model
+        self._max_length = int(model.max_seq_length or 512)
+        self._dimension = int(model.get_embedding_dimension() or 0)
 
     def info(self) -> ModelInfo:
         details = {"half_precision_agreement": self.half_agreement.text} if self.half_agreement else {}
@@ -190,7 +212,9 @@ class TorchBackend(TokenizedBackend):
         return self._model
 
     def run_layers(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model from token ids to its output: logits [n] or pooled vectors [n, dim]."""
+        """The model from token ids to its output: logits [n] (a reranker), [n, labels] (a
+        classifier), or pooled vectors [n, dim] (vocabulary-sized for a sparse model)."""
+        count = len(features["input_ids"])
         if self._template is not None:  # a causal LM reranker: the logits of the last position only
             features = {**features, "logits_to_keep": 1}
             features.pop("token_type_ids", None)
@@ -200,6 +224,8 @@ class TorchBackend(TokenizedBackend):
                 features = upcast(features)  # everything after the transformer runs on float32
         if self._source.kind is ModelKind.CROSS_ENCODER:
             return features["scores"].reshape(-1)
+        if self._source.kind is ModelKind.CLASSIFIER:
+            return features["scores"].reshape(count, -1)
         return features["sentence_embedding"]
 
 

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
+from reranker.backends.base import TEXT_KINDS, Backend, Encoded, ModelInfo, ModelKind
 from reranker.engine import resources
 from reranker.engine.adaptive import BatchSizer, process_rss_bytes
 from reranker.engine.cache import DISABLED_STATS, PredictionCache
@@ -37,7 +37,7 @@ def calibration_batches(backend: Backend, batch_size: int) -> list[list[Encoded]
     """Batches of a few sizes and lengths (cheap: at most 8 x 128 tokens) to time at start-up."""
     info = backend.info()
     words = " ".join(f"calibration{i % 50}" for i in range(400))
-    if info.kind is ModelKind.BI_ENCODER:
+    if info.kind in TEXT_KINDS:
         (longest,) = backend.tokenize_texts([words])
     else:
         (longest,) = backend.tokenize_pairs([("calibration query", words)])

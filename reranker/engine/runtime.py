@@ -286,24 +286,36 @@ class Runtime:
                 return model
         raise ModelNotFoundError(requested, self.served_names())
 
-    def model_for(self, requested: str | None, capability: str) -> ServedModel:
+    def model_for(self, requested: str | None, capability: str | tuple[str, ...]) -> ServedModel:
         """The model that serves a request: the one it names (on a one-model server any name is
         that model, so a migrating client keeps its own), else the first able to serve it."""
         self._require_ready()
-        able = [model for model in self.models if model.serves(capability)]
+        wanted = (capability,) if isinstance(capability, str) else capability
+        able = [model for model in self.models if any(model.serves(c) for c in wanted)]
+        capability = " or ".join(wanted)
         if requested is not None and len(self.models) > 1:
             model = self.named(requested)
             if model not in able:
+                hint = (
+                    "; a sparse model answers on /embed_sparse and /embed"
+                    if model.serves("embed_sparse")
+                    else ""
+                )
                 raise UnsupportedOperationError(
                     f"model {model.name!r} ({model.info.kind.value if model.info else '?'}) cannot "
-                    f"{capability}; models that can: {[m.name for m in able] or 'none'}"
+                    f"{capability}; models that can: {[m.name for m in able] or 'none'}{hint}"
                 )
             return model
         if capability == "rerank":  # a cross-encoder first: what /rerank is for
             able.sort(key=lambda model: model.info is None or "embed" in model.info.capabilities)
         if not able:
             kinds = ", ".join(f"{m.name} ({m.info.kind.value})" for m in self.models if m.info)
-            raise UnsupportedOperationError(f"the models served here cannot {capability}: {kinds}")
+            hint = (
+                "; a sparse model answers on /embed_sparse and /embed"
+                if "embed" in wanted and any(m.serves("embed_sparse") for m in self.models)
+                else ""
+            )
+            raise UnsupportedOperationError(f"the models served here cannot {capability}: {kinds}{hint}")
         return able[0]
 
     # ---- reports -------------------------------------------------------------------------

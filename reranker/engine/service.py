@@ -117,6 +117,24 @@ class EmbedOutcome:
     timing: Timing
 
 
+@dataclass(frozen=True, slots=True)
+class ClassifyOutcome:
+    logits: np.ndarray  # [inputs, labels], raw
+    scores: np.ndarray  # [inputs, labels]: softmax over labels, or a sigmoid each (one label, multi-label)
+    tokens: int
+    truncated: int
+    timing: Timing
+
+
+def label_scores(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """A classifier's scores from its logits, as transformers' pipeline and TEI compute them:
+    a sigmoid per label for one label or multi-label models, else a softmax over the labels."""
+    if multi_label or logits.shape[1] == 1:
+        return sigmoid(logits)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
@@ -311,13 +329,47 @@ class InferenceService:
             computed = await self._compute(
                 keys, tokenize, refuse_document if refuse else None, background, skip_first=given
             )
-            if query_vector is None:
-                query_vector = l2_normalize(computed.outputs[0][0])
             windows = [len(vectors) for vectors in computed.outputs[1:]]
-            ranking = best_cosines(computed.outputs[1:], windows, query_vector)
+            if self.kind is ModelKind.SPARSE:  # SPLADE scores by the dot product of the weights
+                if query_vector is None:
+                    query_vector = computed.outputs[0][0].astype(np.float64)
+                dots = [(vectors.astype(np.float64) @ query_vector).max() for vectors in computed.outputs[1:]]
+                ranking = np.array(dots, dtype=np.float64)
+            else:
+                if query_vector is None:
+                    query_vector = l2_normalize(computed.outputs[0][0])
+                ranking = best_cosines(computed.outputs[1:], windows, query_vector)
             scores = ranking.astype(np.float32)
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
         return RerankOutcome(scores, ranking, computed.tokens, computed.timing, windows, cut)
+
+    async def classify(
+        self, inputs: Sequence[str | tuple[str, str]], allow_truncation: bool = True, background: bool = False
+    ) -> ClassifyOutcome:
+        """Label scores of each input, a text or a (text, text) pair, by a classifier. With
+        ``allow_truncation`` False an input over the model window raises ``TextTooLongError``."""
+        info = self._info
+        if self.kind is not ModelKind.CLASSIFIER:
+            raise UnsupportedOperationError(f"the model {info.name} is a {self.kind.value}, not a classifier")
+        keys = [("label", item) if isinstance(item, str) else ("label-pair", *item) for item in inputs]
+
+        def tokenize(positions: list[int]) -> list[Windows]:
+            texts = [p for p in positions if isinstance(inputs[p], str)]
+            pairs = [p for p in positions if not isinstance(inputs[p], str)]
+            encoded = dict(
+                zip(texts, self._backend.tokenize_texts([str(inputs[p]) for p in texts]), strict=True)
+            )
+            paired = self._backend.tokenize_pairs([tuple(inputs[p]) for p in pairs])  # type: ignore[misc]
+            encoded.update(zip(pairs, paired, strict=True))
+            return [Windows([encoded[p]], encoded[p].truncated) for p in positions]
+
+        def refuse(position: int) -> None:
+            raise TextTooLongError(position, info.max_length)
+
+        computed = await self._compute(keys, tokenize, None if allow_truncation else refuse, background)
+        logits = np.stack([output[0] for output in computed.outputs]).astype(np.float64)
+        scores = label_scores(logits, info.multi_label)
+        return ClassifyOutcome(logits, scores, computed.tokens, len(computed.truncated), computed.timing)
 
     def check_instruction(self, instruction: str | None) -> None:
         """InvalidInputError (422) for an instruction given to a model that takes none."""
@@ -333,7 +385,8 @@ class InferenceService:
         """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied),
         and its tokens (which a rerank counts in its usage)."""
         prompt = query_prompt(self._info)
-        outcome = await self.embed([prompt + query], normalize=True, background=background, prompt="")
+        normalize = self.kind is ModelKind.BI_ENCODER  # a sparse model's query weights as they are
+        outcome = await self.embed([prompt + query], normalize=normalize, background=background, prompt="")
         return outcome.vectors[0], outcome.tokens
 
     @property
@@ -396,10 +449,11 @@ class InferenceService:
         ``TextTooLongError`` naming its position, before any model work.
         """
         info = self._info
-        if self.kind is not ModelKind.BI_ENCODER:
+        if self.kind not in (ModelKind.BI_ENCODER, ModelKind.SPARSE):
+            what = "scores pairs" if self.kind is ModelKind.CROSS_ENCODER else "labels texts"
             raise UnsupportedOperationError(
-                f"the loaded model {info.name} is a cross-encoder: it scores pairs and cannot embed; "
-                "use /rerank, or serve a bi-encoder"
+                f"the loaded model {info.name} is a {self.kind.value}: it {what} and cannot embed; "
+                "use /rerank or /predict, or serve a bi-encoder"
             )
         if prompt is None:
             prompt = self.embed_prompt(None, None)
@@ -421,6 +475,8 @@ class InferenceService:
         rows = computed.rows
         vectors = rows if rows is not None else np.stack([output[0] for output in computed.outputs])
         vectors = vectors.astype(np.float32, copy=False)
-        if info.normalize_embeddings if normalize is None else normalize:
-            vectors = l2_normalize(vectors)
+        if self.kind is ModelKind.BI_ENCODER and (
+            info.normalize_embeddings if normalize is None else normalize
+        ):
+            vectors = l2_normalize(vectors)  # a sparse model's weights are never normalised
         return EmbedOutcome(vectors, computed.tokens, len(computed.truncated), computed.timing)

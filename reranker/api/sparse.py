@@ -1,0 +1,64 @@
+"""Sparse (SPLADE) embeddings: TEI's ``POST /embed_sparse`` and this server's ``/embed`` on a
+sparse model (``{"chunk_id", "indices", "values"}`` per chunk: what Qdrant, Milvus, OpenSearch
+and Elasticsearch take). Only the non-zero weights are sent, in ascending token-id order; a
+request's ``top_k`` keeps the largest."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+from reranker.api.body import read_json, unless_disconnected, validate
+from reranker.api.dialects import TEI, speak
+from reranker.api.observe import model_of, runtime_of, timing_headers
+from reranker.api.responses import json_response
+from reranker.api.schemas import check_embed_limits
+from reranker.api.tei import TeiInputs, long_refused
+from reranker.api.text_limits import fit_texts
+from reranker.engine.service import EmbedOutcome
+
+
+class TeiSparseRequest(TeiInputs):
+    prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
+
+
+def sparse(vector: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero entries of ``vector`` (the ``top_k`` largest, when given) by ascending index."""
+    indices = np.flatnonzero(vector)
+    if top_k is not None and top_k < len(indices):
+        largest = np.argpartition(-vector[indices], top_k - 1)[:top_k]
+        indices = np.sort(indices[largest])
+    return indices, vector[indices]
+
+
+async def embed_sparse(request: Request, data: Any, started: float) -> Response:
+    """TEI's ``POST /embed_sparse``: ``[[{"index", "value"}, ...], ...]``, one list per input."""
+    speak(request, TEI)
+    runtime = runtime_of(request)
+    body = validate(TeiSparseRequest, data)
+    texts = body.texts()
+    check_embed_limits(runtime.settings, texts)
+    model = model_of(request, None, "embed_sparse")
+    service = model.require_service()
+    labels = [f"inputs.{i}" for i in range(len(texts))]
+    texts = fit_texts(runtime.settings, texts, labels, service.max_tokens if body.truncate else None, "")
+    prompt = service.embed_prompt(body.prompt_name, None)
+    work = unless_disconnected(request, service.embed(texts, allow_truncation=body.truncate, prompt=prompt))
+    outcome: EmbedOutcome = await long_refused(work, "inputs", service.max_tokens)
+    answer = []
+    for vector in outcome.vectors:
+        indices, values = sparse(vector)
+        answer.append([{"index": int(i), "value": float(v)} for i, v in zip(indices, values, strict=True)])
+    return await json_response(answer, headers=timing_headers(request, outcome.timing, started, len(texts)))
+
+
+async def embed_sparse_route(request: Request) -> Response:
+    started = time.perf_counter()
+    settings = runtime_of(request).settings
+    data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
+    return await embed_sparse(request, data, started)

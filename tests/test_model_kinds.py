@@ -1,0 +1,200 @@
+"""The model kinds beyond bi-encoders and rerankers: classifiers on TEI's /predict and POST /,
+Infinity's /infinity/classify; SPLADE sparse models on /embed_sparse, /embed and /rerank.
+Tiny models built in the session (tests/kind_models.py), each against its in-process library."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reranker.api.app import create_app
+from reranker.errors import StartupError
+from tests.conftest import make_settings
+from tests.kind_models import SENTIMENT, TOPICS, classifier, classifier_logits, splade
+from tests.server import ServerThread
+
+TEXTS = ["the weather in berlin is warm today", "rain", "what is the population of paris"]
+PAIR = ("what is the capital of germany", "berlin is the capital of germany")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kinds")
+    return {
+        "sentiment": classifier(root / "sentiment"),
+        "topics": classifier(root / "topics", TOPICS, multi_label=True),
+        "splade": splade(root / "splade"),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(models: dict[str, Path], embedded_path: Path) -> Iterator[ServerThread]:
+    listed = ",".join(f"{name}={path}" for name, path in models.items())
+    with ServerThread(create_app(make_settings(models=f"{listed},embed={embedded_path}"))) as running:
+        assert running.runtime.status.value == "healthy", running.runtime.error
+        yield running
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def by_label(answer: list[dict]) -> dict[str, float]:
+    return {item["label"]: item["score"] for item in answer}
+
+
+def test_classifier_kinds_are_detected_with_their_labels(server: ServerThread) -> None:
+    health = server.client().get("/health").json()["models"]
+    assert health["sentiment"]["kind"] == "classifier"
+    assert health["sentiment"]["capabilities"] == ["classify"]
+    assert health["topics"]["kind"] == "classifier"
+    assert health["splade"]["kind"] == "sparse" and health["splade"]["capabilities"] == [
+        "embed_sparse",
+        "rerank",
+    ]
+
+
+def test_predict_equals_transformers_for_texts_pairs_and_batches(server: ServerThread, models) -> None:
+    expected = softmax(classifier_logits(models["sentiment"], [*TEXTS, PAIR]))
+    with server.client() as client:
+        one = client.post("/models/sentiment/predict", json={"inputs": TEXTS[0]}).json()
+        pair = client.post("/models/sentiment/predict", json={"inputs": list(PAIR)}).json()
+        batch = client.post(
+            "/models/sentiment/predict", json={"inputs": [[text] for text in TEXTS] + [list(PAIR)]}
+        ).json()
+        raw = client.post("/models/sentiment/predict", json={"inputs": TEXTS[0], "raw_scores": True}).json()
+        default = client.post("/predict", json={"inputs": TEXTS[0]}).json()  # the first classifier
+    assert [item["score"] for item in one] == sorted((item["score"] for item in one), reverse=True)
+    assert set(by_label(one)) == set(SENTIMENT)
+    np.testing.assert_allclose([by_label(one)[label] for label in SENTIMENT], expected[0], atol=1e-5)
+    np.testing.assert_allclose([by_label(pair)[label] for label in SENTIMENT], expected[3], atol=1e-5)
+    assert len(batch) == 4
+    for row, want in zip(batch, expected, strict=True):
+        np.testing.assert_allclose([by_label(row)[label] for label in SENTIMENT], want, atol=1e-5)
+    logits = classifier_logits(models["sentiment"], [TEXTS[0]])[0]
+    np.testing.assert_allclose([by_label(raw)[label] for label in SENTIMENT], logits, atol=1e-5)
+    assert default == one
+
+
+def test_multi_label_classifier_scores_each_label_with_a_sigmoid(server: ServerThread, models) -> None:
+    logits = classifier_logits(models["topics"], TEXTS)
+    with server.client() as client:
+        answer = client.post("/infinity/classify", json={"model": "topics", "input": TEXTS}).json()
+    assert answer["object"] == "classify" and answer["model"] == "topics"
+    for row, want in zip(answer["data"], 1 / (1 + np.exp(-logits)), strict=True):
+        np.testing.assert_allclose([by_label(row)[label] for label in TOPICS], want, atol=1e-5)
+
+
+def test_predict_refuses_bad_shapes_and_long_inputs_by_name(server: ServerThread) -> None:
+    with server.client() as client:
+        three = client.post("/predict", json={"inputs": ["a", "b", "c"]})
+        empty = client.post("/predict", json={"inputs": []})
+        long = client.post("/predict", json={"inputs": [["x"], ["word " * 600]], "truncate": False})
+        embed_on_classifier = client.post("/v1/embeddings", json={"model": "sentiment", "input": "x"})
+    assert three.status_code == 422 and "one pair" in three.json()["error"]
+    assert empty.status_code == 422
+    assert long.status_code == 422 and "inputs.1" in long.json()["error"]
+    assert embed_on_classifier.status_code == 400
+    assert "models that can: ['embed']" in embed_on_classifier.json()["error"]["message"]
+
+
+def test_huggingface_hub_text_classification_against_root(models: dict[str, Path], monkeypatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import InferenceClient
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", False
+    )  # the model is loaded: a loopback call
+
+    with ServerThread(create_app(make_settings(local_model_path=str(models["sentiment"])))) as one:
+        result = InferenceClient(base_url=one.url).text_classification(TEXTS[0])
+    expected = softmax(classifier_logits(models["sentiment"], [TEXTS[0]]))[0]
+    best = int(np.argmax(expected))
+    assert result[0].label == SENTIMENT[best] and len(result) == len(SENTIMENT)
+    np.testing.assert_allclose(
+        [by_label([vars(i) for i in result])[label] for label in SENTIMENT], expected, atol=1e-5
+    )
+
+
+def sparse_reference(path: Path, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SparseEncoder
+
+    encoded = SparseEncoder(str(path), device="cpu").encode(texts, convert_to_tensor=True)
+    return encoded.to_dense().numpy()
+
+
+def test_embed_sparse_equals_sparse_encoder(server: ServerThread, models) -> None:
+    expected = sparse_reference(models["splade"], TEXTS)
+    with server.client() as client:
+        tei = client.post("/embed_sparse", json={"inputs": TEXTS}).json()
+        ours = client.post(
+            "/embed",
+            json={
+                "model": "splade",
+                "batch_id": "b",
+                "chunks": [{"chunk_id": str(i), "content": t} for i, t in enumerate(TEXTS)],
+            },
+        ).json()
+        top = client.post(
+            "/embed",
+            json={
+                "model": "splade",
+                "batch_id": "b",
+                "top_k": 5,
+                "chunks": [{"chunk_id": "a", "content": TEXTS[0]}],
+            },
+        ).json()
+    for got, want, chunk in zip(tei, expected, ours["vectors"], strict=True):
+        indices = [item["index"] for item in got]
+        assert indices == sorted(indices) == list(np.flatnonzero(want))
+        np.testing.assert_allclose([item["value"] for item in got], want[indices], atol=1e-5)
+        assert chunk["indices"] == indices
+        np.testing.assert_allclose(chunk["values"], want[indices], atol=1e-5)
+    largest = np.sort(np.argsort(-expected[0])[:5])
+    assert top["vectors"][0]["indices"] == largest.tolist()
+
+
+def test_sparse_rerank_scores_by_dot_product_and_dense_routes_refuse(server: ServerThread, models) -> None:
+    expected = sparse_reference(models["splade"], TEXTS)
+    with server.client() as client:
+        ranked = client.post(
+            "/rerank", json={"model": "splade", "query": TEXTS[0], "documents": TEXTS[1:]}
+        ).json()
+        dense = client.post("/v1/embeddings", json={"model": "splade", "input": "x"})
+    scores = {r["index"]: r["score"] for r in ranked["results"]}
+    np.testing.assert_allclose([scores[0], scores[1]], expected[1:] @ expected[0], rtol=1e-5)
+    assert dense.status_code == 400 and "/embed_sparse" in dense.json()["error"]["message"]
+
+
+def test_onnx_and_mlx_refuse_the_new_kinds_naming_torch(models: dict[str, Path]) -> None:
+    from reranker.backends.factory import create_backend
+
+    for backend in ("onnx", "mlx"):
+        for name in ("sentiment", "splade"):
+            settings = make_settings(local_model_path=str(models[name]), backend=backend)
+            with pytest.raises(StartupError, match="BACKEND=torch"):
+                create_backend(settings)
+
+
+def test_model_task_rerank_refuses_a_classifier_and_classify_needs_one(models, embedded_path) -> None:
+    from reranker.backends.factory import create_backend, preflight
+
+    with pytest.raises(StartupError, match="3 labels: a classifier"):
+        create_backend(make_settings(local_model_path=str(models["sentiment"]), model_task="rerank"))
+    with pytest.raises(StartupError, match=r"MODEL_TASK=classify: model .* is a bi-encoder"):
+        preflight(make_settings(local_model_path=str(embedded_path), model_task="classify"))
+
+
+def test_an_inference_free_sparse_model_is_refused_naming_its_router(models, tmp_path: Path) -> None:
+    """Not served yet (queries need the static table, documents the model): refused at start-up
+    naming the module, never run with a module skipped."""
+    from reranker.backends.factory import preflight
+    from tests.kind_models import inference_free_splade
+
+    path = inference_free_splade(tmp_path / "inference-free", models["splade"])
+    with pytest.raises(StartupError, match="Router"):
+        preflight(make_settings(local_model_path=str(path)))
