@@ -5,7 +5,9 @@ The fenced ``bash`` / ``sh`` / ``python`` blocks are extracted. A block preceded
 listed); every other block runs: shell through bash, python through this interpreter, with the
 server's ``localhost:8000`` rewritten to a real server on a free port. By default that server
 serves the embedded model (outputs are real); a block preceded by ``<!-- server: two-models -->``
-goes to a server of two fake models named ``embed`` and ``rerank``. A block must exit 0 (curl
+goes to a server of two fake models named ``embed`` and ``rerank``, and one preceded by
+``<!-- server: kinds -->`` to tiny random-weight models named ``sentiment`` (a 3-label classifier)
+and ``splade`` (a sparse model). A block must exit 0 (curl
 is run with ``--fail-with-body``, so an HTTP error fails it); when a ```json block follows it, its
 output is compared with that JSON: every key shown must be there with the value shown (floats to
 1e-4, lists item by item as far as shown), except the volatile ``timing_ms`` and ``id``.
@@ -30,6 +32,7 @@ from reranker.backends.base import ModelKind
 from reranker.backends.fake import FakeBackend
 from reranker.model_specs import model_specs
 from tests.conftest import make_settings
+from tests.kind_models import classifier, splade
 from tests.server import ServerThread
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,26 +104,40 @@ def test_the_docs_have_runnable_examples_and_every_skip_says_why() -> None:
     assert all(block.not_run for block in skipped), [b.where for b in skipped if not b.not_run]
     assert len(RUNNABLE) >= 10, [b.where for b in RUNNABLE]
     assert {block.doc for block in RUNNABLE} >= {"README.md", "docs/API.md", "docs/MODELS.md"}
-    assert {block.server for block in BLOCKS} <= {"model", "two-models"}
+    assert {block.server for block in BLOCKS} <= {"model", "two-models", "kinds"}
     # An example that names the server must reach it through the rewritten URL.
     for block in RUNNABLE:
         assert LOCAL_URL.search(block.code), f"{block.where} does not call the server: mark it not-run"
 
 
+def start_server(name: str, root: Path) -> ServerThread:
+    if name == "model":  # the embedded model: real outputs, compared where the doc shows them
+        return ServerThread(create_app(make_settings())).start()
+    if name == "two-models":  # routing by name: what the answers say does not matter
+        settings = make_settings(models="embed=fake-embedder,rerank=fake-reranker")
+        backends = {"embed": FakeBackend(), "rerank": FakeBackend(kind=ModelKind.CROSS_ENCODER)}
+        return ServerThread(create_app(settings, backends=backends)).start()
+    # "kinds": a tiny random-weight 3-label classifier and SPLADE model (tests/kind_models.py)
+    models = f"sentiment={classifier(root / 'sentiment')},splade={splade(root / 'splade')}"
+    return ServerThread(create_app(make_settings(models=models))).start()
+
+
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, ServerThread]]:
-    model = ServerThread(create_app(make_settings())).start()
-    two = ServerThread(
-        create_app(
-            make_settings(models="embed=fake-embedder,rerank=fake-reranker"),
-            backends={"embed": FakeBackend(), "rerank": FakeBackend(kind=ModelKind.CROSS_ENCODER)},
-        )
-    ).start()
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerThread]]:
+    """The servers the examples ask for, each started on first use."""
+    started: dict[str, ServerThread] = {}
+    root = tmp_path_factory.mktemp("doc-models")
+
+    class Servers(dict):
+        def __missing__(self, name: str) -> ServerThread:
+            started[name] = start_server(name, root)
+            return started[name]
+
     try:
-        yield {"model": model, "two-models": two}
+        yield Servers()
     finally:
-        model.stop()
-        two.stop()
+        for server in started.values():
+            server.stop()
 
 
 CURL_FAILS_ON_HTTP_ERRORS = 'curl() { command curl --fail-with-body --show-error "$@"; }\n'
