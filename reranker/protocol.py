@@ -136,6 +136,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "port": settings.port,
         "log_level": settings.log_level,
         "log_config": None,  # keep the logging configured by reranker.logging_setup
+        "access_log": False,  # one line per request: the middleware's (probes at debug)
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         "timeout_keep_alive": settings.keepalive_timeout_s,
         "http": protocol_for(settings),

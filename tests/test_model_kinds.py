@@ -198,3 +198,18 @@ def test_an_inference_free_sparse_model_is_refused_naming_its_router(models, tmp
     path = inference_free_splade(tmp_path / "inference-free", models["splade"])
     with pytest.raises(StartupError, match="Router"):
         preflight(make_settings(local_model_path=str(path)))
+
+
+def test_embed_all_equals_sentence_transformers_token_embeddings(
+    server: ServerThread, sentence_transformer
+) -> None:
+    expected = sentence_transformer.encode(TEXTS, output_value="token_embeddings")
+    with server.client() as client:
+        answer = client.post("/embed_all", json={"inputs": TEXTS})
+        single = client.post("/models/embed/embed_all", json={"inputs": TEXTS[1]}).json()
+        on_splade = client.post("/models/splade/embed_all", json={"inputs": "x"})
+    assert answer.status_code == 200
+    for got, want in zip(answer.json(), expected, strict=True):
+        np.testing.assert_allclose(np.array(got), want.numpy(), atol=1e-5)
+    assert len(single) == 1 and len(single[0]) == len(expected[1])
+    assert on_splade.status_code == 400

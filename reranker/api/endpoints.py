@@ -14,7 +14,20 @@ from enum import Enum
 from pydantic import BaseModel
 from starlette.routing import BaseRoute, Mount, Route
 
-from reranker.api import classify, docs, embed, health, infinity, jobs, landing, rerank, runpod, sparse, tei
+from reranker.api import (
+    classify,
+    docs,
+    embed,
+    embed_all,
+    health,
+    infinity,
+    jobs,
+    landing,
+    rerank,
+    runpod,
+    sparse,
+    tei,
+)
 from reranker.api import response_models as out
 from reranker.api.observe import Handler, observed
 from reranker.api.openapi import openapi_json
@@ -214,6 +227,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         sparse.embed_sparse_route,
         "Text-embeddings-inference: sparse (SPLADE) weights of each input",
         out.TeiSparse,
+        sparse.TeiSparseRequest,
+        INFERENCE_ERRORS,
+        Counted.INFERENCE,
+        per_model=True,
+    ),
+    Endpoint(
+        "/embed_all",
+        "POST",
+        embed_all.embed_all,
+        "Text-embeddings-inference: every token's vector of each input, before pooling",
+        out.TokenVectors,
         sparse.TeiSparseRequest,
         INFERENCE_ERRORS,
         Counted.INFERENCE,

@@ -2,11 +2,11 @@
 
 The id is the caller's ``X-Request-ID`` when it is a sane token (letters, digits,
 ``._:-``, at most 128), else a fresh one; it is set for every log line written while
-the request is served (uvicorn's access line included) and returned in the response's
+the request is served and returned in the response's
 ``X-Request-ID``. The closing line carries endpoint, status, items, queue and
 inference time and batch size (what the handler put in ``request.state``), as JSON
-fields and in the text line alike; health and
-metrics probes log at debug. Request bodies are logged only with LOG_REQUEST_BODIES=true
+fields and in the text line alike: the only line per request (uvicorn's access log is off);
+health and metrics probes log at debug (LOG_LEVEL=debug shows them). Request bodies are logged only with LOG_REQUEST_BODIES=true
 (they hold the users' documents); headers never are (they hold API keys).
 """
 

@@ -309,3 +309,7 @@ class InfinityClassifyResponse(BaseModel):
     usage: OpenAIUsage
     id: str
     created: int
+
+
+class TokenVectors(RootModel[list[list[list[float]]]]):
+    """Text-embeddings-inference's POST /embed_all: per input, per token, its hidden state."""

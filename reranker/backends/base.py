@@ -94,6 +94,21 @@ class TokenSpan:
     special: bool
 
 
+class TokenVectors:
+    """A backend seen as its transformer's last hidden states: ``forward`` answers an object
+    array, one ``[tokens, hidden]`` float32 array per item (padding left out). What a second
+    controller of the model batches for /embed_all."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
+        return self.backend.token_vectors(batch)
+
+    def info(self) -> ModelInfo:
+        return self.backend.info()
+
+
 class Backend(ABC):
     """Score pairs or embed texts. ``forward`` is called from worker threads."""
 
@@ -116,8 +131,18 @@ class Backend(ABC):
         """Run one batch.
 
         Cross-encoder: raw logits, shape ``[n]`` (no activation: post-processing is ours).
+        Classifier: raw logits, shape ``[n, labels]``.
         Bi-encoder: pooled embeddings before any normalisation, shape ``[n, dim]``.
+        Sparse: the pooled vocabulary-sized weights, shape ``[n, vocabulary]``.
         """
+
+    serves_token_vectors = False  # True: ``token_vectors`` answers (/embed_all)
+
+    def token_vectors(self, batch: Sequence[Encoded]) -> np.ndarray:
+        """Per item, the transformer's last hidden state of each of its tokens (before pooling)."""
+        raise UnsupportedOperationError(
+            f"{type(self).__name__} does not answer token vectors: BACKEND=torch does"
+        )
 
     # Long documents. Backends with a real tokenizer cut overflowing text into overlapping
     # windows; this default (the fake backend's) makes one window, plainly truncated.

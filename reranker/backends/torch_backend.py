@@ -207,6 +207,22 @@ class TorchBackend(TokenizedBackend):
         return self.run_layers(features).float().cpu().numpy()
 
     @property
+    def serves_token_vectors(self) -> bool:  # type: ignore[override]
+        return self._source.kind is ModelKind.BI_ENCODER and self._template is None
+
+    @torch.inference_mode()
+    def token_vectors(self, batch: Sequence[Encoded]) -> np.ndarray:
+        """Per item, the transformer's last hidden state of each of its tokens, padding left out."""
+        arrays = self.tokenizer.collate(batch)
+        mask = arrays["attention_mask"].astype(bool)
+        features = {name: torch.from_numpy(array).to(self._device) for name, array in arrays.items()}
+        hidden = self._layers[0](features)["token_embeddings"].float().cpu().numpy()
+        answer = np.empty(len(batch), dtype=object)
+        for row, (states, keep) in enumerate(zip(hidden, mask, strict=True)):
+            answer[row] = np.ascontiguousarray(states[keep])
+        return answer
+
+    @property
     def module(self) -> torch.nn.Module:
         """The loaded sentence-transformers model (for exporters)."""
         return self._model

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from reranker.backends.base import TEXT_KINDS, Backend, Encoded, ModelInfo, ModelKind
+from reranker.backends.base import TEXT_KINDS, Backend, Encoded, ModelInfo, ModelKind, TokenVectors
 from reranker.engine import resources
 from reranker.engine.adaptive import BatchSizer, process_rss_bytes
 from reranker.engine.cache import DISABLED_STATS, PredictionCache
@@ -67,6 +67,7 @@ class ServedModel:
         self.injected = backend is not None  # tests: a ready backend, its cost model unmeasured
         self.info: ModelInfo | None = None
         self.controller: InferenceController | None = None
+        self.token_controller: InferenceController | None = None  # /embed_all, when the backend answers it
         self.service: InferenceService | None = None
         self.cache: PredictionCache | None = None
         self.error: str | None = None
@@ -85,9 +86,13 @@ class ServedModel:
     def ready(self) -> bool:
         return self.service is not None and self.failure() is None
 
+    def controllers(self) -> list[InferenceController]:
+        return [c for c in (self.controller, self.token_controller) if c is not None]
+
     def failure(self) -> str | None:
-        if self.controller is not None and self.controller.failure:
-            return self.controller.failure
+        for controller in self.controllers():
+            if controller.failure:
+                return controller.failure
         return None
 
     def serves(self, capability: str) -> bool:
@@ -129,11 +134,30 @@ class ServedModel:
             await asyncio.to_thread(controller.calibrate, calibration_batches(backend, batch_size))
         self.memory_bytes = max(0, process_rss_bytes() - rss_before)
         controller.start()
+        if backend.serves_token_vectors:  # its own queue and batches; the device gate is the same
+            tokens = InferenceController(
+                TokenVectors(backend),  # type: ignore[arg-type]
+                batch_size=batch_size,
+                max_parallel=settings.max_parallel_requests,
+                max_queue=settings.max_queue_size,
+                metrics=self.metrics,
+                max_batch_tokens=settings.max_batch_tokens,
+                group_by_length=settings.batch_length_grouping,
+                max_request_s=None,
+                gate=self._gate,
+            )
+            tokens.start()
+            self.token_controller = tokens
         info = backend.info()
         self.backend, self.controller, self.info = backend, controller, info
         self.cache = prediction_cache(settings, info)
         self.service = InferenceService(
-            backend, controller, settings.request_timeout_s, self.cache, settings.default_prompt_name
+            backend,
+            controller,
+            settings.request_timeout_s,
+            self.cache,
+            settings.default_prompt_name,
+            token_controller=self.token_controller,
         )
         named = f"{self.spec.name} = " if self.spec.name else ""
         log.info(

@@ -244,25 +244,22 @@ class Runtime:
             self.status = Status.DRAINING
         self.jobs.draining = True
         unfinished = 0
-        for model in self.models:
-            if model.controller is not None:
-                model.controller.stop_admitting()
-                unfinished += model.controller.queued + model.controller.in_flight
+        for controller in (c for model in self.models for c in model.controllers()):
+            controller.stop_admitting()
+            unfinished += controller.queued + controller.in_flight
         return unfinished
 
     async def wait_idle(self) -> None:
-        for model in self.models:
-            if model.controller is not None:
-                await model.controller.wait_idle()
+        for controller in (c for model in self.models for c in model.controllers()):
+            await controller.wait_idle()
 
     async def stop(self) -> None:
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
             await asyncio.gather(self._loader, return_exceptions=True)
         await self.jobs.close()
-        for model in self.models:
-            if model.controller is not None:
-                await model.controller.close()
+        for controller in (c for model in self.models for c in model.controllers()):
+            await controller.close()
 
     # ---- routing -------------------------------------------------------------------------
 

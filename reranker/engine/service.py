@@ -175,9 +175,11 @@ class InferenceService:
         timeout_s: float,
         cache: PredictionCache | None = None,
         default_prompt_name: str | None = None,
+        token_controller: InferenceController | None = None,
     ) -> None:
         self._backend = backend
         self._controller = controller
+        self._token_controller = token_controller  # /embed_all: the model's hidden states per token
         self._timeout_s = timeout_s
         self._cache = cache
         info = backend.info()
@@ -370,6 +372,35 @@ class InferenceService:
         logits = np.stack([output[0] for output in computed.outputs]).astype(np.float64)
         scores = label_scores(logits, info.multi_label)
         return ClassifyOutcome(logits, scores, computed.tokens, len(computed.truncated), computed.timing)
+
+    async def embed_tokens(
+        self, texts: Sequence[str], allow_truncation: bool = True, prompt: str | None = None
+    ) -> tuple[list[np.ndarray], int, Timing]:
+        """Per text, one vector per token the model saw (special and prompt tokens included),
+        before pooling or normalisation: the hidden states, ``[tokens, hidden]`` each."""
+        info = self._info
+        if self._token_controller is None:
+            why = (
+                "it is not a bi-encoder"
+                if self.kind is not ModelKind.BI_ENCODER
+                else "its backend does not answer them"
+            )
+            raise UnsupportedOperationError(
+                f"the model {info.name} ({self.kind.value} on {info.backend}) cannot give token vectors: "
+                f"{why}; BACKEND=torch serves them for bi-encoders"
+            )
+        if prompt is None:
+            prompt = self.embed_prompt(None, None)
+        arrived_at = asyncio.get_running_loop().time()
+        encoded = await asyncio.to_thread(self._backend.tokenize_texts, [prompt + text for text in texts])
+        cut = next((i for i, item in enumerate(encoded) if item.truncated), None)
+        if cut is not None and not allow_truncation:
+            raise TextTooLongError(cut, info.max_length)
+        result = await self._token_controller.run(
+            encoded, self._timeout_s, False, "REQUEST_TIMEOUT_S", arrived_at
+        )
+        timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, 0, result.batches)
+        return list(result.outputs), sum(len(item) for item in encoded), timing
 
     def check_instruction(self, instruction: str | None) -> None:
         """InvalidInputError (422) for an instruction given to a model that takes none."""
