@@ -418,7 +418,7 @@ class Settings(BaseSettings):
         description="`debug`, `info`, `warning`, `error` or `critical`; `warning` drops per-request lines.",
     )
     log_format: LogFormat = Field(
-        "text", description="`text` or `json` (one JSON object a line, uvicorn's lines too)."
+        "text", description="`text` or `json` (one JSON object a line, one line per request)."
     )
     log_request_bodies: bool = Field(
         False,
