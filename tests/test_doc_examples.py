@@ -222,3 +222,17 @@ def test_models_file_example_is_a_valid_models_file(tmp_path: Path) -> None:
     specs = model_specs(make_settings(models_file=str(tmp_path / "models.yaml")))
     assert [spec.name for spec in specs] == ["embed", "rerank"]
     assert specs[0].settings.batch_size == 64 and specs[1].settings.max_model_length == 1024
+
+
+def test_readme_route_table_names_every_endpoint() -> None:
+    from reranker.api.endpoints import ENDPOINTS
+
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Routes and dialects", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        f"{endpoint.method} {endpoint.path}"
+        for endpoint in ENDPOINTS
+        if not endpoint.path.startswith("/docs/static/")  # the Swagger UI's own files
+        and not re.search(rf"[` ]{re.escape(endpoint.path)}[`,\s]", table)
+    ]
+    assert missing == [], f"README.md's route table lacks {missing}"
