@@ -99,7 +99,10 @@ def aggregate(snapshots: dict[str, dict[str, Any] | Unanswered | None]) -> dict[
                 {"url": url, "reachable": missing.reachable, "answered": False, "error": missing.reason}
             )
             continue
-        for key in ("total_requests", "successful_requests", "rejected_requests", "items_processed"):
+        for key in (
+            "total_requests", "successful_requests", "rejected_requests", "items_processed",
+            "client_errors", "server_errors",
+        ):  # fmt: skip
             totals[key] += int(snap.get(key, 0))
         failures.update(snap.get("failed_requests", {}))
         models = snap.get("models") or ({snap["model"]: snap} if snap.get("model") else {})
@@ -127,7 +130,7 @@ def aggregate(snapshots: dict[str, dict[str, Any] | Unanswered | None]) -> dict[
                 "p95_ms": (snap.get("latency_ms") or {}).get("p95"),
             }
         )
-    total = totals["total_requests"]
+    served = totals["successful_requests"] + totals["server_errors"]
     latency = {
         f"p{q}": (round(v, 1) if (v := histogram_percentile(bounds, merged_counts, q)) is not None else None)
         for q in PERCENTILES
@@ -140,7 +143,10 @@ def aggregate(snapshots: dict[str, dict[str, Any] | Unanswered | None]) -> dict[
             "instances_total": len(snapshots),
             **{key: totals[key] for key in ("total_requests", "successful_requests", "rejected_requests")},
             "failed_requests": dict(failures),
-            "success_rate": round(totals["successful_requests"] / total, 6) if total else 1.0,
+            "client_errors": totals["client_errors"],
+            "server_errors": totals["server_errors"],
+            # Served among what the servers could serve: clients' 4xx stay out (as each instance counts).
+            "success_rate": round(totals["successful_requests"] / served, 6) if served else 1.0,
             "items_processed": totals["items_processed"],
             "latency_ms": latency,
             "latency_method": "merged fixed-bucket histograms, linear interpolation within a bucket",
@@ -166,7 +172,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"cluster: {c['instances_answering']}/{c['instances_total']} instances answering",
         f"  requests {c['total_requests']}, successful {c['successful_requests']} "
-        f"({c['success_rate']:.2%}), rejected (503) {c['rejected_requests']}, "
+        f"({c['success_rate']:.2%} of what could be served), rejected (503) {c['rejected_requests']}, "
+        f"client errors (4xx) {c['client_errors']}, server errors (5xx) {c['server_errors']}, "
         f"failed {c['failed_requests'] or 0}",
         f"  items processed {c['items_processed']}",
         f"  latency ms p50 {latency['p50']}  p95 {latency['p95']}  p99 {latency['p99']}"

@@ -7,6 +7,8 @@ field, so the error table turns it into 413, 400 or 422.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -91,11 +93,29 @@ def validate(model: type[Model], data: Any) -> Model:
         raise InvalidInputError(describe_validation_error(exc)) from None
 
 
+CLASS_NAME = re.compile(r" or instance of \w+")
+
+
+def unknown_fields(model: type[BaseModel], data: Any) -> list[str]:
+    """A warning per top-level field of ``data`` that ``model`` does not know, with the closest
+    known name: this server's own shapes answer them (a typo such as ``topn`` is never silently
+    dropped); the vendor dialects accept what their SDKs send without a word."""
+    if not isinstance(data, dict):
+        return []
+    known = set(model.model_fields)
+    notes = []
+    for name in sorted(set(data) - known):
+        close = difflib.get_close_matches(str(name), sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        notes.append(f"unknown field {name!r} ignored{hint}")
+    return notes
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors(include_url=False)[:5]:
         where = ".".join(str(part) for part in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
+        message = CLASS_NAME.sub("", err["msg"].removeprefix("Value error, "))  # no internal names
         if where or err["type"] != "value_error":  # whole-body checks name their own place
             message = f"{where or 'body'}: {message}"
         problems.append(message)

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api import tei
-from reranker.api.body import read_body, read_json, unless_disconnected, validate
+from reranker.api.body import read_body, read_json, unknown_fields, unless_disconnected, validate
 from reranker.api.observe import model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
@@ -47,6 +47,7 @@ async def embed(request: Request) -> Response:
     if tei.is_tei_embed(data):
         return await tei.embed(request, data, started)
     body = validate(EmbedRequest, data)
+    notes = unknown_fields(EmbedRequest, data)
     texts = [chunk.content for chunk in body.chunks]
     labels = [f"chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(body.chunks)]
     check_embed_limits(runtime.settings, texts)
@@ -82,6 +83,8 @@ async def embed(request: Request) -> Response:
         },
         "timing_ms": timing_ms(outcome.timing, started),
     }
+    if notes:
+        content["warnings"] = notes
     return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
 
 

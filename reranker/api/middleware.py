@@ -6,8 +6,9 @@ the request is served and returned in the response's
 ``X-Request-ID``. The closing line carries endpoint, status, items, queue and
 inference time and batch size (what the handler put in ``request.state``), as JSON
 fields and in the text line alike: the only line per request (uvicorn's access log is off);
-health and metrics probes log at debug (LOG_LEVEL=debug shows them). Request bodies are logged only with LOG_REQUEST_BODIES=true
-(they hold the users' documents); headers never are (they hold API keys).
+health and metrics probes log at debug (LOG_LEVEL=debug shows them). Request bodies are
+logged only with LOG_REQUEST_BODIES=true (they hold the users' documents); headers never are
+(they hold API keys).
 """
 
 from __future__ import annotations

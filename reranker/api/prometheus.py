@@ -78,6 +78,16 @@ class RuntimeCollector:
         yield requests
         yield failures
         yield counter(
+            "reranker_client_errors",
+            "Requests refused for the client's mistake (4xx): not failures of the server.",
+            lambda m: m.metrics.client_errors,
+        )
+        yield counter(
+            "reranker_server_errors",
+            "Valid requests the server failed to serve (5xx, 503 refusals included).",
+            lambda m: m.metrics.server_errors,
+        )
+        yield counter(
             "reranker_client_disconnects",
             "Requests whose client went away before the answer (not failures of the server).",
             lambda m: m.metrics.client_disconnects,

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker.api import tei
-from reranker.api.body import read_body, read_json, unless_disconnected, validate
+from reranker.api.body import read_body, read_json, unknown_fields, unless_disconnected, validate
 from reranker.api.observe import model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import ORJSONResponse
 from reranker.api.schemas import (
@@ -44,6 +44,7 @@ async def rerank(request: Request) -> Response:
     if tei.is_tei_rerank(data):
         return await tei.rerank(request, data, started)
     body = validate(RerankRequest, data)
+    notes = unknown_fields(RerankRequest, data)
     top_k, top_name = body.limit
     check_limits(runtime.settings, body.query, body.documents, top_k, top_name)
     model = model_of(request, body.model, "rerank")
@@ -69,6 +70,8 @@ async def rerank(request: Request) -> Response:
         },
         "timing_ms": timing_ms(outcome.timing, started),
     }
+    if notes:
+        content["warnings"] = notes
     return ORJSONResponse(
         content, headers=timing_headers(request, outcome.timing, started, len(body.documents))
     )

@@ -40,6 +40,7 @@ class RerankResponse(BaseModel):
     model: str
     usage: RerankUsage
     timing_ms: Timings
+    warnings: list[str] | None = Field(None, description="Unknown fields of the request, ignored.")
 
 
 class ResultDetails(BaseModel):
@@ -119,6 +120,7 @@ class EmbedResponse(BaseModel):
     vectors: list[ChunkVector]
     usage: EmbedUsage
     timing_ms: Timings
+    warnings: list[str] | None = Field(None, description="Unknown fields of the request, ignored.")
 
 
 class OpenAIEmbedding(BaseModel):

@@ -62,6 +62,7 @@ class BatchSizer:
         adaptive: bool,
         memory_limit_bytes: int,
         memory_probe: Callable[[], int] = recent_rss_bytes,
+        memory_because: str = "",
     ) -> None:
         self.maximum = max(1, maximum) if adaptive else max(1, initial)
         self.limit = max(1, min(initial, self.maximum))
@@ -74,8 +75,9 @@ class BatchSizer:
         self._streak_cost = 0.0  # seconds per padded token, summed over the current full streak
         self._grown_from: tuple[int, float] | None = None  # (previous limit, its seconds per token)
         log.info(
-            "Memory limit set to %.1f GB; batch size %d (%s, max %d)",
+            "Memory limit set to %.2f GiB for batches%s; batch size %d (%s, max %d)",
             memory_limit_bytes / GIB,
+            f" ({memory_because})" if memory_because else "",
             self.limit,
             "adaptive" if adaptive else "fixed",
             self.maximum,
@@ -94,7 +96,7 @@ class BatchSizer:
         if used > self.memory_limit_bytes:
             self._set(
                 max(1, self.limit // 2),
-                f"memory {used / GIB:.2f} GB is over the limit of {self.memory_limit_bytes / GIB:.2f} GB",
+                f"memory {used / GIB:.2f} GiB is over the limit of {self.memory_limit_bytes / GIB:.2f} GiB",
             )
             return
         if items >= self.limit:
@@ -123,7 +125,7 @@ class BatchSizer:
             self._grown_from = (self.limit, cost)
             self._set(
                 min(ceiling, self.limit + max(1, self.limit // 2)),
-                f"{GROW_AFTER_FULL_BATCHES} full batches in a row with memory at {used / GIB:.2f} GB",
+                f"{GROW_AFTER_FULL_BATCHES} full batches in a row with memory at {used / GIB:.2f} GiB",
             )
 
     def after_out_of_memory(self, items: int, error: BaseException) -> bool:

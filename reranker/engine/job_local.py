@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cachetools import TTLCache
 
 from reranker.engine.jobs import (
     FINISHED,
@@ -40,6 +41,7 @@ from reranker.engine.jobs import (
     Job,
     JobRunner,
     JobStatus,
+    deleted,
     missing,
     outcome_of,
     run_isolated,
@@ -195,6 +197,8 @@ class LocalJobs:
         self._store = store
         self._clock = clock
         self._jobs: dict[str, Job] = {}
+        # Deleted jobs' ids (and owners) for JOB_RESULT_TTL_S: reading one says it was deleted.
+        self._deleted: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=max(result_ttl_s, 1.0))
         self._on_disk: set[str] = set()  # finished jobs whose output is only in the store
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
@@ -283,6 +287,8 @@ class LocalJobs:
     async def get(self, job_id: str, owner: str | None) -> Job:
         self._evict_expired()
         job = self._jobs.get(job_id)
+        if job is None and job_id in self._deleted and self._deleted[job_id] == owner:
+            raise deleted(job_id)
         if job is None or job.owner != owner:
             raise missing(job_id)
         if job_id in self._on_disk and self._store is not None:
@@ -305,6 +311,7 @@ class LocalJobs:
             job.cancel_requested = True  # the worker stops before the next slice
         elif delete_finished:
             self._jobs.pop(job_id, None)
+            self._deleted[job_id] = owner
             self._on_disk.discard(job_id)
             if self._store is not None:
                 await asyncio.to_thread(self._store.delete, job_id)

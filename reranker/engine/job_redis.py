@@ -69,6 +69,7 @@ from reranker.engine.jobs import (
     Job,
     JobRunner,
     JobStatus,
+    deleted,
     missing,
     outcome_of,
     run_isolated,
@@ -259,6 +260,11 @@ class RedisJobs:
         with self._answered("read"):
             values = await self._redis.hmget(self._key(job_id), FIELDS)
         fields = dict(zip(FIELDS, values, strict=True))
+        if fields["status"] is None:
+            with self._answered("read"):
+                tombstone = await self._redis.get(self._key(job_id) + ":deleted")
+            if tombstone is not None and tombstone.decode() == (owner or ""):
+                raise deleted(job_id)
         if fields["status"] is None or (fields["owner"] or b"").decode() != (owner or ""):
             raise missing(job_id)
         job = Job(id=job_id, type=fields["type"].decode(), total=int(fields["total"]), owner=owner)
@@ -305,6 +311,8 @@ class RedisJobs:
             outcome, *found = [part.decode() for part in await self._scripts["cancel"](keys=keys, args=args)]
             if outcome == "deleted" and found[2]:  # a finished job deleted: its output parts go with it
                 await self._redis.delete(*self._part_keys(found[2]))
+            if outcome == "deleted":  # reading it later says so, for as long as its result would have lived
+                await self._redis.set(self._key(job_id) + ":deleted", owner or "", ex=self._ttl_s)
         if outcome == "missing":
             raise missing(job_id)
         if outcome == "cancelled":

@@ -148,6 +148,10 @@ def missing(job_id: str) -> NotFoundError:
     return NotFoundError(f"no job {job_id!r} (never submitted, or evicted after JOB_RESULT_TTL_S)")
 
 
+def deleted(job_id: str) -> NotFoundError:
+    return NotFoundError(f"job {job_id!r} was deleted (DELETE /v1/jobs/{job_id} after it finished)")
+
+
 def outcome_of(exc: BaseException | None, draining: bool) -> tuple[JobStatus, dict[str, str] | None]:
     """The final status and error of a job whose work ended with ``exc`` (None: it completed)."""
     if exc is None:

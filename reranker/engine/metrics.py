@@ -63,6 +63,8 @@ class Metrics:
         self.successful_requests = 0
         self.failed_requests: Counter[str] = Counter({reason: 0 for reason in FAILURE_REASONS})
         self.rejected_requests = 0
+        self.client_errors = 0  # 4xx: the request was wrong (a typo, a missing key): not the server's failure
+        self.server_errors = 0  # 5xx: the server could not serve a valid request (503 refusals included)
         self.client_disconnects = 0
         self.memory_trims = 0  # times freed memory was handed back after a burst of work
         self.requests_by_endpoint: Counter[str] = Counter()
@@ -87,6 +89,7 @@ class Metrics:
         for part in parts:
             for name in (
                 "total_requests", "successful_requests", "rejected_requests", "client_disconnects",
+                "client_errors", "server_errors",
                 "memory_trims", "items_processed", "batches_run", "batch_seconds", "real_tokens",
                 "padded_tokens",
             ):  # fmt: skip
@@ -131,6 +134,10 @@ class Metrics:
             self.failed_requests[failure_reason] += 1
             if failure_reason == "overloaded":
                 self.rejected_requests += 1
+            if status >= 500:
+                self.server_errors += 1
+            else:
+                self.client_errors += 1
 
     def record_timing(self, queue_ms: float, inference_ms: float) -> None:
         """Where a request that reached the model spent its time."""
@@ -146,6 +153,12 @@ class Metrics:
         self.padded_tokens += padded
         self.batch_size.observe(len(lengths))
         self.batch_tokens.observe(padded)
+
+    def success_rate(self) -> float:
+        """Served among the requests the server could serve: a client's 4xx (a typo, a bad key) is
+        not the server's failure and stays out; 5xx (503 refusals included) count against it."""
+        served = self.successful_requests + self.server_errors
+        return round(self.successful_requests / served, 6) if served else 1.0
 
     def items_per_second(self) -> float:
         """Model throughput while busy (items per second of batch time)."""
@@ -167,9 +180,9 @@ class Metrics:
             "failed_requests": {reason: n for reason, n in self.failed_requests.items() if n},
             "rejected_requests": self.rejected_requests,
             "client_disconnects": self.client_disconnects,
-            "success_rate": (
-                round(self.successful_requests / self.total_requests, 6) if self.total_requests else 1.0
-            ),
+            "client_errors": self.client_errors,
+            "server_errors": self.server_errors,
+            "success_rate": self.success_rate(),
             "requests_by_endpoint": dict(self.requests_by_endpoint),
             "responses_by_status": {
                 f"{endpoint} {status}": n for (endpoint, status), n in sorted(self.responses.items()) if n

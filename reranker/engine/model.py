@@ -103,7 +103,7 @@ class ServedModel:
         """A request's ``model`` names this one: its served name, its source or its own name."""
         return requested in {self.name, self.settings.model_source, self.info.name if self.info else None}
 
-    async def load(self, factory: BackendFactory, memory_limit_bytes: int) -> None:
+    async def load(self, factory: BackendFactory, memory_limit_bytes: int, memory_because: str = "") -> None:
         """Load, warm up, calibrate and start the controller. Raises on any failure."""
         settings = self.settings
         rss_before = process_rss_bytes()
@@ -115,6 +115,7 @@ class ServedModel:
             maximum=max(settings.embedding_max_batch_size, batch_size),
             adaptive=settings.embedding_adaptive_batching,
             memory_limit_bytes=memory_limit_bytes,
+            memory_because=memory_because,
         )
         controller = InferenceController(
             backend,
