@@ -24,6 +24,7 @@ from reranker.launch import serve, serve_with_reload
 from reranker.logging_setup import configure_logging
 from reranker.model_specs import ModelSpec, model_specs
 from reranker.settings import Settings, env_name, load_settings
+from reranker.settings_reference import SECTIONS, describe, format_default
 
 log = logging.getLogger("reranker")
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -64,15 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="development: restart on code change; a model that fails to load exits 1",
     )
+    section_of = {name: title for title, (_, names) in SECTIONS.items() for name in names}
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for name, field in Settings.model_fields.items():
-        parser.add_argument(
+        title = section_of.get(name, "Other settings")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        groups[title].add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             default=None,
             metavar=env_name(name),
-            help=f"(env {env_name(name)}, default {field.default!r})",
+            help=_flag_help(name, field.default),
         )
     return parser
+
+
+def _flag_help(name: str, default: object) -> str:
+    """The field's description, then where else it comes from; ``%`` escaped for argparse."""
+    text = f"{describe(name)} (env {env_name(name)}, default {format_default(default)})"
+    return text.replace("%", "%%")
 
 
 def preflight_model(spec: ModelSpec, several: bool) -> ModelSource:

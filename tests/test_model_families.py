@@ -52,7 +52,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def test_each_family_is_served_exactly_on_every_backend(
     name: str, backend_name: str, family_model: Callable[[str], Path], onnx_cache: Path
 ) -> None:
-    """Every cell of the README's family table (refusals are tested in test_mlx_families.py)."""
+    """Every cell of the family table in docs/MODELS.md (refusals are tested in test_mlx_families.py)."""
     path = family_model(name)
     settings = make_settings(
         local_model_path=str(path), backend=backend_name, onnx_quantize="none", onnx_cache_dir=str(onnx_cache)
