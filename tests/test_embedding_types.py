@@ -12,7 +12,8 @@ import pytest
 from sentence_transformers import quantize_embeddings
 
 from reranker.api.app import create_app
-from reranker.engine.quantize import PROBE_TEXTS, calibration_view, quantize
+from reranker.engine.quantize import PROBE_TEXTS, calibration_texts, calibration_view, quantize
+from reranker.errors import StartupError
 from tests.conftest import make_settings
 from tests.server import ServerThread
 
@@ -69,6 +70,17 @@ def test_int8_uint8_equal_sentence_transformers_given_the_same_calibration() -> 
         theirs = quantize_embeddings(vectors, precision=kind, calibration_embeddings=calibration)
         assert ours.dtype == theirs.dtype
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_calibration_texts_come_from_the_file_else_the_probe_texts(tmp_path: Path) -> None:
+    assert calibration_texts(None) == (list(PROBE_TEXTS), "probe") and len(PROBE_TEXTS) >= 100
+    good = tmp_path / "good.txt"
+    good.write_text("first text\n\n  \nsecond text\n", encoding="utf-8")
+    assert calibration_texts(str(good)) == (["first text", "second text"], "file")
+    (tmp_path / "one.txt").write_text("only one\n", encoding="utf-8")
+    for name, problem in (("missing.txt", "cannot be read"), ("one.txt", "1 non-empty lines")):
+        with pytest.raises(StartupError, match=f"EMBEDDING_CALIBRATION_FILE=.*{name}: {problem}"):
+            calibration_texts(str(tmp_path / name))
 
 
 # --- the real cohere SDK against the server ---------------------------------------------------
