@@ -6,8 +6,9 @@ The embedded all-MiniLM-L6-v2 (sentence-transformers, in this process, normalise
 5,000 passages of ../shared/data/trec-dl19-subset and its 50 queries once; each query of the 43
 judged ranks the whole corpus, and NDCG@10 (the ideal from every judged passage; gains
 2^grade - 1 as in the data's README, and linear as trec_eval's) is averaged over them. Codes
-are reranker.engine.quantize's, as the server makes them: int8/uint8 with ranges from its built-in probe texts (the default), and also from
-the corpus itself (what EMBEDDING_CALIBRATION_FILE with representative texts gives).
+are reranker.engine.quantize's, as the server makes them: int8/uint8 with ranges from its
+built-in probe texts (the default), and also from the corpus itself (what
+EMBEDDING_CALIBRATION_FILE with representative texts gives).
 
 - float: cosine;
 - int8 / uint8: dot product of the query's codes with the passages' codes;
