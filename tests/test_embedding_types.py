@@ -243,3 +243,17 @@ def test_calibration_file_sets_the_ranges_and_says_so(
     )
     assert probe_codes != ours.uint8
     assert calibration_view(server.runtime.default)["source"] == "probe"
+
+
+def test_a_sparse_model_refuses_embedding_types(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.kind_models import splade
+
+    path = splade(tmp_path_factory.mktemp("splade") / "splade")
+    chunks = [{"chunk_id": "c0", "content": "rain"}]
+    with ServerThread(create_app(make_settings(models=f"splade={path}"))) as sparse, sparse.client() as http:
+        codes = http.post("/embed", json={"batch_id": "b", "chunks": chunks, "embedding_type": "binary"})
+        cohere_route = http.post(
+            "/v2/embed", json={"model": "splade", "texts": ["rain"], "input_type": "search_query"}
+        )
+    assert codes.status_code == 422 and "sparse model answers indices and values" in codes.text
+    assert cohere_route.status_code == 400 and "/embed_sparse" in cohere_route.text
