@@ -17,6 +17,7 @@ from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_emb
 from reranker.api.sparse import sparse
 from reranker.api.text_limits import fit_texts
 from reranker.backends.base import ModelKind
+from reranker.engine.quantize import SCALAR_TYPES, encode_types
 from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
 
@@ -55,10 +56,23 @@ async def embed(request: Request) -> Response:
     service = model.require_service()
     budget = service.max_tokens if body.truncate else None
     texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
+    is_sparse = model.info is not None and model.info.kind is ModelKind.SPARSE
+    if is_sparse and body.embedding_type != "float":
+        raise InvalidInputError(
+            f"embedding_type {body.embedding_type}: a sparse model answers indices and values; "
+            "omit embedding_type"
+        )
+    scalar = body.embedding_type in SCALAR_TYPES
+    if scalar and body.normalize is False:
+        raise InvalidInputError(
+            f"embedding_type {body.embedding_type}: its codes are of the normalised vector; "
+            "omit normalize or set it true"
+        )
+    normalize = True if scalar else body.normalize
     outcome = await _embed(
-        request, service, texts, labels, body, normalize=body.normalize, allow_truncation=body.truncate
+        request, service, texts, labels, body, normalize=normalize, allow_truncation=body.truncate
     )
-    if model.info is not None and model.info.kind is ModelKind.SPARSE:
+    if is_sparse:
         vectors = [
             {
                 "chunk_id": chunk.chunk_id,
@@ -67,9 +81,12 @@ async def embed(request: Request) -> Response:
             for chunk, vector in zip(body.chunks, outcome.vectors, strict=True)
         ]
     else:
+        codes = outcome.vectors
+        if body.embedding_type != "float":
+            (codes,) = (await encode_types(model, codes, [body.embedding_type])).values()
         vectors = [
             {"chunk_id": chunk.chunk_id, "vector": vector}
-            for chunk, vector in zip(body.chunks, outcome.vectors, strict=True)
+            for chunk, vector in zip(body.chunks, codes, strict=True)
         ]
     content = {
         "batch_id": body.batch_id,

@@ -85,6 +85,11 @@ def _job_work(
     body = validate(JobRequest, data)
     if body.type == "embed":
         embed = validate(EmbedRequest, body.input)
+        if embed.embedding_type != "float":
+            raise InvalidInputError(
+                f"input.embedding_type: jobs answer float vectors only (not {embed.embedding_type}); "
+                "use POST /embed for codes"
+            )
         texts = [chunk.content for chunk in embed.chunks]
         labels = [f"input.chunks.{i} (chunk_id {c.chunk_id!r})" for i, c in enumerate(embed.chunks)]
         _check_size(settings, texts)

@@ -227,6 +227,11 @@ class EmbedRequest(_PromptChoice):
     )
     normalize: bool | None = None
     truncate: bool = True
+    embedding_type: Literal["float", "int8", "uint8", "binary", "ubinary"] = Field(
+        "float",
+        description="What each vector holds: floats, int8/uint8 codes (of the normalised vector, "
+        "ranges fixed per model: /health) or packed sign bits (binary, ubinary: dimension/8 values).",
+    )
 
     @model_validator(mode="after")
     def _chunks_are_usable(self) -> EmbedRequest:
