@@ -155,6 +155,9 @@ def test_health_and_metrics_describe_the_server(
     assert body["model"].pop("selected_because") == f"BACKEND={serving_backend['backend']}{precision}"
     family = body["model"].pop("family")  # MLX reports it once it builds ModelInfo with layout_facts
     assert body["model"].pop("memory_bytes") > 1_000_000  # what loading it added to the process
+    assert (
+        body["model"].pop("embedding_calibration")["source"] == "probe"
+    )  # int8/uint8 ranges: built-in texts
     assert family == "bert" or (serving_backend["backend"] == "mlx" and family == "")
     assert body["model"] == {
         "name": "all-MiniLM-L6-v2",

@@ -14,6 +14,7 @@ from reranker.engine.adaptive import BatchSizer, process_rss_bytes
 from reranker.engine.cache import DISABLED_STATS, PredictionCache
 from reranker.engine.controller import DeviceGate, InferenceController
 from reranker.engine.metrics import Metrics
+from reranker.engine.quantize import calibration_texts, calibration_view
 from reranker.engine.service import InferenceService
 from reranker.errors import NotReadyError
 from reranker.model_specs import ModelSpec
@@ -106,6 +107,9 @@ class ServedModel:
     async def load(self, factory: BackendFactory, memory_limit_bytes: int, memory_because: str = "") -> None:
         """Load, warm up, calibrate and start the controller. Raises on any failure."""
         settings = self.settings
+        calibration_texts(
+            settings.embedding_calibration_file
+        )  # a bad EMBEDDING_CALIBRATION_FILE stops start-up
         rss_before = process_rss_bytes()
         backend = self.backend or await asyncio.to_thread(factory, settings)
         await asyncio.to_thread(backend.warmup)
@@ -215,6 +219,9 @@ class ServedModel:
             "default_prompt_name": (default_prompt or info.default_prompt_name) if info else None,
             "instruction": info.instruction if info else None,
             "memory_bytes": self.memory_bytes,
+            "embedding_calibration": calibration_view(self)
+            if info and "embed" in info.capabilities
+            else None,
         }
 
     def controller_health(self) -> dict[str, Any]:
