@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     body_read_timeout_s: float = Field(10.0, gt=0)
 
+    # Tracing
+    otel_exporter_otlp_endpoint: str | None = None  # OTLP/HTTP base URL: spans go to {it}/v1/traces
+    otel_service_name: str = Field("reranker", min_length=1)
+
     @field_validator(
         "log_level",
         "log_format",
