@@ -6,8 +6,9 @@ the request is served and returned in the response's
 ``X-Request-ID``. The closing line carries endpoint, status, items, queue and
 inference time and batch size (what the handler put in ``request.state``), as JSON
 fields and in the text line alike: the only line per request (uvicorn's access log is off);
-health and metrics probes log at debug (LOG_LEVEL=debug shows them). Request bodies are logged only with LOG_REQUEST_BODIES=true
-(they hold the users' documents); headers never are (they hold API keys).
+health and metrics probes log at debug (LOG_LEVEL=debug shows them). Request bodies are logged
+only with LOG_REQUEST_BODIES=true (they hold the users' documents); headers never are (they hold
+API keys). With tracing on (reranker/tracing.py) the request is also a span, begun and ended here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker.request_context import current_request_id
+from reranker.tracing import Tracing
 
 log = logging.getLogger("reranker.request")
 
@@ -40,9 +42,10 @@ def new_request_id() -> str:
 
 
 class RequestLogMiddleware:
-    def __init__(self, app: ASGIApp, log_bodies: bool = False) -> None:
+    def __init__(self, app: ASGIApp, log_bodies: bool = False, tracing: Tracing | None = None) -> None:
         self.app = app
         self.log_bodies = log_bodies
+        self.tracing = tracing  # None: OTEL_EXPORTER_OTLP_ENDPOINT unset
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,6 +54,7 @@ class RequestLogMiddleware:
         incoming = Headers(scope=scope).get("x-request-id", "")
         request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
         token = current_request_id.set(request_id)
+        trace = self.tracing.begin(scope) if self.tracing is not None else None
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
         body = bytearray()
@@ -72,6 +76,8 @@ class RequestLogMiddleware:
             await self.app(scope, receive_and_keep if self.log_bodies else receive, send_with_id)
         finally:
             self._log(scope, status, (time.perf_counter() - started) * 1000, body)
+            if trace is not None:
+                self.tracing.end(trace, scope, status, request_id)
             current_request_id.reset(token)
 
     def _log(self, scope: Scope, status: int, duration_ms: float, body: bytearray) -> None:
