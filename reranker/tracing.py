@@ -147,9 +147,13 @@ class RequestTrace:
 
     def inferred(self, result: InferenceResult, info: ModelInfo) -> None:
         """The request's ``queue`` span and one ``batch`` span per model batch it rode in."""
-        self.child("queue", result.admitted_at, result.admitted_at + result.queue_ms / 1000.0)
+        log = result.batch_log or ()
+        first_batch = min(
+            (batch.started for batch in log), default=result.admitted_at + result.queue_ms / 1e3
+        )
+        self.child("queue", result.admitted_at, first_batch)
         model = {"reranker.model": info.name, "reranker.backend": info.backend, "reranker.dtype": info.dtype}
-        for batch in result.batch_log or ():
+        for batch in log:
             attributes = {
                 **model,
                 "reranker.batch.size": batch.size,
