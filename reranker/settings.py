@@ -119,8 +119,14 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = Field(10.0, gt=0)
 
     # Tracing
-    otel_exporter_otlp_endpoint: str | None = None  # OTLP/HTTP base URL: spans go to {it}/v1/traces
-    otel_service_name: str = Field("reranker", min_length=1)
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry traces: the OTLP/HTTP base URL (spans go to its `/v1/traces`); "
+        'unset: tracing off and free. Needs `pip install ".[otel]"`.',
+    )
+    otel_service_name: str = Field(
+        "reranker", min_length=1, description="The `service.name` of the exported spans."
+    )
 
     @field_validator(
         "log_level",

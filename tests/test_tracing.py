@@ -185,6 +185,7 @@ def test_a_request_is_a_span_of_the_caller_s_trace_with_tokenize_queue_and_batch
     ]  # no probe
 
 
+@pytest.mark.slow  # a system tool (nginx)
 def test_the_caller_s_trace_continues_through_nginx(receiver: OtlpReceiver, tmp_path: Path) -> None:
     trace_id, parent_id, traceparent = caller()
     with ServerThread(traced_app(receiver)) as server:
