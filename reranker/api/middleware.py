@@ -6,9 +6,9 @@ the request is served and returned in the response's
 ``X-Request-ID``. The closing line carries endpoint, status, items, queue and
 inference time and batch size (what the handler put in ``request.state``), as JSON
 fields and in the text line alike: the only line per request (uvicorn's access log is off);
-health and metrics probes log at debug (LOG_LEVEL=debug shows them). Request bodies are logged
-only with LOG_REQUEST_BODIES=true (they hold the users' documents); headers never are (they hold
-API keys). With tracing on (reranker/tracing.py) the request is also a span, begun and ended here.
+health and metrics probes log at debug (LOG_LEVEL=debug shows them). Request bodies are
+logged only with LOG_REQUEST_BODIES=true (they hold the users' documents); headers never are
+(they hold API keys).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def new_request_id() -> str:
 
 
 class RequestLogMiddleware:
+    """The request id and the closing log line; with ``tracing`` (reranker/tracing.py) the
+    request's span too, begun and ended here."""
+
     def __init__(self, app: ASGIApp, log_bodies: bool = False, tracing: Tracing | None = None) -> None:
         self.app = app
         self.log_bodies = log_bodies
