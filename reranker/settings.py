@@ -468,6 +468,16 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A request body must arrive within this, else 408 `body_timeout`."
     )
 
+    # Tracing
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry traces: the OTLP/HTTP base URL (spans go to its `/v1/traces`); "
+        'unset: tracing off and free. Needs `pip install ".[otel]"`.',
+    )
+    otel_service_name: str = Field(
+        "reranker", min_length=1, description="The `service.name` of the exported spans."
+    )
+
     @field_validator(
         "log_level",
         "log_format",

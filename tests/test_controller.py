@@ -87,6 +87,33 @@ def test_result_is_identical_alone_and_batched_with_others() -> None:
     asyncio.run(with_controller(backend, body, batch_size=8, max_queue=32))
 
 
+def test_a_traced_request_lists_the_batches_it_rode_in_and_an_untraced_one_nothing() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()  # hold the first batch: the two requests then share batches
+
+    async def body(controller: InferenceController) -> None:
+        first = asyncio.create_task(controller.run(backend.tokenize_texts(texts("a", 1)), 10))
+        await until(lambda: controller.in_flight == 1)
+        traced = backend.tokenize_texts(texts("t", 7))
+        tasks = [
+            asyncio.create_task(controller.run(traced, 10, traced=True)),
+            asyncio.create_task(controller.run(backend.tokenize_texts(texts("u", 3)), 10)),
+        ]
+        await until(lambda: controller.queued == 2)
+        backend.gate.set()
+        (traced_result, untraced_result), _ = await asyncio.gather(*tasks), await first
+        assert untraced_result.batch_log is None
+        log = traced_result.batch_log
+        assert len(log) == traced_result.batches >= 2 and sum(b.items for b in log) == 7
+        assert max(b.size for b in log) == traced_result.batch_size
+        for batch in log:
+            assert batch.padded_tokens >= batch.tokens > 0 and batch.started <= batch.ended
+        first_started = traced_result.admitted_at + traced_result.queue_ms / 1000.0
+        assert min(b.started for b in log) == pytest.approx(first_started, abs=1e-9)
+
+    asyncio.run(with_controller(backend, body, batch_size=4))
+
+
 def test_full_queue_refuses_at_once_with_retry_after() -> None:
     backend = FakeBackend()
     backend.gate.clear()

@@ -1,8 +1,9 @@
 """pyproject.toml installs what the requirement files pin, and its wheel carries the whole package.
 
 The rule (DEPLOYMENT.md, "Installing as a package"): pyproject's dependencies are the exact pins of
-requirements.txt, the ``mlx`` extra is requirements-backends.txt and the ``sdk`` extra is the client
-SDKs' pins in requirements-dev.txt; same names, extras, versions and markers, nothing more or less.
+requirements.txt, the ``mlx`` extra is requirements-backends.txt, the ``otel`` extra is
+requirements-otel.txt and the ``sdk`` extra is the client SDKs' pins in requirements-dev.txt; same
+names, extras, versions and markers, nothing more or less.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def test_base_dependencies_are_the_pins_of_requirements_txt() -> None:
 
 def test_extras_are_the_pins_of_their_requirement_files() -> None:
     extras = pyproject()["project"]["optional-dependencies"]
-    assert set(extras) == {"mlx", "sdk"}
+    assert set(extras) == {"mlx", "otel", "sdk"}
     assert sorted(declared(extras["mlx"])) == sorted(pinned("requirements-backends.txt"))
+    assert sorted(declared(extras["otel"])) == sorted(pinned("requirements-otel.txt"))
     dev = [key for key in pinned("requirements-dev.txt") if key[0] in SDK_PACKAGES]
     assert sorted(declared(extras["sdk"])) == sorted(dev) and len(dev) == len(SDK_PACKAGES)
 

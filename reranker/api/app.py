@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ from reranker.api.prometheus import prometheus_registry
 from reranker.backends.base import Backend
 from reranker.engine.runtime import BackendFactory, Runtime, default_backend_factory
 from reranker.settings import Settings, load_settings
+from reranker.tracing import setup as setup_tracing
 
 ROUTES = routes()
 
@@ -31,6 +33,7 @@ def create_app(
     """Build the app. ``backend`` injects a ready backend (tests), ``backends`` one per model name
     (MODELS); else each model is loaded at start-up."""
     runtime = Runtime(settings, backend, backend_factory or default_backend_factory, backends)
+    tracing = setup_tracing(settings)  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -39,12 +42,15 @@ def create_app(
             yield
         finally:
             await runtime.stop()
+            if tracing is not None:  # the spans still queued leave before the process does
+                await asyncio.to_thread(tracing.shutdown)
 
-    middleware = [Middleware(RequestLogMiddleware, log_bodies=settings.log_request_bodies)]
+    middleware = [Middleware(RequestLogMiddleware, log_bodies=settings.log_request_bodies, tracing=tracing)]
     app = Starlette(
         routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware, lifespan=lifespan
     )
     app.state.runtime = runtime
+    app.state.tracing = tracing
     app.state.api_keys = load_api_keys(settings)
     app.state.prometheus = prometheus_registry(runtime)
     for model in runtime.models:

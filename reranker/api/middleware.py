@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker.request_context import current_request_id
+from reranker.tracing import Tracing
 
 log = logging.getLogger("reranker.request")
 
@@ -41,9 +42,13 @@ def new_request_id() -> str:
 
 
 class RequestLogMiddleware:
-    def __init__(self, app: ASGIApp, log_bodies: bool = False) -> None:
+    """The request id and the closing log line; with ``tracing`` (reranker/tracing.py) the
+    request's span too, begun and ended here."""
+
+    def __init__(self, app: ASGIApp, log_bodies: bool = False, tracing: Tracing | None = None) -> None:
         self.app = app
         self.log_bodies = log_bodies
+        self.tracing = tracing  # None: OTEL_EXPORTER_OTLP_ENDPOINT unset
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,6 +57,7 @@ class RequestLogMiddleware:
         incoming = Headers(scope=scope).get("x-request-id", "")
         request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
         token = current_request_id.set(request_id)
+        trace = self.tracing.begin(scope) if self.tracing is not None else None
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
         body = bytearray()
@@ -73,6 +79,8 @@ class RequestLogMiddleware:
             await self.app(scope, receive_and_keep if self.log_bodies else receive, send_with_id)
         finally:
             self._log(scope, status, (time.perf_counter() - started) * 1000, body)
+            if trace is not None:
+                self.tracing.end(trace, scope, status, request_id)
             current_request_id.reset(token)
 
     def _log(self, scope: Scope, status: int, duration_ms: float, body: bytearray) -> None:

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,6 +84,21 @@ class DeviceGate:
         self._free += 1
 
 
+class BatchRecord(NamedTuple):
+    """One model batch a traced request rode in (times in the controller's clock)."""
+
+    started: float
+    ended: float
+    size: int
+    padded_tokens: int  # longest x size: what the model computes
+    tokens: int
+    items: int  # the request's own items in it
+
+    @classmethod
+    def of(cls, started: float, ended: float, lengths: list[int], items: int) -> BatchRecord:
+        return cls(started, ended, len(lengths), max(lengths) * len(lengths), sum(lengths), items)
+
+
 @dataclass(frozen=True, slots=True)
 class InferenceResult:
     outputs: np.ndarray  # one row per submitted item, in submission order
@@ -90,6 +106,8 @@ class InferenceResult:
     inference_ms: float  # model time of the batches the request rode in
     batch_size: int  # the largest batch the request rode in
     batches: int = 0  # how many model batches the request's items rode in
+    admitted_at: float = 0.0
+    batch_log: list[BatchRecord] | None = None  # traced requests only (run's ``traced``)
 
 
 @dataclass(eq=False)
@@ -110,6 +128,7 @@ class _Pending:
     largest_batch: int = 0
     batches: int = 0
     timer: asyncio.TimerHandle | None = None  # the waiting deadline's check
+    batch_log: list[BatchRecord] | None = None  # a list only when the request is traced
 
     def __post_init__(self) -> None:
         self.lengths = np.fromiter((len(item) for item in self.items), dtype=np.int64, count=len(self.items))
@@ -130,6 +149,7 @@ class _Slice:
 class _Batch:
     slices: list[_Slice]
     items: list[Encoded]
+    started: float = 0.0
 
 
 def _without(remaining: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
@@ -261,6 +281,7 @@ class InferenceController:
         background: bool = False,
         timeout_name: str = "REQUEST_TIMEOUT_S",
         arrived_at: float | None = None,
+        traced: bool = False,
     ) -> InferenceResult:
         """Run ``items`` through the model; raises Overloaded/Timeout/Backend errors.
 
@@ -268,7 +289,7 @@ class InferenceController:
         started or finished for that long, counted from ``arrived_at`` (event-loop time; default:
         now) so the time its tokenization took counts too. ``background`` work (asynchronous jobs) is batched
         only while no interactive item waits, and is not refused for a full queue (a job has
-        at most two slices queued at a time).
+        at most two slices queued at a time). ``traced``: the result lists its batches (``batch_log``).
         """
         if self.failure is not None:
             raise BackendError(f"internal error: {self.failure}")
@@ -292,6 +313,7 @@ class InferenceController:
             admitted_at=self._clock(),
             background=background,
             wanted=background_wanted.get() if background else None,
+            batch_log=[] if traced else None,
         )
         pending.last_progress = loop.time() if arrived_at is None else arrived_at
         if not background:
@@ -384,6 +406,7 @@ class InferenceController:
                 continue
             self._in_flight += 1
             started, now = self._clock(), loop.time()
+            batch.started = started
             for piece in batch.slices:
                 piece.pending.last_progress = now
                 if piece.pending.first_batch_at is None:
@@ -464,6 +487,10 @@ class InferenceController:
             offset = 0
             for piece in batch.slices:
                 count = len(piece.indices)
+                if piece.pending.batch_log is not None:
+                    piece.pending.batch_log.append(
+                        BatchRecord.of(batch.started, self._clock(), lengths, count)
+                    )
                 self._deliver(piece, outputs[offset : offset + count], seconds, len(batch.items))
                 offset += count
         except Exception:  # never leave waiters hanging on a bookkeeping bug
@@ -506,6 +533,8 @@ class InferenceController:
                     inference_ms=pending.inference_s * 1000.0,
                     batch_size=pending.largest_batch,
                     batches=pending.batches,
+                    admitted_at=pending.admitted_at,
+                    batch_log=pending.batch_log,
                 )
             )
 

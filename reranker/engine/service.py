@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from reranker.engine.cache import CachedOutput, PredictionCache
 from reranker.engine.controller import InferenceController
 from reranker.engine.prompts import document_prompt, embed_prompt, query_prompt
 from reranker.errors import InvalidInputError, StartupError, UnsupportedOperationError
+from reranker.tracing import current_trace
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,7 @@ class InferenceService:
         ``skip_first``: item 0 is answered by the caller (an empty output, no tokens).
         """
         arrived_at = asyncio.get_running_loop().time()  # waiting counts from here, tokenizing included
+        trace = None if background else current_trace.get()  # None: tracing off, or a job's slice
         cache = self._cache
         cache_keys = [cache.key(*parts) for parts in keys] if cache is not None else []
         cached = cache.get_many(cache_keys) if cache is not None else {}
@@ -218,12 +221,15 @@ class InferenceService:
             hits -= int(0 in cached)
             cached[0] = CachedOutput(np.zeros((0,), dtype=np.float32), 0, False)
         missing = [i for i in range(len(keys)) if i not in cached] if cached else list(range(len(keys)))
+        tokenizing = time.perf_counter()
         if not missing:
             windows = []
         elif len(missing) <= INLINE_TOKENIZE_ITEMS and _chars(keys, missing) <= INLINE_TOKENIZE_CHARS:
             windows = tokenize(missing)  # a small request: tokenized here, no thread hand-off
         else:
             windows = await asyncio.to_thread(tokenize, missing)
+        if trace is not None and missing:
+            trace.tokenized(tokenizing, len(missing))
         truncated = sorted(
             [i for i, entry in cached.items() if entry.truncated]
             + [i for i, item in zip(missing, windows, strict=True) if item.truncated]
@@ -236,7 +242,11 @@ class InferenceService:
             flat = [encoded for item in windows for encoded in item.items]
             timeout_s = BACKGROUND_TIMEOUT_S if background else self._timeout_s
             timeout_name = "the job slice timeout" if background else "REQUEST_TIMEOUT_S"
-            result = await self._controller.run(flat, timeout_s, background, timeout_name, arrived_at)
+            result = await self._controller.run(
+                flat, timeout_s, background, timeout_name, arrived_at, traced=trace is not None
+            )
+            if trace is not None:
+                trace.inferred(result, self._info)
             timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, hits, result.batches)
             if cache is None and not cached and len(flat) == len(windows):
                 # One window per item, nothing cached: the batch's rows are the answer as they are.
@@ -392,13 +402,18 @@ class InferenceService:
         if prompt is None:
             prompt = self.embed_prompt(None, None)
         arrived_at = asyncio.get_running_loop().time()
+        trace, tokenizing = current_trace.get(), time.perf_counter()
         encoded = await asyncio.to_thread(self._backend.tokenize_texts, [prompt + text for text in texts])
+        if trace is not None:
+            trace.tokenized(tokenizing, len(texts))
         cut = next((i for i, item in enumerate(encoded) if item.truncated), None)
         if cut is not None and not allow_truncation:
             raise TextTooLongError(cut, info.max_length)
         result = await self._token_controller.run(
-            encoded, self._timeout_s, False, "REQUEST_TIMEOUT_S", arrived_at
+            encoded, self._timeout_s, False, "REQUEST_TIMEOUT_S", arrived_at, traced=trace is not None
         )
+        if trace is not None:
+            trace.inferred(result, info)
         timing = Timing(result.queue_ms, result.inference_ms, result.batch_size, 0, result.batches)
         return list(result.outputs), sum(len(item) for item in encoded), timing
 
