@@ -117,6 +117,7 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
         "",
         ("max_documents_per_request", "max_text_chars", "max_request_bytes", "body_read_timeout_s"),
     ),
+    "Tracing": ("", ("otel_exporter_otlp_endpoint", "otel_service_name")),
 }
 
 # Variables the scripts read, not the server (so not fields of Settings).
