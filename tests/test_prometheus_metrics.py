@@ -45,7 +45,10 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-ONE_SERIES_PER_SERVER = {"reranker_ready", "reranker_uptime_seconds", "process_resident_memory_bytes"}
+ONE_SERIES_PER_SERVER = {
+    "reranker_ready", "reranker_uptime_seconds", "process_resident_memory_bytes",
+    "reranker_jobs_finished_total", "reranker_jobs_active", "reranker_jobs_max_active",
+}  # fmt: skip
 
 
 def test_every_series_exists_before_the_first_request(server: ServerThread) -> None:
@@ -143,3 +146,8 @@ def test_job_routes_are_counted_but_are_not_inference_latencies(server: ServerTh
     assert value(samples, "reranker_request_duration_seconds_count") == 0
     assert as_json["latency_ms"]["window"] == 0 and as_json["latency_ms"]["p99"] is None
     assert as_json["successful_requests"] == as_json["total_requests"]  # counted all the same
+    # The jobs themselves: two finished here; none active, out of MAX_ACTIVE_JOBS.
+    assert value(samples, "reranker_jobs_finished_total", status="COMPLETED") == 2
+    assert value(samples, "reranker_jobs_finished_total", status="FAILED") == 0
+    assert value(samples, "reranker_jobs_active") == 0
+    assert value(samples, "reranker_jobs_max_active") == server.runtime.settings.max_active_jobs

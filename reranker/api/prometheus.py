@@ -154,6 +154,23 @@ class RuntimeCollector:
             "Prediction cache entries.",
             lambda m: int(m.cache_stats().get("size") or 0),
         )
+        jobs = runtime.jobs
+        finished = CounterMetricFamily(
+            "reranker_jobs_finished",
+            "Jobs this process's worker finished, by final status.",
+            labels=["status"],
+        )
+        for status in ("COMPLETED", "FAILED", "CANCELLED"):
+            finished.add_metric([status], jobs.finished[status])
+        yield finished
+        active = getattr(jobs, "active", None)
+        if isinstance(active, int):  # the local store knows its backlog; Redis's is the cluster's
+            yield GaugeMetricFamily("reranker_jobs_active", "Jobs queued or running here.", value=active)
+            yield GaugeMetricFamily(
+                "reranker_jobs_max_active",
+                "MAX_ACTIVE_JOBS: more are refused.",
+                value=runtime.settings.max_active_jobs,
+            )
         yield GaugeMetricFamily(
             "reranker_ready", "1 when the server takes work.", value=int(runtime.status is Status.HEALTHY)
         )

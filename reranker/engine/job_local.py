@@ -28,6 +28,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,7 @@ class LocalJobs:
         self._store = store
         self._clock = clock
         self._jobs: dict[str, Job] = {}
+        self.finished: Counter[str] = Counter()  # jobs this process finished, by final status (/metrics)
         # Deleted jobs' ids (and owners) for JOB_RESULT_TTL_S: reading one says it was deleted.
         self._deleted: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=max(result_ttl_s, 1.0))
         self._on_disk: set[str] = set()  # finished jobs whose output is only in the store
@@ -391,6 +393,7 @@ class LocalJobs:
         job.status, job.output, job.error = status, output, error
         job.finished_at = self._clock() if finished_at is None else finished_at
         job.spec = None  # the input is no longer needed
+        self.finished[status.value] += 1
         log.info("job %s %s: %d/%d items", job.id, status.value, job.done, job.total)
 
     def _save(self, job: Job) -> None:

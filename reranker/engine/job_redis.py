@@ -50,6 +50,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -125,6 +126,7 @@ class RedisJobs:
         self._stream, self._active = f"{prefix}:stream", f"{prefix}:active"
         self._job_prefix = f"{prefix}:job:"
         self._max_active = settings.max_active_jobs
+        self.finished: Counter[str] = Counter()  # jobs this worker finished, by final status (/metrics)
         self._ttl_s = max(1, round(settings.job_result_ttl_s))
         self._lease_ms = round(settings.job_lease_s * 1000)
         self._tick_s = min(1.0, settings.job_lease_s / 3)
@@ -470,6 +472,8 @@ class RedisJobs:
         ]
         keys = [self._key(job_id), self._active, self._stream]
         recorded = bool(await self._scripts["finish"](keys=keys, args=args))
+        if recorded:
+            self.finished[status.value] += 1
         if reference and not recorded:  # another run's result is the job's: drop this one's
             await self._redis.delete(*self._part_keys(reference))
         return recorded

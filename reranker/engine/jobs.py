@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -172,6 +173,7 @@ class JobBackend(Protocol):
 
     draining: bool  # the server is shutting down
     failure: str | None  # set when the worker task died: jobs can no longer run here
+    finished: Counter[str]  # jobs this process's worker finished, by final status
 
     async def start(self) -> None:
         """Open the store (StartupError when it cannot be used); no work runs yet."""
