@@ -213,3 +213,22 @@ def test_embed_all_equals_sentence_transformers_token_embeddings(
         np.testing.assert_allclose(np.array(got), want.numpy(), atol=1e-5)
     assert len(single) == 1 and len(single[0]) == len(expected[1])
     assert on_splade.status_code == 400
+
+
+def test_jobs_and_runpod_serve_the_new_kinds(server: ServerThread, models) -> None:
+    """A classify job and a sparse embed job (/v1/jobs and RunPod's /runsync) equal the routes."""
+    with server.client() as client:
+        classify = {"type": "classify", "input": {"model": "sentiment", "inputs": [TEXTS[0], list(PAIR)]}}
+        url = client.post("/v1/jobs", json=classify).json()["status_url"]
+        server.wait_until(lambda: client.get(url).json()["status"] == "COMPLETED", "the classify job")
+        predictions = client.get(url).json()["output"]["predictions"]
+        direct = client.post("/models/sentiment/predict", json={"inputs": [[TEXTS[0]], list(PAIR)]}).json()
+        chunks = [{"chunk_id": str(i), "content": text} for i, text in enumerate(TEXTS)]
+        sparse_job = {"model": "splade", "batch_id": "b", "chunks": chunks, "top_k": 4}
+        ran = client.post("/runsync", json={"input": sparse_job}).json()
+        direct_sparse = client.post("/embed", json=sparse_job).json()
+        wrong = client.post("/v1/jobs", json={"type": "embed", "input": sparse_job})
+    assert predictions == direct
+    assert ran["status"] == "COMPLETED"
+    assert ran["output"]["vectors"] == direct_sparse["vectors"]
+    assert wrong.status_code == 400 and '"type": "embed_sparse"' in wrong.json()["error"]["message"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,10 +21,10 @@ from reranker.api.body import read_json, validate
 from reranker.api.observe import model_of, runtime_of
 from reranker.api.rerank import long_documents
 from reranker.api.responses import ORJSONResponse, json_response
-from reranker.api.schemas import CohereRerankRequest, EmbedRequest, JobRequest
+from reranker.api.schemas import ClassifyJobInput, CohereRerankRequest, EmbedRequest, JobRequest
 from reranker.api.text_limits import document_tokens, fit_rerank, fit_texts
 from reranker.backends.base import ModelKind
-from reranker.engine.job_work import EmbedJob, RerankJob
+from reranker.engine.job_work import ClassifyJob, EmbedJob, RerankJob
 from reranker.engine.jobs import Job
 from reranker.engine.service import InferenceService
 from reranker.errors import InvalidInputError, PayloadTooLargeError, UnsupportedOperationError
@@ -49,7 +50,8 @@ async def accept_job(request: Request, data: object) -> Job:
     runtime = runtime_of(request)
     job_input = data.get("input") if isinstance(data, dict) else None
     requested = job_input.get("model") if isinstance(job_input, dict) else None
-    capability = "embed" if isinstance(data, dict) and data.get("type") == "embed" else "rerank"
+    job_type = data.get("type") if isinstance(data, dict) else None
+    capability = JOB_CAPABILITY.get(str(job_type), "rerank")
     model = model_of(request, requested if isinstance(requested, str) else None, capability)
     service = model.require_service()
     # Validating (and, without truncation, tokenizing) 200,000 chunks is work: off the event loop.
@@ -77,13 +79,23 @@ def owner_of(request: Request) -> str | None:
     return hashlib.sha256(b"reranker-job-owner:" + presented.encode("utf-8")).hexdigest()
 
 
+JOB_CAPABILITY = {
+    "embed": "embed",
+    "embed_sparse": "embed_sparse",
+    "rerank": "rerank",
+    "classify": "classify",
+}
+
+
 def _job_work(
     data: object, settings: Settings, service: InferenceService, model_name: str
-) -> tuple[str, int, EmbedJob | RerankJob]:
+) -> tuple[str, int, EmbedJob | RerankJob | ClassifyJob]:
     """The job's type, item count and work, from a body validated as its endpoint would, and
     (with truncation off) every text checked against the model window."""
     body = validate(JobRequest, data)
-    if body.type == "embed":
+    if body.type == "classify":
+        return _classify_job(body.input, settings, model_name)
+    if body.type in ("embed", "embed_sparse"):
         embed = validate(EmbedRequest, body.input)
         if embed.embedding_type != "float":
             raise InvalidInputError(
@@ -95,17 +107,29 @@ def _job_work(
         _check_size(settings, texts)
         budget = service.max_tokens if embed.truncate else None
         texts = fit_texts(settings, texts, labels, budget, "truncate is false")
-        if service.kind is not ModelKind.BI_ENCODER:
-            raise UnsupportedOperationError("the loaded model is a cross-encoder: it cannot embed")
+        sparse = body.type == "embed_sparse"
+        wanted = ModelKind.SPARSE if sparse else ModelKind.BI_ENCODER
+        if service.kind is not wanted:
+            hint = ' (a sparse model: "type": "embed_sparse")' if service.kind is ModelKind.SPARSE else ""
+            raise UnsupportedOperationError(
+                f"the model is a {service.kind.value}: it cannot run an {body.type} job{hint}"
+            )
         prompt = service.embed_prompt(embed.prompt_name, embed.input_type)  # unknown: 422 now
         if not embed.truncate:
             _refuse_too_long(service, [prompt + text for text in texts], labels, "truncate is false")
         ids = [chunk.chunk_id for chunk in embed.chunks]
-        return (
-            "embed",
-            len(texts),
-            EmbedJob(embed.batch_id, ids, texts, embed.normalize, embed.truncate, model_name, prompt),
+        work = EmbedJob(
+            embed.batch_id,
+            ids,
+            texts,
+            embed.normalize,
+            embed.truncate,
+            model_name,
+            prompt,
+            sparse,
+            embed.top_k,
         )
+        return body.type, len(texts), work
     rerank = validate(CohereRerankRequest, body.input)
     texts = rerank.texts()
     labels = [f"input.documents.{i}" for i in range(len(texts))]
@@ -138,6 +162,18 @@ def _job_work(
         rerank.return_details,
     )
     return "rerank", len(texts), reranking
+
+
+def _classify_job(data: dict[str, Any], settings: Settings, model_name: str) -> tuple[str, int, ClassifyJob]:
+    """A classify job's input: ``{"inputs": [text | [text, text], ...], "raw_scores"?, "truncate"?}``."""
+    body = validate(ClassifyJobInput, data)
+    texts = [t for item in body.inputs for t in ([item] if isinstance(item, str) else item)]
+    _check_size(settings, texts)
+    return (
+        "classify",
+        len(body.inputs),
+        ClassifyJob(list(body.inputs), model_name, body.raw_scores, body.truncate),
+    )
 
 
 def _refuse_too_long(

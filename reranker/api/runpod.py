@@ -19,8 +19,9 @@ from starlette.responses import Response
 
 from reranker.api.body import read_json, unless_disconnected
 from reranker.api.jobs import accept_job, cancel_job_for, find_job
-from reranker.api.observe import runtime_of
+from reranker.api.observe import model_of, runtime_of
 from reranker.api.responses import json_response
+from reranker.backends.base import ModelKind
 from reranker.engine.jobs import FINISHED, Job, JobStatus
 from reranker.engine.runtime import Status
 from reranker.errors import InvalidInputError, JobStoreError
@@ -34,7 +35,7 @@ RUNPOD_STATUS = {
 }
 EXPECTED_INPUT = (
     'an embed input {"batch_id", "chunks": [{"chunk_id", "content"}]} '
-    'or a rerank input {"query", "documents"}'
+    'or a rerank input {"query", "documents"} or a classify input {"inputs": [text | [text, text]]}'
 )
 # /runsync reads the job's state this often (the job may run on another instance, so there is
 # nothing in this process to await): from FIRST_POLL_S, doubling up to MAX_POLL_S.
@@ -49,6 +50,8 @@ def job_body(data: object) -> dict[str, Any]:
     given: dict[str, Any] = data["input"]
     if "chunks" in given and "query" not in given:
         return {"type": "embed", "input": given}
+    if "inputs" in given and "query" not in given and "chunks" not in given:
+        return {"type": "classify", "input": given}
     if "query" in given and "chunks" not in given:
         return {"type": "rerank", "input": given}
     raise InvalidInputError(f"input: expected {EXPECTED_INPUT}; got the fields {sorted(given)}")
@@ -73,7 +76,15 @@ def runpod_view(job: Job) -> dict[str, Any]:
 async def _submit(request: Request) -> Job:
     settings = runtime_of(request).settings
     data = await read_json(request, settings.max_job_request_bytes, settings.body_read_timeout_s)
-    return await accept_job(request, job_body(data))
+    body = job_body(data)
+    if body["type"] == "embed":  # RunPod's input has no type: a sparse model's embed is embed_sparse
+        requested = body["input"].get("model")
+        model = model_of(
+            request, requested if isinstance(requested, str) else None, ("embed", "embed_sparse")
+        )
+        if model.info is not None and model.info.kind is ModelKind.SPARSE:
+            body["type"] = "embed_sparse"
+    return await accept_job(request, body)
 
 
 async def run(request: Request) -> Response:

@@ -306,10 +306,30 @@ def check_embed_limits(settings: Settings, texts: list[str]) -> None:
         )
 
 
+class ClassifyJobInput(_Body):
+    """A classify job's input: texts and pairs, as /predict's batch holds them."""
+
+    inputs: list[str | list[str]] = Field(min_length=1)
+    raw_scores: bool = False
+    truncate: bool = True
+    model: str | None = MODEL_FIELD
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: list[str | list[str]]) -> list[str | list[str]]:
+        shaped: list[str | list[str]] = []
+        for index, item in enumerate(value):
+            texts = [item] if isinstance(item, str) else item
+            if len(texts) not in (1, 2) or not all(text.strip() for text in texts):
+                raise ValueError(f"inputs.{index}: a non-empty text, or [text] or [text, text]")
+            shaped.append(texts[0] if len(texts) == 1 else list(texts))
+        return shaped
+
+
 class JobRequest(_Body):
     """POST /v1/jobs: ``input`` is the body of /embed or of /v1/rerank."""
 
-    type: Literal["embed", "rerank"]
+    type: Literal["embed", "embed_sparse", "rerank", "classify"]
     input: dict[str, Any]
 
 

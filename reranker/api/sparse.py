@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,20 +19,14 @@ from reranker.api.responses import json_response
 from reranker.api.schemas import check_embed_limits
 from reranker.api.tei import TeiInputs, long_refused
 from reranker.api.text_limits import fit_texts
-from reranker.engine.service import EmbedOutcome
+from reranker.engine.service import EmbedOutcome, sparse_entries
 
 
 class TeiSparseRequest(TeiInputs):
     prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
 
 
-def sparse(vector: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The non-zero entries of ``vector`` (the ``top_k`` largest, when given) by ascending index."""
-    indices = np.flatnonzero(vector)
-    if top_k is not None and top_k < len(indices):
-        largest = np.argpartition(-vector[indices], top_k - 1)[:top_k]
-        indices = np.sort(indices[largest])
-    return indices, vector[indices]
+sparse = sparse_entries  # the name the handlers use
 
 
 async def embed_sparse(request: Request, data: Any, started: float) -> Response:

@@ -28,11 +28,13 @@ from reranker.backends.base import ModelKind
 from reranker.engine.jobs import Job, JobCancelledError
 from reranker.engine.rerank_results import cohere_v1_body
 from reranker.engine.service import (
+    ClassifyOutcome,
     EmbedOutcome,
     InferenceService,
     LongDocuments,
     RerankOutcome,
     TextTooLongError,
+    sparse_entries,
 )
 from reranker.errors import InvalidInputError, RerankerError
 
@@ -104,6 +106,8 @@ class EmbedJob:
     truncate: bool
     model: str
     prompt: str = ""  # the prompt the submission chose (resolved then: prompt_name, input_type, default)
+    sparse: bool = False  # spec version 3: a sparse model's weights, as indices and values
+    top_k: int | None = None  # spec version 3: sparse: the largest weights kept per chunk
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
         order = length_order(self.texts)
@@ -126,11 +130,19 @@ class EmbedJob:
         vectors = unsorted(np.concatenate([outcome.vectors for outcome in outcomes]), order)
         tokens = sum(outcome.tokens for outcome in outcomes)
         truncated = sum(outcome.truncated for outcome in outcomes)
+        if self.sparse:
+            entries = [sparse_entries(vector, self.top_k) for vector in vectors]
+            rows = [
+                {"chunk_id": c, "indices": indices, "values": values}
+                for c, (indices, values) in zip(self.chunk_ids, entries, strict=True)
+            ]
+        else:
+            rows = [{"chunk_id": c, "vector": v} for c, v in zip(self.chunk_ids, vectors, strict=True)]
         return {
             "batch_id": self.batch_id,
             "model": self.model,
             "dimension": int(vectors.shape[1]),
-            "vectors": [{"chunk_id": c, "vector": v} for c, v in zip(self.chunk_ids, vectors, strict=True)],
+            "vectors": rows,
             "usage": {"chunks": len(self.texts), "total_tokens": tokens, "truncated_chunks": truncated},
         }
 
@@ -186,6 +198,45 @@ class RerankJob:
         return versioned_spec("rerank", asdict(self))
 
 
+@dataclass(frozen=True)
+class ClassifyJob:
+    """A classifier's labels of many texts or pairs (spec version 3)."""
+
+    inputs: list[str | list[str]]  # a text, or a pair as a two-string list (JSON has no tuples)
+    model: str
+    raw_scores: bool = False
+    truncate: bool = True
+
+    async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
+        items = [item if isinstance(item, str) else (item[0], item[1]) for item in self.inputs]
+
+        async def piece(start: int, stop: int) -> ClassifyOutcome:
+            try:
+                return await service.classify(items[start:stop], self.truncate, background=True)
+            except TextTooLongError as exc:
+                raise InvalidInputError(
+                    f"inputs.{start + exc.position}: longer than the model's {exc.max_tokens} tokens "
+                    "and truncate is false"
+                ) from None
+
+        outcomes = await in_slices(job, len(items), service, piece)
+        values = np.concatenate([o.logits if self.raw_scores else o.scores for o in outcomes])
+        labels = service.labels
+        predictions = [
+            [{"score": float(row[i]), "label": labels[i]} for i in np.argsort(-row, kind="stable")]
+            for row in values
+        ]
+        tokens = sum(outcome.tokens for outcome in outcomes)
+        return {
+            "model": self.model,
+            "predictions": predictions,
+            "usage": {"inputs": len(items), "total_tokens": tokens},
+        }
+
+    def spec(self) -> dict[str, Any]:
+        return versioned_spec("classify", asdict(self))
+
+
 def joined(outcomes: list[RerankOutcome], order: np.ndarray, query_tokens: int = 0) -> RerankOutcome:
     """One outcome for the whole request from its slices' (run in ``order``), in the order sent;
     ``query_tokens``: a bi-encoder's query, embedded once before the slices."""
@@ -208,9 +259,11 @@ def joined(outcomes: list[RerankOutcome], order: np.ndarray, query_tokens: int =
 
 # A spec's version is the lowest format that describes it, so an ordinary job stays runnable by an
 # older worker during a rolling restart. 1: the first format (no "version" key); 2: rerank jobs'
-# ``return_details``. A field added later is written only when it differs from its default.
-SPEC_VERSION = 2
-ADDED_IN = {"return_details": 2}
+# ``return_details``; 3: sparse embed jobs (``sparse``, ``top_k``) and classify jobs. A field
+# added later is written only when it differs from its default.
+SPEC_VERSION = 3
+ADDED_IN = {"return_details": 2, "sparse": 3, "top_k": 3}
+TYPE_ADDED_IN = {"classify": 3}  # a job type an older worker does not know
 
 
 class JobSpecError(RerankerError):
@@ -220,7 +273,7 @@ class JobSpecError(RerankerError):
 
 
 def versioned_spec(job_type: str, fields: dict[str, Any]) -> dict[str, Any]:
-    version = 1
+    version = TYPE_ADDED_IN.get(job_type, 1)
     for name, since in ADDED_IN.items():
         if name in fields and fields[name] == _DEFAULTS[job_type].get(name):
             del fields[name]  # at its default: an older worker runs the job the same way
@@ -232,7 +285,7 @@ def versioned_spec(job_type: str, fields: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def work_from_spec(spec: dict[str, Any]) -> EmbedJob | RerankJob:
+def work_from_spec(spec: dict[str, Any]) -> EmbedJob | RerankJob | ClassifyJob:
     """The work a job's ``spec`` describes (what ``EmbedJob.spec``/``RerankJob.spec`` wrote, in this
     version's format or an older one); JobSpecError, which fails the job, for one it cannot run."""
     version = spec.get("version", 1)
@@ -241,7 +294,11 @@ def work_from_spec(spec: dict[str, Any]) -> EmbedJob | RerankJob:
             f"the job was submitted by a newer reranker (job spec version {version}; this instance "
             f"runs versions up to {SPEC_VERSION}): finish the upgrade, then submit it again"
         )
-    kinds: dict[str, type[EmbedJob] | type[RerankJob]] = {"embed": EmbedJob, "rerank": RerankJob}
+    kinds: dict[str, type[EmbedJob] | type[RerankJob] | type[ClassifyJob]] = {
+        "embed": EmbedJob,
+        "rerank": RerankJob,
+        "classify": ClassifyJob,
+    }
     kind = kinds.get(str(spec.get("type")))
     fields = dict(spec.get("input") or {})
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(kind)}) if kind else []
@@ -261,5 +318,5 @@ def work_from_spec(spec: dict[str, Any]) -> EmbedJob | RerankJob:
 
 _DEFAULTS = {
     name: {f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING}
-    for name, kind in (("embed", EmbedJob), ("rerank", RerankJob))
+    for name, kind in (("embed", EmbedJob), ("rerank", RerankJob), ("classify", ClassifyJob))
 }

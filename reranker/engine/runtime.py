@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 __all__ = ["BackendFactory", "Runtime", "Status", "default_backend_factory"]
 
 
+SPARSE_HINT = '; a sparse model answers on /embed_sparse, /embed and in jobs of "type": "embed_sparse"'
+
+
 class Status(StrEnum):
     LOADING = "loading"
     HEALTHY = "healthy"
@@ -225,7 +228,11 @@ class Runtime:
         """One job's work, rebuilt from its validated input, through the model it was submitted
         for (a spec from before models were named: the first able to run it)."""
         assert job.spec is not None
-        capability = "embed" if job.spec.get("type") == "embed" else "rerank"
+        capability = {"embed": "embed", "embed_sparse": "embed_sparse", "classify": "classify"}.get(
+            str(job.spec.get("type")), "rerank"
+        )
+        if job.spec.get("type") == "embed" and (job.spec.get("input") or {}).get("sparse"):
+            capability = "embed_sparse"
         name = job.spec.get("model")
         if name is None:
             model = self.model_for(None, capability)
@@ -293,11 +300,7 @@ class Runtime:
         if requested is not None and len(self.models) > 1:
             model = self.named(requested)
             if model not in able:
-                hint = (
-                    "; a sparse model answers on /embed_sparse and /embed"
-                    if model.serves("embed_sparse")
-                    else ""
-                )
+                hint = SPARSE_HINT if model.serves("embed_sparse") else ""
                 raise UnsupportedOperationError(
                     f"model {model.name!r} ({model.info.kind.value if model.info else '?'}) cannot "
                     f"{capability}; models that can: {[m.name for m in able] or 'none'}{hint}"
@@ -307,11 +310,8 @@ class Runtime:
             able.sort(key=lambda model: model.info is None or "embed" in model.info.capabilities)
         if not able:
             kinds = ", ".join(f"{m.name} ({m.info.kind.value})" for m in self.models if m.info)
-            hint = (
-                "; a sparse model answers on /embed_sparse and /embed"
-                if "embed" in wanted and any(m.serves("embed_sparse") for m in self.models)
-                else ""
-            )
+            sparse_here = "embed" in wanted and any(m.serves("embed_sparse") for m in self.models)
+            hint = SPARSE_HINT if sparse_here else ""
             raise UnsupportedOperationError(f"the models served here cannot {capability}: {kinds}{hint}")
         return able[0]
 

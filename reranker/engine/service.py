@@ -128,6 +128,16 @@ class ClassifyOutcome:
     timing: Timing
 
 
+def sparse_entries(vector: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero entries of a sparse model's ``vector`` (the ``top_k`` largest, when given),
+    as (indices, values) by ascending index: what TEI, Qdrant and Elasticsearch take."""
+    indices = np.flatnonzero(vector)
+    if top_k is not None and top_k < len(indices):
+        largest = np.argpartition(-vector[indices], top_k - 1)[:top_k]
+        indices = np.sort(indices[largest])
+    return indices, vector[indices]
+
+
 def label_scores(logits: np.ndarray, multi_label: bool) -> np.ndarray:
     """A classifier's scores from its logits, as transformers' pipeline and TEI compute them:
     a sigmoid per label for one label or multi-label models, else a softmax over the labels."""
@@ -462,6 +472,11 @@ class InferenceService:
     @property
     def max_tokens(self) -> int:
         return self._info.max_length
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """A classifier's label names, in label-index order."""
+        return self._info.labels
 
     def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
