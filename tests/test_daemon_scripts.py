@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -170,6 +171,9 @@ def test_logrotate_copytruncate_keeps_a_running_daemon_logging(tmp_path: Path) -
         assert log.stat().st_size == 0
         response = httpx.post(f"http://127.0.0.1:{port}/rerank", json=QUERY, timeout=30)
         assert response.status_code == 200
+        deadline = time.monotonic() + 10  # the request's log line is written as the response ends
+        while b"POST /rerank" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
         after = log.read_bytes()
         assert b"POST /rerank" in after and not after.startswith(b"\0")  # appended, no hole
     finally:

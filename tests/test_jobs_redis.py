@@ -316,6 +316,8 @@ def test_a_big_output_is_stored_in_parts_that_expire_and_go_with_the_job(
         ttls = [store.ttl(key) for key in parts]
         deleted = client.delete(f"/v1/jobs/{job_id}")
         left = store.keys(f"{queue}:job:{job_id}*")
+        tombstone = f"{queue}:job:{job_id}:deleted"  # reading it says it was deleted, for the result's TTL
+        tombstone_ttl = store.ttl(tombstone)
     assert final["status"] == "COMPLETED"
     assert [v["chunk_id"] for v in final["output"]["vectors"]] == [c["chunk_id"] for c in body["chunks"]]
     np.testing.assert_allclose(
@@ -324,7 +326,7 @@ def test_a_big_output_is_stored_in_parts_that_expire_and_go_with_the_job(
         atol=1e-6,
     )
     assert len(parts) > 3 and all(0 < ttl <= 3600 for ttl in ttls)
-    assert deleted.status_code == 200 and left == []
+    assert deleted.status_code == 200 and left == [tombstone.encode()] and 0 < tombstone_ttl <= 3600
 
 
 def test_a_stopped_instance_leaves_no_consumer_behind(redis_server: RedisServer, queue: str) -> None:
