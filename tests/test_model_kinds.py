@@ -232,3 +232,26 @@ def test_jobs_and_runpod_serve_the_new_kinds(server: ServerThread, models) -> No
     assert ran["status"] == "COMPLETED"
     assert ran["output"]["vectors"] == direct_sparse["vectors"]
     assert wrong.status_code == 400 and '"type": "embed_sparse"' in wrong.json()["error"]["message"]
+
+
+def test_tei_info_describes_each_kind(server: ServerThread) -> None:
+    with server.client() as client:
+        sentiment = client.get("/models/sentiment/info").json()["model_type"]
+        sparse = client.get("/models/splade/info").json()["model_type"]
+        embed = client.get("/models/embed/info").json()["model_type"]
+    assert sentiment == {
+        "classifier": {
+            "id2label": dict(enumerate(SENTIMENT)) | {},
+            "label2id": {v: i for i, v in enumerate(SENTIMENT)},
+        }
+    } or sentiment["classifier"]["id2label"] == {str(i): v for i, v in enumerate(SENTIMENT)}
+    assert sparse == {"embedding": {"pooling": "splade"}}
+    assert "embedding" in embed
+
+
+def test_predict_refuses_empty_texts(server: ServerThread) -> None:
+    with server.client() as client:
+        single = client.post("/predict", json={"inputs": " "})
+        in_batch = client.post("/predict", json={"inputs": [["a"], ["b", " "]]})
+    assert single.status_code == 422 and "empty" in single.json()["error"]
+    assert in_batch.status_code == 422 and "inputs.1" in in_batch.json()["error"]

@@ -429,3 +429,65 @@ def test_one_base_url_serves_both_models_equal_to_their_libraries(rag_server, se
     np.testing.assert_allclose(
         [prefixed_scores[i] for i in range(len(DOCUMENTS))], expected_scores, atol=1e-5
     )
+
+
+def test_a_waiter_cancelled_as_the_gate_is_released_passes_the_slot_on() -> None:
+    """Cancelling a waiter in the same loop turn as a release: CancelledError for it, the slot to
+    the next waiter (not a ValueError that would kill a batcher)."""
+    import asyncio
+
+    from reranker.engine.controller import DeviceGate
+
+    async def scenario() -> tuple[str, bool]:
+        gate = DeviceGate(1)
+        await gate.acquire()
+        first = asyncio.ensure_future(gate.acquire())
+        second = asyncio.ensure_future(gate.acquire())
+        await asyncio.sleep(0)  # both wait
+        first.cancel()
+        gate.release()
+        outcome = await asyncio.gather(first, return_exceptions=True)
+        await asyncio.wait_for(second, 1)
+        return type(outcome[0]).__name__, second.done() and second.exception() is None
+
+    assert asyncio.run(scenario()) == ("CancelledError", True)
+
+
+def test_requests_refused_before_a_model_is_chosen_count_apart(two_models) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, _, _ = two_models
+    with server.client() as client:
+        client.post("/v1/embeddings", json={"input": "x", "model": "nope"})
+        client.post("/rerank", json={"query": "q"})  # 422 before routing
+        text = client.get("/metrics", params={"format": "prometheus"}).text
+    refused = {
+        (sample.labels["model"], sample.labels["reason"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "reranker_request_failures_total" and sample.value
+    }
+    assert refused == {("", "model_not_found"): 1.0, ("", "invalid_request"): 1.0}
+
+
+class TokenVectorFake(FakeBackend):
+    """A fake bi-encoder that also gives token vectors (as the torch backend does)."""
+
+    serves_token_vectors = True
+
+    def token_vectors(self, batch: Sequence[Encoded]) -> np.ndarray:
+        answer = np.empty(len(batch), dtype=object)
+        answer[:] = [np.ones((len(item), 4), dtype=np.float32) for item in batch]
+        return answer
+
+
+def test_embed_all_without_a_model_goes_to_the_first_model_that_gives_token_vectors() -> None:
+    backends = {"plain": FakeBackend(), "tokens": TokenVectorFake()}
+    app = create_app(make_settings(models="plain=a,tokens=b"), backends=backends)
+    with ServerThread(app) as server, server.client() as client:
+        answer = client.post("/embed_all", json={"inputs": ["one two three", "four"]})
+        refused = client.post("/models/plain/embed_all", json={"inputs": "x"})
+        health = client.get("/health").json()["models"]["tokens"]["controller"]
+    assert answer.status_code == 200 and [len(vectors) for vectors in answer.json()] == [3, 1]
+    assert refused.status_code == 400 and "BACKEND=torch" in refused.json()["error"]  # TEI's error shape
+    assert health["queued"] == 0 and health["in_flight"] == 0

@@ -55,6 +55,8 @@ def create_app(
     app.state.prometheus = prometheus_registry(runtime)
     for model in runtime.models:
         model.metrics.expect_endpoints(METRIC_ENDPOINTS)
+    if len(runtime.models) > 1:
+        runtime.unrouted.expect_endpoints(METRIC_ENDPOINTS)
     return app
 
 

@@ -34,6 +34,15 @@ class PredictRequest(_Body):
 
     def batch(self) -> tuple[list[Input], bool]:
         """The inputs, and whether the answer is one list per input (a batch) or a flat list."""
+        inputs, batched = self._shaped()
+        for position, item in enumerate(inputs):
+            if not all(text.strip() for text in ([item] if isinstance(item, str) else item)):
+                raise InvalidInputError(
+                    f"inputs.{position}: a text is empty" if batched else "inputs: a text is empty"
+                )
+        return inputs, batched
+
+    def _shaped(self) -> tuple[list[Input], bool]:
         value = self.inputs
         if isinstance(value, str):
             return [value], False

@@ -29,7 +29,7 @@ async def embed_all(request: Request) -> Response:
     )
     texts = body.texts()
     check_embed_limits(settings, texts)
-    service = model_of(request, None, "embed").require_service()
+    service = model_of(request, None, "embed_tokens").require_service()
     labels = [f"inputs.{i}" for i in range(len(texts))]
     texts = fit_texts(settings, texts, labels, service.max_tokens if body.truncate else None, "")
     prompt = service.embed_prompt(body.prompt_name, None)

@@ -53,8 +53,8 @@ async def metrics(request: Request) -> Response:
         snapshot["model"] = runtime.default.name
     else:  # the server's totals, and each model's own
         snapshot = runtime.metrics.snapshot()
-        snapshot["queue_depth"] = sum(m.controller.queued for m in runtime.models if m.controller)
-        snapshot["in_flight_batches"] = sum(m.controller.in_flight for m in runtime.models if m.controller)
+        snapshot["queue_depth"] = sum(c.queued for m in runtime.models for c in m.controllers())
+        snapshot["in_flight_batches"] = sum(c.in_flight for m in runtime.models for c in m.controllers())
         snapshot["models"] = {model.name: _model_metrics(model) for model in runtime.models}
     snapshot["status"] = runtime.status.value
     return ORJSONResponse(snapshot)
@@ -63,8 +63,8 @@ async def metrics(request: Request) -> Response:
 def _model_metrics(model: ServedModel) -> dict[str, object]:
     snapshot = model.metrics.snapshot()
     controller = model.controller
-    snapshot["queue_depth"] = controller.queued if controller else 0
-    snapshot["in_flight_batches"] = controller.in_flight if controller else 0
+    snapshot["queue_depth"] = sum(c.queued for c in model.controllers())  # /embed_all's included
+    snapshot["in_flight_batches"] = sum(c.in_flight for c in model.controllers())
     cost = controller.batch_cost if controller else None
     snapshot["batch_overhead_tokens"] = round(cost.overhead, 1) if cost else None
     snapshot["batch_quadratic_per_token"] = cost.quadratic if cost else None

@@ -44,8 +44,13 @@ def model_of(request: Request, requested: str | None, capability: str) -> Served
 
 
 def _metrics_of(request: Request) -> Metrics:
+    """The metrics of the model that served the request; a request refused before any model was
+    chosen counts under the server's one model, or apart (``unrouted``) on a server of several."""
     model = getattr(request.state, "model", None)
-    return (model or runtime_of(request).default).metrics
+    if model is not None:
+        return model.metrics
+    runtime = runtime_of(request)
+    return runtime.default.metrics if len(runtime.models) == 1 else runtime.unrouted
 
 
 def observed(handler: Handler, name: str, timed: bool = True) -> Handler:

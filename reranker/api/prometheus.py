@@ -70,11 +70,14 @@ class RuntimeCollector:
         failures = CounterMetricFamily(
             "reranker_request_failures", "Failed inference requests by reason.", labels=["reason", "model"]
         )
-        for model in models:
-            for (endpoint, status), count in sorted(model.metrics.responses.items()):
-                requests.add_metric([endpoint, str(status), model.name], count)
-            for reason, count in sorted(model.metrics.failed_requests.items()):
-                failures.add_metric([reason, model.name], count)
+        counted = [(model.name, model.metrics) for model in models]
+        if len(models) > 1:  # refused before a model was chosen: model=""
+            counted.append(("", runtime.unrouted))
+        for name, metrics in counted:
+            for (endpoint, status), count in sorted(metrics.responses.items()):
+                requests.add_metric([endpoint, str(status), name], count)
+            for reason, count in sorted(metrics.failed_requests.items()):
+                failures.add_metric([reason, name], count)
         yield requests
         yield failures
         yield counter(
@@ -117,12 +120,12 @@ class RuntimeCollector:
         yield gauge(
             "reranker_queue_depth",
             "Requests waiting for the model.",
-            lambda m: m.controller.queued if m.controller else 0,
+            lambda m: sum(c.queued for c in m.controllers()),
         )
         yield gauge(
             "reranker_in_flight_batches",
             "Model batches running now.",
-            lambda m: m.controller.in_flight if m.controller else 0,
+            lambda m: sum(c.in_flight for c in m.controllers()),
         )
         yield counter(
             "reranker_items_processed",

@@ -207,19 +207,28 @@ async def info(request: Request) -> Response:
     in_path = request.path_params.get("model_name")
     served = runtime.named(in_path) if in_path is not None else runtime.default
     settings = served.settings
+    served.require_service()  # loading or failed: 503, not made-up facts
     model = served.info
-    if model is None or model.kind is ModelKind.BI_ENCODER:
-        pooling = model.details.get("pooling", "mean") if model else "mean"
-        model_type: dict[str, Any] = {"embedding": {"pooling": pooling}}
+    assert model is not None
+    model_type: dict[str, Any]
+    if model.kind is ModelKind.BI_ENCODER:
+        model_type = {"embedding": {"pooling": model.details.get("pooling", "mean")}}
+    elif model.kind is ModelKind.SPARSE:
+        model_type = {"embedding": {"pooling": "splade"}}
+    elif model.kind is ModelKind.CLASSIFIER:
+        id2label = {str(i): label for i, label in enumerate(model.labels)}
+        model_type = {
+            "classifier": {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}
+        }
     else:
         model_type = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
     content = {
         "model_id": served.name,
         "model_sha": None,
-        "model_dtype": model.dtype if model else "float32",
+        "model_dtype": model.dtype,
         "model_type": model_type,
         "max_concurrent_requests": settings.max_queue_size,
-        "max_input_length": model.max_length if model else 0,
+        "max_input_length": model.max_length,
         "max_batch_tokens": settings.max_batch_tokens,
         "max_batch_requests": settings.batch_size,
         "max_client_batch_size": settings.max_texts_per_embed_request,

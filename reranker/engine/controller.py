@@ -71,7 +71,7 @@ class DeviceGate:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted as it was cancelled: pass the slot on
-            else:
+            elif waiter in self._waiters:  # release() may have dropped it already
                 self._waiters.remove(waiter)
             raise
 
@@ -396,10 +396,14 @@ class InferenceController:
             while not self._waiting_items():
                 self._wake.clear()
                 await self._wake.wait()
-            await self._gate.acquire()
             if self._batch_wait_s > 0 and self._waiting_items() < self._sizer.limit:
                 await asyncio.sleep(self._batch_wait_s)  # a short deadline for more items to arrive
-            batch = self._next_batch()
+            await self._gate.acquire()  # after the wait: an idle wait never holds the shared device
+            try:
+                batch = self._next_batch()
+            except BaseException:
+                self._gate.release()
+                raise
             if batch is None:  # everything waiting was cancelled meanwhile
                 self._gate.release()
                 self._slots.release()
@@ -411,7 +415,14 @@ class InferenceController:
                 piece.pending.last_progress = now
                 if piece.pending.first_batch_at is None:
                     piece.pending.first_batch_at = started
-            work = loop.run_in_executor(self._executor, self._forward, batch.items)
+            try:
+                work = loop.run_in_executor(self._executor, self._forward, batch.items)
+            except BaseException:  # the executor is shut down: the batch never runs
+                self._in_flight -= 1
+                self._gate.release()
+                for piece in batch.slices:
+                    self._fail(piece.pending, NotReadyError("the server is shutting down"))
+                raise
             work.add_done_callback(lambda done, b=batch: self._finish(b, done))
 
     def _waiting_items(self) -> int:
@@ -483,7 +494,7 @@ class InferenceController:
             self._items_since_idle += len(lengths)
             self._metrics.record_batch(lengths, seconds)
             self._cost.observe(len(lengths), max(lengths), seconds)
-            self._sizer.after_batch(len(lengths), seconds / (max(lengths) * len(lengths)))
+            self._sizer.after_batch(len(lengths), seconds / (max(1, max(lengths)) * len(lengths)))
             offset = 0
             for piece in batch.slices:
                 count = len(piece.indices)

@@ -116,7 +116,7 @@ class EmbedJob:
         async def piece(start: int, stop: int) -> EmbedOutcome:
             try:
                 texts = texts_in_order[start:stop]
-                return await service.embed(
+                outcome = await service.embed(
                     texts, self.normalize, self.truncate, background=True, prompt=self.prompt
                 )
             except TextTooLongError as exc:
@@ -125,23 +125,29 @@ class EmbedJob:
                     f"chunks.{position} (chunk_id {self.chunk_ids[position]!r}): longer than the model's "
                     f"{exc.max_tokens} tokens and truncate is false"
                 ) from None
+            if self.sparse:  # a slice's vocabulary-sized rows kept as their non-zero entries only
+                entries = np.empty(len(texts), dtype=object)
+                entries[:] = [sparse_entries(vector, self.top_k) for vector in outcome.vectors]
+                return dataclasses.replace(outcome, vectors=entries)
+            return outcome
 
         outcomes = await in_slices(job, len(self.texts), service, piece)
         vectors = unsorted(np.concatenate([outcome.vectors for outcome in outcomes]), order)
         tokens = sum(outcome.tokens for outcome in outcomes)
         truncated = sum(outcome.truncated for outcome in outcomes)
         if self.sparse:
-            entries = [sparse_entries(vector, self.top_k) for vector in vectors]
             rows = [
                 {"chunk_id": c, "indices": indices, "values": values}
-                for c, (indices, values) in zip(self.chunk_ids, entries, strict=True)
+                for c, (indices, values) in zip(self.chunk_ids, vectors, strict=True)
             ]
+            dimension = service.dimension
         else:
             rows = [{"chunk_id": c, "vector": v} for c, v in zip(self.chunk_ids, vectors, strict=True)]
+            dimension = int(vectors.shape[1])
         return {
             "batch_id": self.batch_id,
             "model": self.model,
-            "dimension": int(vectors.shape[1]),
+            "dimension": dimension,
             "vectors": rows,
             "usage": {"chunks": len(self.texts), "total_tokens": tokens, "truncated_chunks": truncated},
         }

@@ -97,7 +97,10 @@ class ServedModel:
         return None
 
     def serves(self, capability: str) -> bool:
-        """``capability`` is one of ``ModelInfo.capabilities``, or "any" (tokenize, info)."""
+        """``capability`` is one of ``ModelInfo.capabilities``, "embed_tokens" (its backend gives
+        token vectors: /embed_all) or "any" (tokenize, info)."""
+        if capability == "embed_tokens":
+            return self.token_controller is not None
         return self.info is not None and (capability == "any" or capability in self.info.capabilities)
 
     def answers_to(self, requested: str) -> bool:
@@ -231,6 +234,6 @@ class ServedModel:
             "max_queue_size": settings.max_queue_size,
             "batch_size": self.batch_size,
             "current_batch_limit": controller.batch_limit if controller else self.batch_size,
-            "queued": controller.queued if controller else 0,
-            "in_flight": controller.in_flight if controller else 0,
+            "queued": sum(c.queued for c in self.controllers()),  # /embed_all's queue included
+            "in_flight": sum(c.in_flight for c in self.controllers()),
         }

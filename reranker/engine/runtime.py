@@ -41,6 +41,7 @@ __all__ = ["BackendFactory", "Runtime", "Status", "default_backend_factory"]
 
 
 SPARSE_HINT = '; a sparse model answers on /embed_sparse, /embed and in jobs of "type": "embed_sparse"'
+TOKENS_HINT = "; token vectors (/embed_all) come from bi-encoders on BACKEND=torch"
 
 
 class Status(StrEnum):
@@ -85,6 +86,9 @@ class Runtime:
         self.resources = resources.detect(settings.max_parallel_requests, settings.inference_threads)
         gate = DeviceGate(settings.max_parallel_requests)
         self.models = [ServedModel(spec, injected.get(spec.name or ""), gate) for spec in specs]
+        # Requests refused before any model was chosen (a body that fails validation, an unknown
+        # model) on a server of several: counted apart, not against the first model.
+        self.unrouted = Metrics()
         self._status = Status.LOADING
         self._error: str | None = None
         self._factory = backend_factory
@@ -103,7 +107,7 @@ class Runtime:
         """Every model's counters together (the one model's own on a one-model server)."""
         if len(self.models) == 1:
             return self.default.metrics
-        return Metrics.combined([model.metrics for model in self.models])
+        return Metrics.combined([*(model.metrics for model in self.models), self.unrouted])
 
     @property
     def backend(self) -> Backend | None:
@@ -301,6 +305,7 @@ class Runtime:
             model = self.named(requested)
             if model not in able:
                 hint = SPARSE_HINT if model.serves("embed_sparse") else ""
+                hint = TOKENS_HINT if "embed_tokens" in wanted else hint
                 raise UnsupportedOperationError(
                     f"model {model.name!r} ({model.info.kind.value if model.info else '?'}) cannot "
                     f"{capability}; models that can: {[m.name for m in able] or 'none'}{hint}"
@@ -312,6 +317,7 @@ class Runtime:
             kinds = ", ".join(f"{m.name} ({m.info.kind.value})" for m in self.models if m.info)
             sparse_here = "embed" in wanted and any(m.serves("embed_sparse") for m in self.models)
             hint = SPARSE_HINT if sparse_here else ""
+            hint = TOKENS_HINT if "embed_tokens" in wanted else hint
             raise UnsupportedOperationError(f"the models served here cannot {capability}: {kinds}{hint}")
         return able[0]
 

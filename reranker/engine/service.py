@@ -474,6 +474,11 @@ class InferenceService:
         return self._info.max_length
 
     @property
+    def dimension(self) -> int:
+        """The model's vector size (a sparse model's: its vocabulary)."""
+        return int(self._info.dimension or 0)
+
+    @property
     def labels(self) -> tuple[str, ...]:
         """A classifier's label names, in label-index order."""
         return self._info.labels
