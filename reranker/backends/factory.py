@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reranker.backends.agreement import EXACT, Agreement, half_floor_text, meets_half_floor
-from reranker.backends.base import Backend, ModelKind
+from reranker.backends.base import Backend
 from reranker.backends.mlx_families import mlx_refusal
 from reranker.backends.selection import Choice, Machine, choose, probe_machine
 from reranker.backends.source import ModelSource, resolve_model_source
@@ -111,8 +111,6 @@ def _fastest_float32(
 ) -> tuple[Backend, str]:
     """BACKEND=auto on a float32 CPU: ONNX Runtime when it agrees with torch within 1e-5, else torch."""
     torch_backend = _torch_backend(source, "cpu", "float32")
-    if source.kind in TORCH_ONLY_KINDS:
-        return torch_backend, f"{choice.reason}; torch: ONNX Runtime here serves bi-encoders and rerankers"
     try:
         onnx = _onnx_backend(replace(choice, device="cpu"), settings, source, machine, torch_backend)
     except Exception as exc:  # noqa: BLE001 - an export that fails leaves torch serving, saying why
@@ -135,7 +133,6 @@ def onnx_cache_dir(settings: Settings) -> Path:
     return Path.home() / ".cache" / "reranker" / "onnx"
 
 
-TORCH_ONLY_KINDS = frozenset({ModelKind.CLASSIFIER, ModelKind.SPARSE})  # no ONNX export or MLX code yet
 FP32_MIN_AGREEMENT = 0.9999  # an fp32 file further from torch than this is a broken export
 
 
@@ -146,11 +143,6 @@ def _onnx_backend(
     machine: Machine,
     reference: TorchBackend | None = None,
 ) -> OnnxBackend:
-    if source.kind in TORCH_ONLY_KINDS:
-        raise StartupError(
-            f"BACKEND=onnx does not serve {source.kind.value} models here (bi-encoders and rerankers "
-            f"only): serve {source.name} with BACKEND=torch"
-        )
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

@@ -209,6 +209,8 @@ class OnnxBackend(TokenizedBackend):
             prompts=base.prompts,
             default_prompt_name=base.default_prompt_name,
             instruction=base.instruction,
+            labels=base.labels,
+            multi_label=base.multi_label,
             details={
                 "onnx_file": str(self.path),
                 "onnx_origin": self.origin,
@@ -263,6 +265,7 @@ def _session(path: Path, device: str) -> onnxruntime.InferenceSession:
 def _output_name(session: object, kind: ModelKind) -> str:
     """Ours is "output"; shipped files name theirs (logits, sentence_embedding, last_hidden_state)."""
     names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
-    preferred = ("output", "logits") if kind is ModelKind.CROSS_ENCODER else ("output", "sentence_embedding")
+    scored = kind in (ModelKind.CROSS_ENCODER, ModelKind.CLASSIFIER)
+    preferred = ("output", "logits") if scored else ("output", "sentence_embedding")
     preferred += ("last_hidden_state", "token_embeddings")
     return next((name for name in preferred if name in names), names[0])

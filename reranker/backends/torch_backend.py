@@ -230,7 +230,6 @@ class TorchBackend(TokenizedBackend):
     def run_layers(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model from token ids to its output: logits [n] (a reranker), [n, labels] (a
         classifier), or pooled vectors [n, dim] (vocabulary-sized for a sparse model)."""
-        count = len(features["input_ids"])
         if self._template is not None:  # a causal LM reranker: the logits of the last position only
             features = {**features, "logits_to_keep": 1}
             features.pop("token_type_ids", None)
@@ -241,7 +240,8 @@ class TorchBackend(TokenizedBackend):
         if self._source.kind is ModelKind.CROSS_ENCODER:
             return features["scores"].reshape(-1)
         if self._source.kind is ModelKind.CLASSIFIER:
-            return features["scores"].reshape(count, -1)
+            scores = features["scores"]
+            return scores if scores.dim() == 2 else scores.unsqueeze(-1)  # [n, labels], traceable
         return features["sentence_embedding"]
 
 
