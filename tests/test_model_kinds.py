@@ -219,14 +219,43 @@ def test_model_task_rerank_refuses_a_classifier_and_classify_needs_one(models, e
         preflight(make_settings(local_model_path=str(embedded_path), model_task="classify"))
 
 
-def test_an_inference_free_sparse_model_is_refused_naming_its_router(models, tmp_path: Path) -> None:
-    """Not served yet (queries need the static table, documents the model): refused at start-up
-    naming the module, never run with a module skipped."""
+def test_an_inference_free_sparse_model_weights_queries_by_its_table(models, tmp_path: Path) -> None:
+    """Queries through the static token-weight table (no model run), documents through the model:
+    equal to SparseEncoder.encode_query / encode_document; rerank by their dot product."""
+    import json
+
+    from sentence_transformers import SparseEncoder
+
     from reranker.backends.factory import preflight
     from tests.kind_models import inference_free_splade
 
     path = inference_free_splade(tmp_path / "inference-free", models["splade"])
-    with pytest.raises(StartupError, match="Router"):
+    reference = SparseEncoder(str(path), device="cpu")
+    queries = reference.encode_query(TEXTS[:1], convert_to_tensor=True).to_dense().numpy()
+    documents = reference.encode_document(TEXTS[1:], convert_to_tensor=True).to_dense().numpy()
+    with (
+        ServerThread(create_app(make_settings(local_model_path=str(path)))) as server,
+        server.client() as client,
+    ):
+        query = client.post("/embed_sparse", json={"inputs": TEXTS[0], "prompt_name": "query"}).json()[0]
+        docs = client.post("/embed_sparse", json={"inputs": TEXTS[1:]}).json()
+        ranked = client.post("/rerank", json={"query": TEXTS[0], "documents": TEXTS[1:]}).json()["results"]
+        details = client.get("/health").json()["model"]["details"]
+    assert [item["index"] for item in query] == np.flatnonzero(queries[0]).tolist()
+    np.testing.assert_allclose(
+        [item["value"] for item in query], queries[0][np.flatnonzero(queries[0])], atol=1e-6
+    )
+    for got, want in zip(docs, documents, strict=True):
+        assert [item["index"] for item in got] == np.flatnonzero(want).tolist()
+        np.testing.assert_allclose([item["value"] for item in got], want[np.flatnonzero(want)], atol=1e-5)
+    scores = {r["index"]: r["score"] for r in ranked}
+    np.testing.assert_allclose([scores[0], scores[1]], documents @ queries[0], rtol=1e-5)
+    assert "inference_free" in details
+    # Any other routing is refused by name, never run with a route skipped.
+    config = json.loads((path / "router_config.json").read_text())
+    config["structure"]["query"] = config["structure"]["document"]
+    (path / "router_config.json").write_text(json.dumps(config))
+    with pytest.raises(StartupError, match="routes its inputs through a Router"):
         preflight(make_settings(local_model_path=str(path)))
 
 

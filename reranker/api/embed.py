@@ -31,9 +31,12 @@ async def _embed(
     **options: bool | None,
 ) -> EmbedOutcome:
     """The service's embed with the prompt the request chose (an unknown one: 422 listing the model's)."""
-    prompt = service.embed_prompt(prompt_choice.prompt_name, prompt_choice.input_type)
+    query = service.kind is ModelKind.SPARSE and service.is_query(
+        prompt_choice.prompt_name, prompt_choice.input_type
+    )
+    prompt = "" if query else service.embed_prompt(prompt_choice.prompt_name, prompt_choice.input_type)
     try:
-        return await unless_disconnected(request, service.embed(texts, prompt=prompt, **options))
+        return await unless_disconnected(request, service.embed(texts, prompt=prompt, query=query, **options))
     except TextTooLongError as exc:
         raise InvalidInputError(
             f"{labels[exc.position]}: longer than the model's {exc.max_tokens} tokens and truncate is false"

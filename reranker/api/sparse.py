@@ -40,8 +40,10 @@ async def embed_sparse(request: Request, data: Any, started: float) -> Response:
     service = model.require_service()
     labels = [f"inputs.{i}" for i in range(len(texts))]
     texts = fit_texts(runtime.settings, texts, labels, service.max_tokens if body.truncate else None, "")
-    prompt = service.embed_prompt(body.prompt_name, None)
-    work = unless_disconnected(request, service.embed(texts, allow_truncation=body.truncate, prompt=prompt))
+    query = service.is_query(body.prompt_name, None)  # inference-free models: the static table
+    prompt = "" if query else service.embed_prompt(body.prompt_name, None)
+    work = service.embed(texts, allow_truncation=body.truncate, prompt=prompt, query=query)
+    work = unless_disconnected(request, work)
     outcome: EmbedOutcome = await long_refused(work, "inputs", service.max_tokens)
     answer = []
     for vector in outcome.vectors:

@@ -113,6 +113,7 @@ class Backend(ABC):
     """Score pairs or embed texts. ``forward`` is called from worker threads."""
 
     selection: str = "given to create_app"  # why this backend serves: set by the factory
+    query_weights: np.ndarray | None = None  # inference-free sparse models: a query's weight per token id
     preferred_batch_size: int | None = None  # the default batch on this device when BATCH_SIZE is unset
 
     @abstractmethod

@@ -167,6 +167,7 @@ class OnnxBackend(TokenizedBackend):
         reference = reference or TorchBackend(source, "cpu")  # tokenizer, model facts; export on a miss
         self._info = reference.info()
         self.tokenizer = reference.tokenizer
+        self.query_weights = reference.query_weights  # inference-free sparse: the table, no model
         shipped = shipped_onnx(Path(source.path))
         self.origin = "shipped" if shipped else "exported"
         key = _model_hash(source, shipped)

@@ -158,8 +158,19 @@ POOLING_MODES = frozenset(LEGACY_POOLING_KEYS.values())
 # Families whose position ids start at padding_idx + 1: max_position_embeddings 514 holds 512 tokens.
 POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "camembert"})
 UNDERSTOOD_MODULES = frozenset(
-    {"Transformer", "Pooling", "Dense", "Normalize", "LogitScore", "MLMTransformer", "SpladePooling"}
+    {
+        "Transformer",
+        "Pooling",
+        "Dense",
+        "Normalize",
+        "LogitScore",
+        "MLMTransformer",
+        "SpladePooling",
+        "Router",
+    }
 )
+# The one Router this server runs: an inference-free sparse model (queries: a static table).
+INFERENCE_FREE_ROUTES = {"query": ("SparseStaticEmbedding",), "document": ("MLMTransformer", "SpladePooling")}
 ACTIVATIONS = {  # a cross-encoder's declared activation (torch class name) -> ours
     "Sigmoid": "sigmoid",
     "Identity": "identity",
@@ -204,6 +215,7 @@ class ModelLayout:
     position_limit: int | None  # how many tokens the position table holds (what the model can take at all)
     needs_remote_code: bool  # config.json auto_map: the model ships its own Python code
     labels: tuple[str, ...] = ()  # id2label in index order (sequence classifiers)
+    inference_free: bool = False  # sparse: queries through a static token-weight table (a Router)
     multi_label: bool = False  # problem_type multi_label_classification: a sigmoid per label
 
     @property
@@ -219,11 +231,14 @@ class ModelLayout:
 
 def read_layout(root: Path) -> ModelLayout:
     """The model's layout from its files (config.json, modules.json and the modules' configs)."""
-    config = read_json(root / "config.json")
-    st_config = read_json(root / "config_sentence_transformers.json")
-    tokenizer_config = read_json(root / "tokenizer_config.json")
     modules = module_list(root)
     module_types = tuple(_module_type(m, root) for m in modules)
+    inference_free = module_types == ("Router",) and _inference_free_sparse(root)
+    # An inference-free model keeps its transformer (and its config) in the document route's folder.
+    transformer_dir = root / _document_transformer(root) if inference_free else root
+    config = read_json(transformer_dir / "config.json")
+    st_config = read_json(root / "config_sentence_transformers.json")
+    tokenizer_config = read_json(transformer_dir / "tokenizer_config.json")
     pooling: tuple[str, ...] = ()
     includes_prompt = True
     dense: list[DenseLayer] = []
@@ -265,6 +280,7 @@ def read_layout(root: Path) -> ModelLayout:
         position_limit=int(positions) if isinstance(positions, int) else None,
         needs_remote_code=bool(config.get("auto_map")),
         labels=_labels(config),
+        inference_free=inference_free,
         multi_label=config.get("problem_type") == "multi_label_classification",
     )
 
@@ -276,6 +292,23 @@ def _labels(config: dict) -> tuple[str, ...]:
     if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
         return ()
     return tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count or 1))
+
+
+def _inference_free_sparse(root: Path) -> bool:
+    """A Router is run only as an inference-free sparse model's; any other routing is refused."""
+    structure = read_json(root / "router_config.json").get("structure") or {}
+    routes = {task: tuple(str(name).split("_", 2)[-1] for name in names) for task, names in structure.items()}
+    if routes != INFERENCE_FREE_ROUTES:
+        raise StartupError(
+            f"model {root} routes its inputs through a Router ({routes or 'no routes'}); this server runs "
+            "a Router only as an inference-free sparse model's (query: SparseStaticEmbedding; document: "
+            "MLMTransformer, SpladePooling)"
+        )
+    return True
+
+
+def _document_transformer(root: Path) -> str:
+    return str(read_json(root / "router_config.json")["structure"]["document"][0])
 
 
 def _module_type(module: dict, root: Path) -> str:

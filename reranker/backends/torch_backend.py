@@ -171,14 +171,22 @@ class TorchBackend(TokenizedBackend):
             trust_remote_code=self._source.trust_remote_code,
             model_kwargs=self._model_kwargs or None,
         )
-        self._layers = list(model.children())
+        first = model[0]
+        if self._source.layout.inference_free:  # a Router: documents through the model, queries a table
+            self._layers = list(first.sub_modules["document"])
+            (static,) = first.sub_modules["query"]
+            self.query_weights = static.weight.detach().float().cpu().numpy()
+        else:
+            self._layers = list(model.children())
         self._normalizes = False
         self._model = model
-        self._max_length = int(model.max_seq_length or 512)
+        self._max_length = int(model.max_seq_length or self._source.layout.declared_max_length or 512)
         self._dimension = int(model.get_embedding_dimension() or 0)
 
     def info(self) -> ModelInfo:
         details = {"half_precision_agreement": self.half_agreement.text} if self.half_agreement else {}
+        if self.query_weights is not None:
+            details["inference_free"] = "queries: the static token-weight table, no model run"
         if self._device.type == "cuda":
             details |= cuda_memory_details(torch.cuda, self._device)
         return ModelInfo(

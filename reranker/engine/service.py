@@ -335,6 +335,10 @@ class InferenceService:
             prompt = document_prompt(info)
             texts = [query_prompt(info) + query, *documents]
             keys = [("text", texts[0])] + [("text" + long.cache_tag, prompt + doc) for doc in documents]
+            if query_vector is None and self.inference_free:  # the query: the static table, no model
+                query_vector = (
+                    (await self.embed([texts[0]], prompt="", query=True)).vectors[0].astype(np.float64)
+                )
             given = query_vector is not None
             if given:  # position 0 (the query) is answered already: nothing to compute for it
                 texts[0], keys[0] = "", ("given-query",)
@@ -354,7 +358,7 @@ class InferenceService:
             windows = [len(vectors) for vectors in computed.outputs[1:]]
             if self.kind is ModelKind.SPARSE:  # SPLADE scores by the dot product of the weights
                 if query_vector is None:
-                    query_vector = computed.outputs[0][0].astype(np.float64)
+                    query_vector = computed.outputs[0][0].astype(np.float64)  # (computed above)
                 dots = [(vectors.astype(np.float64) @ query_vector).max() for vectors in computed.outputs[1:]]
                 ranking = np.array(dots, dtype=np.float64)
             else:
@@ -392,6 +396,37 @@ class InferenceService:
         logits = np.stack([output[0] for output in computed.outputs]).astype(np.float64)
         scores = label_scores(logits, info.multi_label)
         return ClassifyOutcome(logits, scores, computed.tokens, len(computed.truncated), computed.timing)
+
+    async def _static_queries(
+        self, texts: list[str], allow_truncation: bool, refuse: Callable[[int], None]
+    ) -> EmbedOutcome:
+        """An inference-free sparse model's queries: each token's weight from the static table
+        (what its SparseStaticEmbedding computes), no model batch."""
+        weights = self._backend.query_weights
+        assert weights is not None
+        started = time.perf_counter()
+        # As SparseStaticEmbedding tokenizes: no special tokens, cut at the model's length.
+        spans = await asyncio.to_thread(self._backend.token_spans, texts, False)
+        limit = self._info.max_length
+        cut = [i for i, tokens in enumerate(spans) if len(tokens) > limit]
+        if cut and not allow_truncation:
+            refuse(cut[0])
+        vectors = np.zeros((len(spans), len(weights)), dtype=np.float32)
+        for row, tokens in zip(vectors, spans, strict=True):
+            ids = np.unique(np.fromiter((token.id for token in tokens[:limit]), dtype=np.int64))
+            row[ids] = weights[ids]
+        tokens_seen = sum(min(len(tokens), limit) for tokens in spans)
+        timing = Timing(0.0, (time.perf_counter() - started) * 1000.0, 0)
+        return EmbedOutcome(vectors, tokens_seen, len(cut), timing)
+
+    def is_query(self, prompt_name: str | None, input_type: str | None) -> bool:
+        """Whether a sparse request's texts are queries (``prompt_name`` "query", ``input_type``
+        query / search_query): an inference-free model weights those by its table."""
+        return prompt_name == "query" or input_type in ("query", "search_query")
+
+    @property
+    def inference_free(self) -> bool:
+        return self._backend.query_weights is not None
 
     async def embed_tokens(
         self, texts: Sequence[str], allow_truncation: bool = True, prompt: str | None = None
@@ -442,7 +477,9 @@ class InferenceService:
         and its tokens (which a rerank counts in its usage)."""
         prompt = query_prompt(self._info)
         normalize = self.kind is ModelKind.BI_ENCODER  # a sparse model's query weights as they are
-        outcome = await self.embed([prompt + query], normalize=normalize, background=background, prompt="")
+        outcome = await self.embed(
+            [prompt + query], normalize=normalize, background=background, prompt="", query=True
+        )
         return outcome.vectors[0], outcome.tokens
 
     @property
@@ -506,8 +543,11 @@ class InferenceService:
         allow_truncation: bool = True,
         background: bool = False,
         prompt: str | None = None,
+        query: bool = False,
     ) -> EmbedOutcome:
-        """Embed ``texts``; ``normalize`` None follows the model's own configuration.
+        """Embed ``texts``; ``normalize`` None follows the model's own configuration. ``query``: on
+        an inference-free sparse model, the texts are queries, weighted by its static table (no
+        model run); documents (the default) go through the model.
 
         ``prompt``: the text prepended to each (prompts.embed_prompt); None: the default prompt
         (DEFAULT_PROMPT_NAME, else the model's default_prompt_name, else none).
@@ -528,6 +568,9 @@ class InferenceService:
 
         def refuse(position: int) -> None:
             raise TextTooLongError(position, info.max_length)
+
+        if query and self._backend.query_weights is not None:
+            return await self._static_queries(list(texts), allow_truncation, refuse)
 
         keys = [("text", text) for text in texts]
         computed = await self._compute(
