@@ -58,7 +58,10 @@ def test_base_dependencies_are_the_pins_of_requirements_txt() -> None:
 
 def test_extras_are_the_pins_of_their_requirement_files() -> None:
     extras = pyproject()["project"]["optional-dependencies"]
-    assert set(extras) == {"mlx", "otel", "sdk"}
+    assert set(extras) == {"mlx", "otel", "sdk", "onnx", "redis"}
+    base = pinned("requirements.txt")
+    for extra, names in (("onnx", {"onnxruntime", "onnx"}), ("redis", {"redis"})):  # in the base already
+        assert sorted(declared(extras[extra])) == sorted(key for key in base if key[0] in names)
     assert sorted(declared(extras["mlx"])) == sorted(pinned("requirements-backends.txt"))
     assert sorted(declared(extras["otel"])) == sorted(pinned("requirements-otel.txt"))
     dev = [key for key in pinned("requirements-dev.txt") if key[0] in SDK_PACKAGES]
