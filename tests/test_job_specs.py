@@ -134,3 +134,19 @@ def test_a_rerank_job_answers_details_and_warnings_as_v1_rerank_does() -> None:
     assert output["results"] == direct["results"]
     assert output["meta"] == direct["meta"]
     assert output["usage"] == direct["usage"]
+
+
+def test_the_new_kinds_jobs_are_version_3_and_older_jobs_stay_as_they_were() -> None:
+    from reranker.engine.job_work import ClassifyJob, EmbedJob
+
+    plain = work_from_spec(OLD_EMBED_SPEC)
+    assert plain.spec() == OLD_EMBED_SPEC and work_from_spec(OLD_RERANK_SPEC).spec() == OLD_RERANK_SPEC
+    sparse = EmbedJob(**{**OLD_EMBED_SPEC["input"], "sparse": True, "top_k": 8, "as_query": True})
+    assert sparse.spec()["version"] == 3 and work_from_spec(sparse.spec()) == sparse
+    labels = ClassifyJob(["a", ["b", "c"]], "m")
+    assert labels.spec() == {
+        "type": "classify",
+        "input": {"inputs": ["a", ["b", "c"]], "model": "m", "raw_scores": False, "truncate": True},
+        "version": 3,
+    }
+    assert work_from_spec(labels.spec()) == labels

@@ -251,6 +251,17 @@ def test_an_inference_free_sparse_model_weights_queries_by_its_table(models, tmp
     scores = {r["index"]: r["score"] for r in ranked}
     np.testing.assert_allclose([scores[0], scores[1]], documents @ queries[0], rtol=1e-5)
     assert "inference_free" in details
+    with (
+        ServerThread(create_app(make_settings(local_model_path=str(path)))) as server,
+        server.client() as client,
+    ):
+        chunk = [{"chunk_id": "q", "content": TEXTS[0]}]
+        job = client.post(
+            "/runsync", json={"input": {"batch_id": "b", "chunks": chunk, "input_type": "query"}}
+        ).json()
+    assert (
+        job["output"]["vectors"][0]["indices"] == np.flatnonzero(queries[0]).tolist()
+    )  # the table, as a job too
     # Any other routing is refused by name, never run with a route skipped.
     config = json.loads((path / "router_config.json").read_text())
     config["structure"]["query"] = config["structure"]["document"]
@@ -314,3 +325,32 @@ def test_predict_refuses_empty_texts(server: ServerThread) -> None:
         in_batch = client.post("/predict", json={"inputs": [["a"], ["b", " "]]})
     assert single.status_code == 422 and "empty" in single.json()["error"]
     assert in_batch.status_code == 422 and "inputs.1" in in_batch.json()["error"]
+
+
+def test_embed_without_a_model_prefers_a_dense_bi_encoder_to_a_sparse_model(server: ServerThread) -> None:
+    """The server lists splade before embed: /embed and RunPod without a model go to embed."""
+    chunks = [{"chunk_id": "a", "content": TEXTS[0]}]
+    with server.client() as client:
+        ours = client.post("/embed", json={"batch_id": "b", "chunks": chunks}).json()
+        ran = client.post("/runsync", json={"input": {"batch_id": "b", "chunks": chunks}}).json()
+    assert ours["model"] == "embed" and "vector" in ours["vectors"][0]
+    assert ran["status"] == "COMPLETED" and ran["output"]["model"] == "embed"
+
+
+def test_classify_jobs_check_long_inputs_at_submission_and_cut_huge_texts(server: ServerThread) -> None:
+    long = "word " * 2000
+    with server.client() as client:
+        refused = client.post(
+            "/v1/jobs",
+            json={
+                "type": "classify",
+                "input": {"model": "sentiment", "inputs": ["a", long], "truncate": False},
+            },
+        )
+        huge = client.post("/models/sentiment/predict", json={"inputs": "word " * 100_000})
+        huge_refused = client.post(
+            "/models/sentiment/predict", json={"inputs": "word " * 100_000, "truncate": False}
+        )
+    assert refused.status_code == 422 and "input.inputs.1" in refused.json()["error"]["message"]
+    assert huge.status_code == 200  # cut at MAX_TEXT_CHARS before tokenizing, then truncated
+    assert huge_refused.status_code == 422 and "MAX_TEXT_CHARS" in huge_refused.json()["error"]

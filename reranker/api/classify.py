@@ -19,6 +19,7 @@ from reranker.api.observe import model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse
 from reranker.api.schemas import _Body, check_embed_limits
 from reranker.api.tei import long_refused
+from reranker.api.text_limits import fit_inputs
 from reranker.engine.service import ClassifyOutcome
 from reranker.errors import InvalidInputError
 
@@ -85,12 +86,13 @@ def ranked_labels(scores: np.ndarray, labels: tuple[str, ...]) -> list[dict[str,
 async def _classify(
     request: Request, requested: str | None, inputs: list[Input], truncate: bool
 ) -> tuple[ClassifyOutcome, tuple[str, ...], str]:
-    check_embed_limits(
-        runtime_of(request).settings,
-        [t for item in inputs for t in ([item] if isinstance(item, str) else item)],
-    )
+    settings = runtime_of(request).settings
+    check_embed_limits(settings, [t for item in inputs for t in ([item] if isinstance(item, str) else item)])
     model = model_of(request, requested, "classify")
     service = model.require_service()
+    inputs = fit_inputs(
+        settings, inputs, "inputs", service.max_tokens if truncate else None, "truncate is false"
+    )
     outcome = await long_refused(
         unless_disconnected(request, service.classify(inputs, allow_truncation=truncate)),
         "inputs",

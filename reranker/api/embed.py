@@ -31,9 +31,7 @@ async def _embed(
     **options: bool | None,
 ) -> EmbedOutcome:
     """The service's embed with the prompt the request chose (an unknown one: 422 listing the model's)."""
-    query = service.kind is ModelKind.SPARSE and service.is_query(
-        prompt_choice.prompt_name, prompt_choice.input_type
-    )
+    query = service.inference_free and service.is_query(prompt_choice.prompt_name, prompt_choice.input_type)
     prompt = "" if query else service.embed_prompt(prompt_choice.prompt_name, prompt_choice.input_type)
     try:
         return await unless_disconnected(request, service.embed(texts, prompt=prompt, query=query, **options))

@@ -22,7 +22,7 @@ from reranker.api.observe import model_of, runtime_of
 from reranker.api.rerank import long_documents
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import ClassifyJobInput, CohereRerankRequest, EmbedRequest, JobRequest
-from reranker.api.text_limits import document_tokens, fit_rerank, fit_texts
+from reranker.api.text_limits import document_tokens, fit_inputs, fit_rerank, fit_texts
 from reranker.backends.base import ModelKind
 from reranker.engine.job_work import ClassifyJob, EmbedJob, RerankJob
 from reranker.engine.jobs import Job
@@ -94,7 +94,7 @@ def _job_work(
     (with truncation off) every text checked against the model window."""
     body = validate(JobRequest, data)
     if body.type == "classify":
-        return _classify_job(body.input, settings, model_name)
+        return _classify_job(body.input, settings, service, model_name)
     if body.type in ("embed", "embed_sparse"):
         embed = validate(EmbedRequest, body.input)
         if embed.embedding_type != "float":
@@ -114,7 +114,9 @@ def _job_work(
             raise UnsupportedOperationError(
                 f"the model is a {service.kind.value}: it cannot run an {body.type} job{hint}"
             )
-        prompt = service.embed_prompt(embed.prompt_name, embed.input_type)  # unknown: 422 now
+        # An inference-free sparse model's queries: its static table (no prompt); else the prompt.
+        query = sparse and service.inference_free and service.is_query(embed.prompt_name, embed.input_type)
+        prompt = "" if query else service.embed_prompt(embed.prompt_name, embed.input_type)  # unknown: 422
         if not embed.truncate:
             _refuse_too_long(service, [prompt + text for text in texts], labels, "truncate is false")
         ids = [chunk.chunk_id for chunk in embed.chunks]
@@ -128,6 +130,7 @@ def _job_work(
             prompt,
             sparse,
             embed.top_k,
+            query,
         )
         return body.type, len(texts), work
     rerank = validate(CohereRerankRequest, body.input)
@@ -164,16 +167,25 @@ def _job_work(
     return "rerank", len(texts), reranking
 
 
-def _classify_job(data: dict[str, Any], settings: Settings, model_name: str) -> tuple[str, int, ClassifyJob]:
-    """A classify job's input: ``{"inputs": [text | [text, text], ...], "raw_scores"?, "truncate"?}``."""
+def _classify_job(
+    data: dict[str, Any], settings: Settings, service: InferenceService, model_name: str
+) -> tuple[str, int, ClassifyJob]:
+    """A classify job's input: ``{"inputs": [text | [text, text], ...], "raw_scores"?, "truncate"?}``,
+    checked as /predict checks it; with truncation off, every input is tokenized now."""
     body = validate(ClassifyJobInput, data)
     texts = [t for item in body.inputs for t in ([item] if isinstance(item, str) else item)]
     _check_size(settings, texts)
-    return (
-        "classify",
-        len(body.inputs),
-        ClassifyJob(list(body.inputs), model_name, body.raw_scores, body.truncate),
-    )
+    budget = service.max_tokens if body.truncate else None
+    inputs = fit_inputs(settings, body.inputs, "input.inputs", budget, "truncate is false")
+    if not body.truncate:
+        position = service.first_too_long_input(inputs)
+        if position is not None:
+            raise InvalidInputError(
+                f"input.inputs.{position}: longer than the model's {service.max_tokens}-token window "
+                "and truncate is false"
+            )
+    shaped: list[str | list[str]] = [item if isinstance(item, str) else list(item) for item in inputs]
+    return "classify", len(shaped), ClassifyJob(shaped, model_name, body.raw_scores, body.truncate)
 
 
 def _refuse_too_long(

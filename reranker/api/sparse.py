@@ -40,7 +40,7 @@ async def embed_sparse(request: Request, data: Any, started: float) -> Response:
     service = model.require_service()
     labels = [f"inputs.{i}" for i in range(len(texts))]
     texts = fit_texts(runtime.settings, texts, labels, service.max_tokens if body.truncate else None, "")
-    query = service.is_query(body.prompt_name, None)  # inference-free models: the static table
+    query = service.inference_free and service.is_query(body.prompt_name, None)  # the static table
     prompt = "" if query else service.embed_prompt(body.prompt_name, None)
     work = service.embed(texts, allow_truncation=body.truncate, prompt=prompt, query=query)
     work = unless_disconnected(request, work)

@@ -70,3 +70,21 @@ def document_tokens(long: LongDocuments, window: int) -> int | None:
     if long.mode == "refuse":
         return None
     return long.max_windows * window if long.mode == "chunk" else window
+
+
+def fit_inputs(
+    settings: Settings, inputs: Sequence[str | Sequence[str]], prefix: str, tokens: int | None, because: str
+) -> list[str | tuple[str, str]]:
+    """A classifier's inputs (texts, and pairs as two texts) through ``fit_texts``: each part is
+    labelled ``{prefix}.i`` (a pair's: ``{prefix}.i.0`` and ``.1``)."""
+    parts: list[str] = []
+    labels: list[str] = []
+    for position, item in enumerate(inputs):
+        if isinstance(item, str):
+            parts.append(item)
+            labels.append(f"{prefix}.{position}")
+        else:
+            parts.extend(item)
+            labels.extend(f"{prefix}.{position}.{side}" for side in range(len(item)))
+    fitted = iter(fit_texts(settings, parts, labels, tokens, because))
+    return [next(fitted) if isinstance(item, str) else (next(fitted), next(fitted)) for item in inputs]

@@ -108,6 +108,7 @@ class EmbedJob:
     prompt: str = ""  # the prompt the submission chose (resolved then: prompt_name, input_type, default)
     sparse: bool = False  # spec version 3: a sparse model's weights, as indices and values
     top_k: int | None = None  # spec version 3: sparse: the largest weights kept per chunk
+    as_query: bool = False  # spec version 3: an inference-free sparse model's queries (its static table)
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
         order = length_order(self.texts)
@@ -117,7 +118,12 @@ class EmbedJob:
             try:
                 texts = texts_in_order[start:stop]
                 outcome = await service.embed(
-                    texts, self.normalize, self.truncate, background=True, prompt=self.prompt
+                    texts,
+                    self.normalize,
+                    self.truncate,
+                    background=True,
+                    prompt=self.prompt,
+                    query=self.as_query,
                 )
             except TextTooLongError as exc:
                 position = int(order[start + exc.position])
@@ -268,7 +274,10 @@ def joined(outcomes: list[RerankOutcome], order: np.ndarray, query_tokens: int =
 # ``return_details``; 3: sparse embed jobs (``sparse``, ``top_k``) and classify jobs. A field
 # added later is written only when it differs from its default.
 SPEC_VERSION = 3
-ADDED_IN = {"return_details": 2, "sparse": 3, "top_k": 3}
+ADDED_IN = {  # per job type: field -> the spec version that added it
+    "embed": {"sparse": 3, "top_k": 3, "as_query": 3},
+    "rerank": {"return_details": 2},
+}
 TYPE_ADDED_IN = {"classify": 3}  # a job type an older worker does not know
 
 
@@ -280,7 +289,7 @@ class JobSpecError(RerankerError):
 
 def versioned_spec(job_type: str, fields: dict[str, Any]) -> dict[str, Any]:
     version = TYPE_ADDED_IN.get(job_type, 1)
-    for name, since in ADDED_IN.items():
+    for name, since in ADDED_IN.get(job_type, {}).items():
         if name in fields and fields[name] == _DEFAULTS[job_type].get(name):
             del fields[name]  # at its default: an older worker runs the job the same way
         elif name in fields:

@@ -313,6 +313,8 @@ class Runtime:
             return model
         if capability == "rerank":  # a cross-encoder first: what /rerank is for
             able.sort(key=lambda model: model.info is None or "embed" in model.info.capabilities)
+        elif "embed" in wanted:  # /embed and RunPod: a dense bi-encoder before a sparse model
+            able.sort(key=lambda model: not model.serves("embed"))
         if not able:
             kinds = ", ".join(f"{m.name} ({m.info.kind.value})" for m in self.models if m.info)
             sparse_here = "embed" in wanted and any(m.serves("embed_sparse") for m in self.models)

@@ -506,6 +506,20 @@ class InferenceService:
                     return start + offset
         return None
 
+    def first_too_long_input(self, inputs: Sequence[str | tuple[str, str]]) -> int | None:
+        """A classifier's first input (a text or a pair) the model would have to cut, or None.
+        Tokenizes: call off the event loop."""
+        step = 1024
+        for start in range(0, len(inputs), step):
+            for offset, item in enumerate(inputs[start : start + step]):
+                if isinstance(item, str):
+                    (encoded,) = self._backend.tokenize_texts([item])
+                else:
+                    (encoded,) = self._backend.tokenize_pairs([(item[0], item[1])])
+                if encoded.truncated:
+                    return start + offset
+        return None
+
     @property
     def max_tokens(self) -> int:
         return self._info.max_length
