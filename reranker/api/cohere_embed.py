@@ -21,7 +21,7 @@ from reranker.api.body import read_body, unless_disconnected
 from reranker.api.observe import model_of, runtime_of, timing_headers
 from reranker.api.responses import json_response
 from reranker.api.schemas import MODEL_FIELD, _Body, check_embed_limits
-from reranker.api.text_limits import fit_texts
+from reranker.api.text_limits import check_dimensions, fit_texts
 from reranker.engine.model import ServedModel
 from reranker.engine.quantize import EmbeddingType, encode_types
 from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
@@ -168,10 +168,7 @@ async def _embed(request: Request, schema: type[_CohereEmbedRequest], version: s
         raise InvalidInputError("truncate: START is not supported; use END (cut the end) or NONE (refuse)")
     dimension = model.info.dimension if model.info else None
     output_dimension = getattr(body, "output_dimension", None)
-    if output_dimension and dimension and output_dimension > dimension:
-        raise InvalidInputError(
-            f"output_dimension: {output_dimension} is larger than the model's {dimension} dimensions"
-        )
+    check_dimensions("output_dimension", output_dimension, dimension)
     max_tokens = getattr(body, "max_tokens", None)
     if max_tokens is not None and max_tokens < service.max_tokens:
         raise InvalidInputError(

@@ -14,11 +14,16 @@ from reranker.api.body import read_body, read_json, unknown_fields, unless_disco
 from reranker.api.observe import model_of, runtime_of, timing_headers, timing_ms
 from reranker.api.responses import json_response
 from reranker.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, check_embed_limits
-from reranker.api.sparse import sparse
-from reranker.api.text_limits import fit_texts
+from reranker.api.text_limits import check_dimensions, fit_texts
 from reranker.backends.base import ModelKind
 from reranker.engine.quantize import SCALAR_TYPES, encode_types
-from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
+from reranker.engine.service import (
+    EmbedOutcome,
+    InferenceService,
+    TextTooLongError,
+    l2_normalize,
+    sparse_entries,
+)
 from reranker.errors import InvalidInputError
 
 
@@ -77,7 +82,7 @@ async def embed(request: Request) -> Response:
         vectors = [
             {
                 "chunk_id": chunk.chunk_id,
-                **dict(zip(("indices", "values"), sparse(vector, body.top_k), strict=True)),
+                **dict(zip(("indices", "values"), sparse_entries(vector, body.top_k), strict=True)),
             }
             for chunk, vector in zip(body.chunks, outcome.vectors, strict=True)
         ]
@@ -116,12 +121,7 @@ async def openai_embeddings(request: Request) -> Response:
     model = model_of(request, body.model, "embed")
     service = model.require_service()
     texts = fit_texts(runtime.settings, texts, labels, service.max_tokens, "")  # always truncates
-    info = model.info
-    model_dimension = info.dimension if info else None
-    if body.dimensions and model_dimension and body.dimensions > model_dimension:
-        raise InvalidInputError(
-            f"dimensions: {body.dimensions} is larger than the model's {model_dimension} dimensions"
-        )
+    check_dimensions("dimensions", body.dimensions, model.info.dimension if model.info else None)
     outcome = await _embed(request, service, texts, labels, body)
     vectors = outcome.vectors
     if body.dimensions is not None and body.dimensions < vectors.shape[1]:

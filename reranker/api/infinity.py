@@ -22,10 +22,9 @@ from reranker.api.body import read_body, unless_disconnected
 from reranker.api.observe import model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import OpenAIEmbeddingRequest, RerankRequest, check_embed_limits, check_limits
-from reranker.api.text_limits import fit_rerank, fit_texts
+from reranker.api.text_limits import check_dimensions, fit_rerank, fit_texts
 from reranker.engine.model import ServedModel
 from reranker.engine.service import l2_normalize
-from reranker.errors import InvalidInputError
 
 PREFIX = "/infinity"
 
@@ -86,9 +85,7 @@ async def embeddings(request: Request) -> Response:
     service = model.require_service()
     labels = [f"input.{i}" for i in range(len(texts))]
     texts = fit_texts(runtime.settings, texts, labels, service.max_tokens, "")  # always truncates
-    dimension = model.info.dimension if model.info else None
-    if body.dimensions and dimension and body.dimensions > dimension:
-        raise InvalidInputError(f"dimensions: {body.dimensions} is larger than the model's {dimension}")
+    check_dimensions("dimensions", body.dimensions, model.info.dimension if model.info else None)
     prompt = service.embed_prompt(body.prompt_name, body.input_type)  # an unknown one: 422
     outcome = await unless_disconnected(request, service.embed(texts, prompt=prompt))
     vectors = outcome.vectors

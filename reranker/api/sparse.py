@@ -26,9 +26,6 @@ class TeiSparseRequest(TeiInputs):
     prompt_name: str | None = Field(None, description="A prompt of the model's configuration, prepended.")
 
 
-sparse = sparse_entries  # the name the handlers use
-
-
 async def embed_sparse(request: Request, data: Any, started: float) -> Response:
     """TEI's ``POST /embed_sparse``: ``[[{"index", "value"}, ...], ...]``, one list per input."""
     speak(request, TEI)
@@ -47,7 +44,7 @@ async def embed_sparse(request: Request, data: Any, started: float) -> Response:
     outcome: EmbedOutcome = await long_refused(work, "inputs", service.max_tokens)
     answer = []
     for vector in outcome.vectors:
-        indices, values = sparse(vector)
+        indices, values = sparse_entries(vector)
         answer.append([{"index": int(i), "value": float(v)} for i, v in zip(indices, values, strict=True)])
     return await json_response(answer, headers=timing_headers(request, outcome.timing, started, len(texts)))
 

@@ -29,7 +29,7 @@ from reranker.api.dialects import TEI, speak
 from reranker.api.observe import model_of, runtime_of, timing_headers
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import _Body, check_embed_limits, check_limits
-from reranker.api.text_limits import fit_rerank, fit_texts
+from reranker.api.text_limits import check_dimensions, fit_rerank, fit_texts
 from reranker.backends.base import ModelKind, TokenSpan
 from reranker.engine.service import LongDocuments, TextTooLongError, l2_normalize
 from reranker.errors import InvalidInputError
@@ -152,10 +152,7 @@ async def embed(request: Request, data: Any, started: float) -> Response:
     labels = [f"inputs.{i}" for i in range(len(texts))]
     texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
     model = served.info
-    if body.dimensions and model and model.dimension and body.dimensions > model.dimension:
-        raise InvalidInputError(
-            f"dimensions: {body.dimensions} is larger than the model's {model.dimension} dimensions"
-        )
+    check_dimensions("dimensions", body.dimensions, model.dimension if model else None)
     prompt = service.embed_prompt(body.prompt_name, None)  # None: the default prompt, if any
     work = unless_disconnected(
         request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate, prompt=prompt)

@@ -88,3 +88,9 @@ def fit_inputs(
             labels.extend(f"{prefix}.{position}.{side}" for side in range(len(item)))
     fitted = iter(fit_texts(settings, parts, labels, tokens, because))
     return [next(fitted) if isinstance(item, str) else (next(fitted), next(fitted)) for item in inputs]
+
+
+def check_dimensions(field: str, asked: int | None, model_dimension: int | None) -> None:
+    """A Matryoshka cut (``dimensions``, ``output_dimension``) no larger than the model's vectors."""
+    if asked and model_dimension and asked > model_dimension:
+        raise InvalidInputError(f"{field}: {asked} is larger than the model's {model_dimension} dimensions")
