@@ -24,7 +24,7 @@ from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import ClassifyJobInput, CohereRerankRequest, EmbedRequest, JobRequest
 from reranker.api.text_limits import document_tokens, fit_inputs, fit_rerank, fit_texts
 from reranker.backends.base import ModelKind
-from reranker.engine.job_work import ClassifyJob, EmbedJob, RerankJob
+from reranker.engine.job_work import JOB_CAPABILITY, ClassifyJob, EmbedJob, RerankJob
 from reranker.engine.jobs import Job
 from reranker.engine.service import InferenceService
 from reranker.errors import InvalidInputError, PayloadTooLargeError, UnsupportedOperationError
@@ -77,14 +77,6 @@ def owner_of(request: Request) -> str | None:
         return None
     presented = request.headers.get("authorization", "").partition(" ")[2].strip()
     return hashlib.sha256(b"reranker-job-owner:" + presented.encode("utf-8")).hexdigest()
-
-
-JOB_CAPABILITY = {
-    "embed": "embed",
-    "embed_sparse": "embed_sparse",
-    "rerank": "rerank",
-    "classify": "classify",
-}
 
 
 def _job_work(

@@ -271,7 +271,7 @@ def joined(outcomes: list[RerankOutcome], order: np.ndarray, query_tokens: int =
 
 # A spec's version is the lowest format that describes it, so an ordinary job stays runnable by an
 # older worker during a rolling restart. 1: the first format (no "version" key); 2: rerank jobs'
-# ``return_details``; 3: sparse embed jobs (``sparse``, ``top_k``) and classify jobs. A field
+# ``return_details``; 3: sparse embed jobs (``sparse``, ``top_k``, ``as_query``) and classify jobs. A field
 # added later is written only when it differs from its default.
 SPEC_VERSION = 3
 ADDED_IN = {  # per job type: field -> the spec version that added it
@@ -279,6 +279,21 @@ ADDED_IN = {  # per job type: field -> the spec version that added it
     "rerank": {"return_details": 2},
 }
 TYPE_ADDED_IN = {"classify": 3}  # a job type an older worker does not know
+
+# A job type (as submitted) -> the capability its model must have (ModelInfo.capabilities).
+JOB_CAPABILITY = {
+    "embed": "embed",
+    "embed_sparse": "embed_sparse",
+    "rerank": "rerank",
+    "classify": "classify",
+}
+
+
+def spec_capability(spec: dict[str, Any]) -> str:
+    """What a stored spec's model must serve (a sparse embed job is stored as type embed)."""
+    if spec.get("type") == "embed" and (spec.get("input") or {}).get("sparse"):
+        return "embed_sparse"
+    return JOB_CAPABILITY.get(str(spec.get("type")), "rerank")
 
 
 class JobSpecError(RerankerError):

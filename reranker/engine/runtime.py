@@ -20,7 +20,7 @@ from reranker.engine import resources
 from reranker.engine.cache import PredictionCache
 from reranker.engine.controller import DeviceGate, InferenceController
 from reranker.engine.job_local import JobStore, LocalJobs
-from reranker.engine.job_work import JobSpecError, work_from_spec
+from reranker.engine.job_work import JobSpecError, spec_capability, work_from_spec
 from reranker.engine.jobs import Job, JobBackend
 from reranker.engine.metrics import Metrics
 from reranker.engine.model import BackendFactory, ServedModel
@@ -232,11 +232,7 @@ class Runtime:
         """One job's work, rebuilt from its validated input, through the model it was submitted
         for (a spec from before models were named: the first able to run it)."""
         assert job.spec is not None
-        capability = {"embed": "embed", "embed_sparse": "embed_sparse", "classify": "classify"}.get(
-            str(job.spec.get("type")), "rerank"
-        )
-        if job.spec.get("type") == "embed" and (job.spec.get("input") or {}).get("sparse"):
-            capability = "embed_sparse"
+        capability = spec_capability(job.spec)
         name = job.spec.get("model")
         if name is None:
             model = self.model_for(None, capability)

@@ -508,16 +508,17 @@ class InferenceService:
 
     def first_too_long_input(self, inputs: Sequence[str | tuple[str, str]]) -> int | None:
         """A classifier's first input (a text or a pair) the model would have to cut, or None.
-        Tokenizes: call off the event loop."""
+        Tokenizes (texts and pairs each in one call per step): call off the event loop."""
         step = 1024
         for start in range(0, len(inputs), step):
-            for offset, item in enumerate(inputs[start : start + step]):
-                if isinstance(item, str):
-                    (encoded,) = self._backend.tokenize_texts([item])
-                else:
-                    (encoded,) = self._backend.tokenize_pairs([(item[0], item[1])])
-                if encoded.truncated:
-                    return start + offset
+            chunk = list(inputs[start : start + step])
+            texts = [i for i, item in enumerate(chunk) if isinstance(item, str)]
+            pairs = [i for i, item in enumerate(chunk) if not isinstance(item, str)]
+            encoded = zip(texts, self._backend.tokenize_texts([str(chunk[i]) for i in texts]), strict=True)
+            paired = self._backend.tokenize_pairs([(chunk[i][0], chunk[i][1]) for i in pairs])
+            cut = [i for i, item in [*encoded, *zip(pairs, paired, strict=True)] if item.truncated]
+            if cut:
+                return start + min(cut)
         return None
 
     @property
