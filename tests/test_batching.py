@@ -196,3 +196,28 @@ def test_the_plain_float_programmes_equal_the_numpy_ones_bit_for_bit() -> None:
         assert np.array_equal(
             batching._cheapest_suffixes(*suffixes), batching._cheapest_suffixes_small(*suffixes)
         )
+
+
+def test_taking_everything_without_a_search_plans_what_the_search_plans() -> None:
+    """The lightly loaded case (all waiting items fit one batch, and it is a cheapest plan) skips
+    the search: the picks must be exactly the search's, and the shortcut must fire."""
+    from reranker.engine import batching
+
+    rng = np.random.default_rng(3)
+    shortcuts = 0
+    for _ in range(2000):
+        requests = int(rng.integers(1, 4))
+        queue = waiting(*(list(rng.integers(1, 300, size=int(rng.integers(1, 12)))) for _ in range(requests)))
+        max_items = int(rng.integers(1, 40))
+        max_tokens = None if rng.random() < 0.5 else int(rng.integers(50, 6000))
+        cost = BatchCost(float(rng.choice([1.0, 37.5, 300.0, 1e9])), float(rng.choice([0.0, 1e-3])))
+        anchor = int(rng.integers(0, len(queue)))
+        shortcut = batching._everything_if_cheapest(queue, max_items, max_tokens, cost)
+        if shortcut is None:
+            continue
+        shortcuts += 1
+        searched = batching._search_batch(queue, anchor, max_items, max_tokens, cost)
+        assert [(p.request_position, p.item_indices.tolist()) for p in shortcut] == [
+            (p.request_position, p.item_indices.tolist()) for p in searched
+        ]
+    assert shortcuts > 200

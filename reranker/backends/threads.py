@@ -2,8 +2,11 @@
 
 torch sizes its intra-op pool to the node's cores (wrong under a container quota, and
 oversubscribed when several batches run at once); ONNX Runtime does the same per session;
-the tokenizers library starts one Rayon thread per core. ``configure`` sets all three from
-one number; the ONNX backend reads ``intra_op_threads`` when it creates its session.
+the tokenizers library starts one Rayon thread per core, shared by every caller. ``configure``
+sets the first two from one number (the ONNX backend reads ``intra_op_threads`` when it creates
+its session) and turns the tokenizers' pool off: tokenization.py cuts a large input into that
+many chunks on threads of its own, and encodes a small one on the calling thread, where no
+other request's work can hold it up.
 """
 
 from __future__ import annotations
@@ -19,15 +22,26 @@ _configured = {"intra_op": 0}
 def configure(threads: int) -> None:
     """Intra-op threads of one batch (torch now, ONNX Runtime at session creation, tokenizers)."""
     _configured["intra_op"] = threads
-    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read when tokenizers starts its pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizers library at every call
     try:
         import torch
     except ImportError:  # a backend without torch
         return
     torch.set_num_threads(threads)
-    log.info("model threads per batch: %d (torch, ONNX Runtime, tokenizers)", threads)
+    log.info("model threads per batch: %d (torch, ONNX Runtime, tokenization of a large request)", threads)
 
 
 def intra_op_threads() -> int:
     """The configured intra-op thread count; 0 when ``configure`` was not called (runtime default)."""
     return _configured["intra_op"]
+
+
+def tokenizer_threads() -> int:
+    """Threads a large request's tokenization is spread over: the configured count, else the
+    CPUs this process may run on (a backend built without ``configure``: tests, benchmarks)."""
+    if _configured["intra_op"]:
+        return _configured["intra_op"]
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)

@@ -7,6 +7,8 @@ item is tokenized once), then a numpy collation each runtime converts as it need
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from tokenizers import Tokenizer
 
 from reranker.backends.base import Backend, Encoded, TokenSpan, Windows
 from reranker.backends.templates import CausalRerankTemplate
+from reranker.backends.threads import tokenizer_threads
 from reranker.errors import StartupError
 
 
@@ -207,19 +210,34 @@ class TextTokenizer:
         return {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask.astype(np.int64)}
 
 
-SMALL_REQUEST = 16  # inputs up to this many are encoded one by one, outside the Rayon pool
+SMALL_REQUEST = 16  # inputs up to this many are one call on the calling thread (unless spread)
+SPREAD_MIN_INPUTS = 4  # fewer are not worth a hand-off to another thread
+# Set (contextvars) by a caller with idle cores to use: a small input is spread over them too.
+spread_small_inputs: ContextVar[bool] = ContextVar("spread_small_inputs", default=False)
+_chunk_pools: dict[int, ThreadPoolExecutor] = {}  # by thread count (threads.configure may change it)
 
 
 def _encode_all(tokenizer: Tokenizer, inputs: list) -> list:  # type: ignore[type-arg]
-    """Encodings of ``inputs``. ``encode_batch`` runs on the tokenizers' one shared Rayon pool,
-    where a one-text request queues behind the whole of a 500-document request being encoded
-    beside it (16 s measured next to four 10 MB requests); a small input is encoded on the
-    calling thread instead, which the pool's work cannot hold up."""
-    if len(inputs) <= SMALL_REQUEST:
-        return [
-            tokenizer.encode(*item) if isinstance(item, tuple) else tokenizer.encode(item) for item in inputs
-        ]
-    return tokenizer.encode_batch(inputs)
+    """Encodings of ``inputs`` (texts, or (query, document) tuples), without character offsets
+    (nothing on this path reads them). The tokenizers' own Rayon pool is off (threads.py):
+    shared by every caller, it made a one-text request queue behind a 500-document request
+    being encoded beside it. A small input is one call on the calling thread. A large one (or a
+    small one under ``spread_small_inputs``) is cut into a chunk per CPU: the first encoded on
+    the calling thread, the others on this module's threads at the same time
+    (``encode_batch_fast`` releases the GIL while it works)."""
+    workers = tokenizer_threads()
+    spread = len(inputs) > SMALL_REQUEST or (spread_small_inputs.get() and len(inputs) >= SPREAD_MIN_INPUTS)
+    if workers == 1 or not spread:
+        return tokenizer.encode_batch_fast(inputs)
+    pool = _chunk_pools.get(workers - 1)
+    if pool is None:
+        made = ThreadPoolExecutor(workers - 1, thread_name_prefix="tokenize")
+        pool = _chunk_pools.setdefault(workers - 1, made)
+    step = -(-len(inputs) // workers)
+    chunks = [inputs[start : start + step] for start in range(0, len(inputs), step)]
+    others = [pool.submit(tokenizer.encode_batch_fast, chunk) for chunk in chunks[1:]]
+    first = tokenizer.encode_batch_fast(chunks[0])
+    return [*first, *(encoding for part in others for encoding in part.result())]
 
 
 def _windows(encoding: object, max_windows: int, token_types: bool = True) -> Windows:

@@ -87,6 +87,16 @@ def plan_batch(
     cost = cost or BatchCost()
     if cost.flat:
         return plan_flat_batch(waiting, anchor, max_items, max_tokens)
+    everything = _everything_if_cheapest(waiting, max_items, max_tokens, cost)
+    if everything is not None:
+        return everything
+    return _search_batch(waiting, anchor, max_items, max_tokens, cost)
+
+
+def _search_batch(
+    waiting: Sequence[Waiting], anchor: int, max_items: int, max_tokens: int | None, cost: BatchCost
+) -> list[Pick]:
+    """Steps 1-3 of the module's rule: the cheapest batch holding the anchor's shortest item."""
     reach = REACH_BATCHES * max_items
     anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
     owners_parts, items_parts = [], []
@@ -121,6 +131,34 @@ def plan_batch(
         mine = chosen[owners[chosen] == pos]
         picks.append(Pick(int(pos), items[mine]))
     return picks
+
+
+def _everything_if_cheapest(
+    waiting: Sequence[Waiting], max_items: int, max_tokens: int | None, cost: BatchCost
+) -> list[Pick] | None:
+    """Every waiting item as one batch, when that is what the search below would choose, found
+    without searching (the common case of a lightly loaded server: one small request waits).
+    All items fit one batch within the budget, and one batch is a cheapest plan: it costs
+    ``overhead + n * price(longest)``, and any split costs at least ``2 * overhead`` plus each
+    item's own price, so when the padding one batch adds is within one overhead, no split is
+    cheaper (and among equally cheap plans the search takes the largest batch). Picks as the
+    search returns them: requests in queue order, each one's items shortest first. None: search."""
+    total = 0
+    longest = 0
+    for request in waiting:
+        total += len(request.remaining)
+        if total > max_items:
+            return None
+        if len(request.remaining):
+            longest = max(longest, int(request.lengths[request.remaining[-1]]))
+    if total == 0 or (max_tokens is not None and total > 1 and total * longest > max_tokens):
+        return None
+    if cost.overhead < UNMEASURED_OVERHEAD_TOKENS:
+        lengths = np.concatenate([request.lengths[request.remaining] for request in waiting])
+        padding = float(total * cost.per_item(np.array([longest]))[0] - cost.per_item(lengths).sum())
+        if padding > cost.overhead:
+            return None
+    return [Pick(pos, request.remaining) for pos, request in enumerate(waiting) if len(request.remaining)]
 
 
 def plan_flat_batch(

@@ -267,6 +267,9 @@ class Runtime:
         await self.jobs.close()
         for controller in (c for model in self.models for c in model.controllers()):
             await controller.close()
+        for model in self.models:
+            if model.service is not None:
+                model.service.close()
 
     # ---- routing -------------------------------------------------------------------------
 

@@ -16,12 +16,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from reranker.backends.base import Backend, ModelKind, TokenSpan, Windows
 from reranker.backends.templates import CAUSAL_TEMPLATES
+from reranker.backends.threads import tokenizer_threads
+from reranker.backends.tokenization import spread_small_inputs
 from reranker.engine.cache import CachedOutput, PredictionCache
 from reranker.engine.controller import InferenceController
 from reranker.engine.prompts import document_prompt, embed_prompt, query_prompt
@@ -32,10 +35,12 @@ log = logging.getLogger(__name__)
 
 
 BACKGROUND_TIMEOUT_S = 3600.0  # a job's slice may wait while interactive requests go first
-# A request this small is tokenized on the event loop (well under a millisecond of a fast tokenizer
-# on one core, item by item, outside the tokenizers' shared Rayon pool): a hand-off to a worker
-# thread and back costs more than that once threads contend for the GIL. Bigger ones go to a thread.
-INLINE_TOKENIZE_ITEMS = 16  # tokenization.SMALL_REQUEST: encoded one by one, never in the Rayon pool
+# A request this small, arriving while no other is being computed, is tokenized on the event loop:
+# well under a millisecond of a fast tokenizer on one core (one call that no other request's work
+# can hold up: tokenization.py), less than a hand-off to a thread and back adds to its latency.
+# Under concurrent load it goes to a thread like a big one: the tokenizer releases the GIL while it
+# works, so the loop serves other requests meanwhile (the loop, not the tokenizer, is then the limit).
+INLINE_TOKENIZE_ITEMS = 16
 INLINE_TOKENIZE_CHARS = 8192
 
 
@@ -194,6 +199,8 @@ class InferenceService:
         self._token_controller = token_controller  # /embed_all: the model's hidden states per token
         self._timeout_s = timeout_s
         self._cache = cache
+        self._computing = 0  # requests between arrival and answer in _compute (the loop's load)
+        self._small_tokenizing: ThreadPoolExecutor | None = None
         info = backend.info()
         self._info = info  # a backend's facts do not change while it serves: read once
         self.kind = info.kind
@@ -206,6 +213,19 @@ class InferenceService:
             )
         self.default_prompt_name = default_prompt_name
 
+    def _tokenizing(self) -> ThreadPoolExecutor:
+        """The threads small requests are tokenized on under load: one per CPU, so that many
+        requests arriving at once queue here rather than contend for the cores and the GIL."""
+        if self._small_tokenizing is None:
+            threads = tokenizer_threads()
+            self._small_tokenizing = ThreadPoolExecutor(threads, thread_name_prefix="tokenize-req")
+        return self._small_tokenizing
+
+    def close(self) -> None:
+        """Let the tokenizing threads end (any tokenization under way finishes first)."""
+        if self._small_tokenizing is not None:
+            self._small_tokenizing.shutdown(wait=False)
+
     async def _compute(
         self,
         keys: list[tuple[str, ...]],
@@ -213,6 +233,20 @@ class InferenceService:
         refuse_truncated: Callable[[int], None] | None = None,
         background: bool = False,
         skip_first: bool = False,
+    ) -> Computed:
+        self._computing += 1
+        try:
+            return await self._compute_counted(keys, tokenize, refuse_truncated, background, skip_first)
+        finally:
+            self._computing -= 1
+
+    async def _compute_counted(
+        self,
+        keys: list[tuple[str, ...]],
+        tokenize: Callable[[list[int]], list[Windows]],
+        refuse_truncated: Callable[[int], None] | None,
+        background: bool,
+        skip_first: bool,
     ) -> Computed:
         """Outputs for the items whose cache-key parts are ``keys``: cached ones from the cache,
         the rest tokenized once (``tokenize(positions)``, one or more windows each) and queued
@@ -234,8 +268,19 @@ class InferenceService:
         tokenizing = time.perf_counter()
         if not missing:
             windows = []
+        elif (
+            self._computing == 1  # this request alone
+            and len(missing) <= INLINE_TOKENIZE_ITEMS
+            and _chars(keys, missing) <= INLINE_TOKENIZE_CHARS
+        ):
+            # Small, and nothing else to serve: here, with the idle cores' help, no hand-off.
+            spreading = spread_small_inputs.set(True)
+            try:
+                windows = tokenize(missing)
+            finally:
+                spread_small_inputs.reset(spreading)
         elif len(missing) <= INLINE_TOKENIZE_ITEMS and _chars(keys, missing) <= INLINE_TOKENIZE_CHARS:
-            windows = tokenize(missing)  # a small request: tokenized here, no thread hand-off
+            windows = await asyncio.get_running_loop().run_in_executor(self._tokenizing(), tokenize, missing)
         else:
             windows = await asyncio.to_thread(tokenize, missing)
         if trace is not None and missing:

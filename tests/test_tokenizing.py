@@ -1,0 +1,150 @@
+"""Where and how texts are tokenized: one call on the loop for a lone small request, a thread
+under load, chunks over the CPUs for a large one, never the tokenizers' shared Rayon pool."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from tokenizers import Tokenizer
+
+from reranker.api.app import create_app
+from reranker.backends import threads, tokenization
+from reranker.backends.base import Encoded, ModelKind
+from reranker.backends.fake import FakeBackend
+from reranker.backends.source import embedded_model_path
+from reranker.backends.tokenization import TextTokenizer, spread_small_inputs
+from tests.conftest import make_settings
+from tests.server import ServerThread
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+]
+
+
+def texts(count: int) -> list[str]:
+    return [" ".join(WORDS[(i * 3) % len(WORDS) :] + WORDS[: i % 7]) * (1 + i % 5) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer.from_file(embedded_model_path() / "tokenizer.json", max_length=32, pad_id=0)
+
+
+@pytest.fixture
+def three_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokenization, "tokenizer_threads", lambda: 3)
+
+
+def reference(inputs: list) -> list[list[int]]:  # type: ignore[type-arg]
+    plain = Tokenizer.from_file(str(embedded_model_path() / "tokenizer.json"))
+    plain.enable_truncation(max_length=32)
+    plain.no_padding()
+    return [e.ids for e in plain.encode_batch(inputs)]
+
+
+@pytest.mark.usefixtures("three_cpus")
+@pytest.mark.parametrize("count", [1, 5, 16, 17, 50])
+def test_chunked_and_spread_encodings_equal_one_call_in_order(tokenizer: TextTokenizer, count: int) -> None:
+    inputs = texts(count)
+    expected = reference(inputs)
+    assert [e.ids.tolist() for e in tokenizer.texts(inputs)] == expected
+    token = spread_small_inputs.set(True)
+    try:
+        assert [e.ids.tolist() for e in tokenizer.texts(inputs)] == expected
+    finally:
+        spread_small_inputs.reset(token)
+    pairs = [("a query", text) for text in inputs]
+    assert [e.ids.tolist() for e in tokenizer.pairs(pairs)] == reference(pairs)
+
+
+@pytest.mark.usefixtures("three_cpus")
+def test_a_large_input_is_spread_over_the_cpus_a_small_one_only_when_asked(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int]] = []
+    inner = tokenizer._tokenizer
+
+    class Recording:
+        def encode_batch_fast(self, inputs: list) -> list:  # type: ignore[type-arg]
+            calls.append((threading.current_thread().name, len(inputs)))
+            return inner.encode_batch_fast(inputs)
+
+    monkeypatch.setattr(tokenizer, "_tokenizer", Recording())
+    tokenizer.texts(texts(8))
+    assert calls == [(threading.current_thread().name, 8)]
+    calls.clear()
+    tokenizer.texts(texts(50))
+    assert sorted(size for _, size in calls) == [16, 17, 17]
+    assert sum(name.startswith("tokenize") for name, _ in calls) == 2
+    calls.clear()
+    token = spread_small_inputs.set(True)
+    try:
+        tokenizer.texts(texts(8))
+    finally:
+        spread_small_inputs.reset(token)
+    assert sorted(size for _, size in calls) == [2, 3, 3]
+
+
+def test_configure_turns_the_tokenizers_shared_pool_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    before = torch.get_num_threads()
+    try:
+        threads.configure(before)
+    finally:
+        torch.set_num_threads(before)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
+class WhereTokenized(FakeBackend):
+    """Records the thread each tokenization ran on."""
+
+    def __init__(self) -> None:
+        super().__init__(ModelKind.BI_ENCODER)
+        self.threads: list[str] = []
+
+    def tokenize_texts(self, texts: Sequence[str]) -> list[Encoded]:
+        self.threads.append(threading.current_thread().name)
+        return super().tokenize_texts(texts)
+
+
+def test_a_lone_small_request_is_tokenized_on_the_loop_one_under_load_on_a_thread() -> None:
+    backend = WhereTokenized()
+    with ServerThread(create_app(make_settings(), backend=backend)) as server, server.client() as client:
+        loop_thread = server._thread.name  # uvicorn's loop runs on the server thread
+        backend.threads.clear()
+        assert client.post("/v1/embeddings", json={"input": ["alone"]}).status_code == 200
+        assert backend.threads == [loop_thread]
+
+        backend.threads.clear()
+        backend.gate.clear()  # the first request's batch holds: it stays in computation
+        with ThreadPoolExecutor(2) as pool, server.client() as second:
+            first = pool.submit(client.post, "/v1/embeddings", json={"input": ["first"]})
+            server.wait_until(backend.batch_started.is_set, "the first batch started", 30)
+            later = pool.submit(second.post, "/v1/embeddings", json={"input": ["while busy"]})
+            server.wait_until(lambda: len(backend.threads) == 2, "the second request tokenized", 30)
+            backend.gate.set()
+            assert first.result().status_code == 200
+            assert later.result().status_code == 200
+    assert backend.threads[0] == loop_thread
+    assert backend.threads[1].startswith("tokenize-req")
