@@ -164,12 +164,12 @@ class Settings(BaseSettings):
 
     # Concurrency controller
     max_parallel_requests: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         le=64,
         description=(
-            "Model batches running at once (worker threads); the CPUs this process may use are shared "
-            "between them."
+            "Model batches running at once (worker threads), sharing the CPUs this process may use; "
+            "`0`: 2 with two CPUs or more, else 1 (MLX: always 1)."
         ),
     )
     max_queue_size: int = Field(

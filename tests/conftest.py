@@ -57,9 +57,12 @@ def make_settings(**values: object) -> Settings:
     The backend is torch in float32 unless a test says otherwise: the oracles are
     sentence-transformers' float32 numbers, and DTYPE=auto would run bfloat16 on a CPU with AMX
     (tests/test_backend_selection.py, tests/test_exact_default.py and tests/test_precision.py
-    cover auto).
+    cover auto). One batch at a time unless a test says otherwise, so that the batches a fake
+    backend records do not depend on the test machine's CPUs (tests/test_resources.py covers
+    the default; servers started as processes run it).
     """
-    return load_settings(environ={}, overrides={"backend": "torch", "dtype": "float32", **values})
+    overrides = {"backend": "torch", "dtype": "float32", "max_parallel_requests": 1, **values}
+    return load_settings(environ={}, overrides=overrides)
 
 
 def backend_param(name: str) -> Any:

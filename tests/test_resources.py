@@ -68,3 +68,45 @@ def test_a_parent_cgroup_limit_applies(tmp_path: Path) -> None:
     )
     found = resources(root)
     assert (found.cpus, found.memory_bytes) == (1, GIB)
+
+
+def test_unset_parallel_batches_are_two_halves_of_the_cpus_and_one_on_one_cpu(tmp_path: Path) -> None:
+    root = tree(tmp_path, "0::/\n", {"cpu.max": "max 100000\n", "memory.max": "max\n"})
+    for cpus, parallel, threads in [(1, 1, 1), (2, 2, 1), (3, 2, 1), (16, 2, 8)]:
+        found = resources(root, cpus=cpus, parallel=0)
+        assert (found.parallel_batches, found.threads_per_batch) == (parallel, threads), cpus
+        assert f"{cpus} CPU" in found.parallel_because
+    chosen = resources(root, cpus=16, parallel=1)
+    assert (chosen.parallel_batches, chosen.threads_per_batch) == (1, 16)
+    assert chosen.parallel_because == "MAX_PARALLEL_REQUESTS=1"
+
+
+def test_the_server_resolves_unset_parallel_batches_once_for_every_model() -> None:
+    from reranker.backends.base import ModelKind
+    from reranker.backends.fake import FakeBackend
+    from reranker.engine.runtime import Runtime
+    from tests.conftest import make_settings
+
+    runtime = Runtime(make_settings(max_parallel_requests=0), backend=FakeBackend(ModelKind.BI_ENCODER))
+    resolved = runtime.resources.parallel_batches
+    assert resolved == (2 if runtime.resources.cpus >= 2 else 1)
+    assert runtime.settings.max_parallel_requests == resolved
+
+
+def test_a_backend_that_cannot_run_batches_concurrently_runs_one_at_a_time() -> None:
+    import asyncio
+
+    from reranker.backends.base import ModelKind
+    from reranker.backends.fake import FakeBackend
+    from reranker.engine.controller import InferenceController
+    from reranker.engine.metrics import Metrics
+
+    class OneAtATime(FakeBackend):
+        runs_batches_concurrently = False
+
+    async def slots(backend: FakeBackend) -> int:
+        made = InferenceController(backend, batch_size=4, max_parallel=2, max_queue=8, metrics=Metrics())
+        return made._slots._value
+
+    assert asyncio.run(slots(OneAtATime(ModelKind.BI_ENCODER))) == 1
+    assert asyncio.run(slots(FakeBackend(ModelKind.BI_ENCODER))) == 2

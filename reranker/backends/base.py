@@ -138,6 +138,7 @@ class Backend(ABC):
         """
 
     serves_token_vectors = False  # True: ``token_vectors`` answers (/embed_all)
+    runs_batches_concurrently = True  # False: one ``forward`` at a time (MAX_PARALLEL_REQUESTS ignored)
 
     def token_vectors(self, batch: Sequence[Encoded]) -> np.ndarray:
         """Per item, the transformer's last hidden state of each of its tokens (before pooling)."""

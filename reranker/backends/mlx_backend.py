@@ -49,6 +49,8 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 class MlxBackend(TokenizedBackend):
+    runs_batches_concurrently = False  # one MLX evaluation at a time: its streams are not shared safely
+
     def __init__(self, source: ModelSource, dtype: str = "float32") -> None:
         refusal = mlx_refusal(source)
         if refusal:

@@ -193,7 +193,7 @@ class InferenceController:
         self._items_since_idle = 0
         self._last_interactive = -math.inf  # event-loop time an interactive request last arrived
         self._cost = BatchCostModel()
-        self._max_parallel = max_parallel
+        self._max_parallel = max_parallel if getattr(backend, "runs_batches_concurrently", True) else 1
         self._max_queue = max_queue
         self._metrics = metrics
         self._clock = clock
@@ -202,7 +202,7 @@ class InferenceController:
         self._accepting = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_parallel)  # this model's batches at once
+        self._slots = asyncio.Semaphore(self._max_parallel)  # this model's batches at once
         self._gate = gate or DeviceGate(max_parallel)  # the server's, shared with its other models
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: asyncio.Task[None] | None = None

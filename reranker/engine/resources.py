@@ -28,6 +28,8 @@ class Resources:
     cpus_because: str
     threads_per_batch: int  # intra-op threads of one model batch
     threads_because: str
+    parallel_batches: int  # model batches at once (MAX_PARALLEL_REQUESTS, resolved)
+    parallel_because: str
     memory_bytes: int  # memory this process may use in all
     memory_because: str
 
@@ -37,6 +39,8 @@ class Resources:
             "cpus_because": self.cpus_because,
             "threads_per_batch": self.threads_per_batch,
             "threads_because": self.threads_because,
+            "parallel_batches": self.parallel_batches,
+            "parallel_because": self.parallel_because,
             "memory_limit_bytes": self.memory_bytes,
             "memory_because": self.memory_because,
         }
@@ -49,15 +53,29 @@ def detect(
     affinity: Callable[[], int] | None = None,
     host_memory: Callable[[], int] | None = None,
 ) -> Resources:
-    """CPUs, threads per batch (``threads_setting`` > 0 wins) and memory for this process."""
+    """CPUs, batches at once (``max_parallel`` > 0 wins), threads per batch (``threads_setting``
+    > 0 wins) and memory for this process.
+
+    Batches at once, unset: two where the process may use two CPUs or more, each with half of
+    them. A batch's threads wait for one another after every operation, so when the event loop,
+    the tokenizer or anything else on the machine takes a core from one of them, the whole
+    batch waits; a second batch keeps the cores busy meanwhile."""
     cpus, cpus_because = _cpus(root, affinity or _affinity_count)
+    if max_parallel > 0:
+        parallel, parallel_because = max_parallel, f"MAX_PARALLEL_REQUESTS={max_parallel}"
+    elif cpus >= 2:
+        parallel, parallel_because = 2, f"{cpus} CPUs: two batches at once, each with half of them"
+    else:
+        parallel, parallel_because = 1, "1 CPU: one batch at a time"
     if threads_setting > 0:
         threads, threads_because = threads_setting, f"INFERENCE_THREADS={threads_setting}"
     else:
-        threads = max(1, cpus // max_parallel)
-        threads_because = f"{cpus} CPUs / MAX_PARALLEL_REQUESTS={max_parallel}"
+        threads = max(1, cpus // parallel)
+        threads_because = f"{cpus} CPUs / {parallel} batches at once"
     memory, memory_because = _memory(root, host_memory or (lambda: int(psutil.virtual_memory().total)))
-    return Resources(cpus, cpus_because, threads, threads_because, memory, memory_because)
+    return Resources(
+        cpus, cpus_because, threads, threads_because, parallel, parallel_because, memory, memory_because
+    )
 
 
 def _affinity_count() -> int:

@@ -78,12 +78,14 @@ class Runtime:
         backend_factory: BackendFactory = default_backend_factory,
         backends: Mapping[str, Backend] | None = None,
     ) -> None:
+        self.resources = resources.detect(settings.max_parallel_requests, settings.inference_threads)
+        if settings.max_parallel_requests == 0:  # unset: resolved once, what every model then reads
+            settings = settings.model_copy(update={"max_parallel_requests": self.resources.parallel_batches})
         self.settings = settings
         specs = model_specs(settings)
         injected = dict(backends or {})
         if backend is not None:
             injected[specs[0].name or ""] = backend
-        self.resources = resources.detect(settings.max_parallel_requests, settings.inference_threads)
         gate = DeviceGate(settings.max_parallel_requests)
         self.models = [ServedModel(spec, injected.get(spec.name or ""), gate) for spec in specs]
         # Requests refused before any model was chosen (a body that fails validation, an unknown
