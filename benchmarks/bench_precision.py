@@ -11,7 +11,8 @@ built in this process (``create_backend`` with the same settings; in-process = i
 passes alone, on the same texts in batches of 32 sorted by length, or one request's 8 items,
 on a worker thread as in the server):
 
-- ``float32 torch`` (BACKEND=torch DTYPE=float32): the server before DTYPE;
+- ``float32 torch`` (BACKEND=torch DTYPE=float32 MAX_PARALLEL_REQUESTS=1): the server before
+  DTYPE and before two batches at once became the default;
 - ``float32 auto`` (DTYPE=float32): float32 at its fastest here (ONNX Runtime where it equals torch);
 - ``auto`` (the default): the hardware's native half precision, else float32 (README, "Precision").
 
@@ -55,7 +56,7 @@ class Setup:
 
 
 SETUPS = (
-    Setup("float32 torch", {"BACKEND": "torch", "DTYPE": "float32"}),
+    Setup("float32 torch", {"BACKEND": "torch", "DTYPE": "float32", "MAX_PARALLEL_REQUESTS": "1"}),
     Setup("float32 auto", {"DTYPE": "float32"}),
     Setup("auto", {}),
 )
