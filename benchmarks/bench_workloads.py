@@ -1,9 +1,12 @@
 """The traffic users bring, server against in-process sentence-transformers, torch on both sides.
 
-    .venv/bin/python -m benchmarks.bench_workloads [--rounds 2] [--job-texts 20000]
+    .venv/bin/python -m benchmarks.bench_workloads [--rounds 2] [--job-texts 20000] [--dtype float32|auto]
 
-One process run; the server (``python -m reranker``, BACKEND=torch, default settings) and the
-in-process model take turns (alternating rounds, never at the same time), on the same texts:
+One process run; the server (``python -m reranker``, BACKEND=torch, default settings but
+``DTYPE``) and the in-process model take turns (alternating rounds, never at the same time), on
+the same texts, at the same precision: ``--dtype float32`` (the default) runs both in float32;
+``--dtype auto`` runs the server at the precision it picks and the in-process model's weights
+in that precision too:
 
 - RAG: 1 client, 30 requests of 1 query x 50 passages of 40-120 words: p50 latency;
 - 16 clients x 8 passages (160 requests): throughput;
@@ -143,6 +146,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--job-texts", type=int, default=20_000)
+    parser.add_argument("--dtype", choices=["float32", "auto"], default="float32")
     parser.add_argument(
         "--only", default="", help="comma-separated workload names that start with these words (e.g. RAG,16)"
     )
@@ -165,7 +169,13 @@ def main() -> None:
     job = [rng.choice(passages) for _ in range(args.job_texts)]
 
     rows = []
-    with server_process({"BACKEND": "torch", "LOG_LEVEL": "warning"}) as (url, _):
+    with server_process({"BACKEND": "torch", "DTYPE": args.dtype, "LOG_LEVEL": "warning"}) as (url, _):
+        served_dtype = httpx.get(f"{url}/health", timeout=10).json()["model"]["dtype"]
+        if served_dtype != "float32":
+            import torch
+
+            model.to(getattr(torch, served_dtype))
+        print(f"server and in-process model in {served_dtype}", flush=True)
         drive(url, "/rerank", rag[:3], clients=1)  # warm the server's batch shapes
         workloads = [
             ("RAG 1 client, 50 passages: p50 ms", 1.10, "latency", lambda: in_process_rag(model, rag),
