@@ -14,6 +14,10 @@ Prints, on CUDA device 0 (or, with a message, on the CPU with small sizes when t
 3. speed: texts/s in-process (our backend's forward on batches of 32 sorted by length) and
    through the server (``python -m reranker``, DTYPE=auto) at 1, 16 and 64 clients sending 8
    passages each, for all-MiniLM-L6-v2 on /v1/embeddings and the cross-encoder on /rerank.
+4. instances per device: all-MiniLM-L6-v2 on /v1/embeddings at 64 clients against one server,
+   then against two servers on the same device (the clients split between them, as nginx's
+   round robin would): texts/s of each layout, and the peak device memory of each server (its
+   /health). Two instances help where one process's Python, not the device, is the limit.
 
 Budget: under 8 minutes on a GPU (most of it model loads and the 5,000-passage encodes); the
 CPU fallback (--small implied) takes a few minutes on 2 cores.
@@ -186,6 +190,54 @@ def speed(device: str, cross_path: Path, small: bool) -> list[str]:
     return lines
 
 
+def instances(device: str, small: bool) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from benchmarks.common import load_passages_and_queries
+
+    passages, _ = load_passages_and_queries()
+    clients = max(CLIENTS)
+    bodies = [{"input": passages[i : i + 8]} for i in range(0, 8 * clients * (1 if small else 4), 8)]
+    env = {
+        "DEVICE_PREFERENCE": "cuda" if device == "cuda" else "cpu",
+        "LOG_LEVEL": "warning",
+        "REQUEST_TIMEOUT_S": "600",
+    }
+
+    def memory(url: str) -> str:
+        details = httpx.get(f"{url}/health", timeout=30).json()["model"]["details"]
+        return details.get("device_memory_peak_mib", "-")  # absent on a CPU
+
+    def run(urls: list[str]) -> tuple[float, list[str]]:
+        for url in urls:
+            drive(url, "/v1/embeddings", bodies[:4], 4, "input")  # warm
+        shares = [bodies[k :: len(urls)] for k in range(len(urls))]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(urls)) as pool:
+            results = list(
+                pool.map(
+                    lambda pair: drive(pair[0], "/v1/embeddings", pair[1], clients // len(urls), "input"),
+                    zip(urls, shares, strict=True),
+                )
+            )
+        seconds = time.perf_counter() - started
+        failures = sum(r.failures for r in results)
+        rate = sum(len(b["input"]) for b in bodies) / seconds
+        return rate, [memory(url) for url in urls] + (["failures"] if failures else [])
+
+    with server_process(env) as (url, _):
+        one, one_memory = run([url])
+    with server_process(env) as (first, _), server_process(env) as (second, _):
+        two, two_memory = run([first, second])
+    return [
+        f"{'layout':<24} {'texts/s':>9}  peak device memory per server (MiB)",
+        f"{'1 server':<24} {one:9.1f}  {', '.join(one_memory)}",
+        f"{'2 servers, same device':<24} {two:9.1f}  {', '.join(two_memory)}  ({two / one:.2f}x)",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes (implied without CUDA)")
@@ -211,6 +263,7 @@ def main() -> int:
         ("float32 exactness against sentence-transformers", lambda: exactness(device, cross_path)),
         ("half precision against float32", lambda: half_precision(device, args.data, small)),
         ("texts/s, DTYPE=auto (8 passages a request)", lambda: speed(device, cross_path, small)),
+        ("instances per device, all-MiniLM-L6-v2 at 64 clients", lambda: instances(device, small)),
     )
     for title, run in sections:
         print(f"\n{title}", flush=True)

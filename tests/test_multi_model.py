@@ -491,3 +491,20 @@ def test_embed_all_without_a_model_goes_to_the_first_model_that_gives_token_vect
     assert answer.status_code == 200 and [len(vectors) for vectors in answer.json()] == [3, 1]
     assert refused.status_code == 400 and "BACKEND=torch" in refused.json()["error"]  # TEI's error shape
     assert health["queued"] == 0 and health["in_flight"] == 0
+
+
+def test_health_reads_a_backends_details_when_asked_not_once_at_load() -> None:
+    """A GPU backend's details carry the device memory in use: /health must show today's figure."""
+    from dataclasses import replace
+
+    class Changing(FakeBackend):
+        held = 0
+
+        def info(self):  # type: ignore[no-untyped-def]
+            return replace(super().info(), details={"device_memory_allocated_mib": str(self.held)})
+
+    backend = Changing(ModelKind.BI_ENCODER)
+    with ServerThread(create_app(make_settings(), backend=backend)) as server, server.client() as client:
+        assert client.get("/health").json()["model"]["details"]["device_memory_allocated_mib"] == "0"
+        backend.held = 700
+        assert client.get("/health").json()["model"]["details"]["device_memory_allocated_mib"] == "700"

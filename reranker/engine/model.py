@@ -214,7 +214,8 @@ class ServedModel:
             "dimension": info.dimension if info else None,
             "dtype": info.dtype if info else None,
             "selected_because": self.backend.selection if info and self.backend else None,
-            "details": dict(info.details) if info else {},
+            # Read now, not at load: a GPU backend's details hold its device memory in use.
+            "details": dict(self.backend.info().details) if info and self.backend else {},
             "capabilities": info.capabilities if info else [],
             "family": info.family if info else None,
             "activation": info.activation if info and info.kind is ModelKind.CROSS_ENCODER else None,
