@@ -182,9 +182,9 @@ def configure_threads() -> int:
     from reranker.backends import threads
     from reranker.engine import resources
 
-    count = resources.detect(1, 0).threads_per_batch
-    threads.configure(count)
-    return count
+    found = resources.detect(1, 0)
+    threads.configure(found.threads_per_batch, found.cpus)
+    return found.threads_per_batch
 
 
 _MODEL_THREAD = ThreadPoolExecutor(1, thread_name_prefix="model")

@@ -94,7 +94,7 @@ def test_a_large_input_is_spread_over_the_cpus_a_small_one_only_when_asked(
     calls.clear()
     tokenizer.texts(texts(50))
     assert sorted(size for _, size in calls) == [16, 17, 17]
-    assert sum(name.startswith("tokenize") for name, _ in calls) == 2
+    assert sum(name.startswith("tokenize-large") for name, _ in calls) == 2
     calls.clear()
     token = spread_small_inputs.set(True)
     try:
@@ -102,18 +102,36 @@ def test_a_large_input_is_spread_over_the_cpus_a_small_one_only_when_asked(
     finally:
         spread_small_inputs.reset(token)
     assert sorted(size for _, size in calls) == [2, 3, 3]
+    # The loop waits for these: their own threads, never queued behind a large input's chunks.
+    assert sum(name.startswith("tokenize-small") for name, _ in calls) == 2
 
 
-def test_configure_turns_the_tokenizers_shared_pool_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configure_turns_the_tokenizers_shared_pool_off_and_spreads_over_the_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import torch
 
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     before = torch.get_num_threads()
     try:
-        threads.configure(before)
+        threads.configure(1, cpus=6)  # one thread a batch; tokenization spreads over all 6 CPUs
+        assert threads.tokenizer_threads() == 6
     finally:
+        threads.configure(before)
         torch.set_num_threads(before)
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_a_query_that_leaves_less_room_than_the_overlap_falls_back_to_truncation(
+    tokenizer: TextTokenizer,
+) -> None:
+    """tokenizers panics (a BaseException, not an Exception) when the stride is not below the
+    room a long query leaves for the document: that is the plain-truncation case, not a 500."""
+    query, document = " ".join(["word"] * 28), " ".join(["other"] * 200)
+    for overlap in (0, 8, 40):
+        (windows,) = tokenizer.pair_windows([(query, document)], overlap, 4)
+        assert len(windows.items) >= 1
+        assert all(len(item) <= 32 for item in windows.items)
 
 
 class WhereTokenized(FakeBackend):

@@ -17,6 +17,7 @@ Dense modules (``mlx_modules.py``). There is no dropout anywhere: the model in e
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +51,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 class MlxBackend(TokenizedBackend):
     runs_batches_concurrently = False  # one MLX evaluation at a time: its streams are not shared safely
+    _evaluating = threading.Lock()  # and one across every MLX model of the process (multi-model)
 
     def __init__(self, source: ModelSource, dtype: str = "float32") -> None:
         refusal = mlx_refusal(source)
@@ -132,11 +134,13 @@ class MlxBackend(TokenizedBackend):
         return width * len(self._pooling)
 
     def forward(self, batch: Sequence[Encoded]) -> np.ndarray:
-        output = self._logits(self.tokenizer.collate(batch))
-        if self._source.kind is ModelKind.CROSS_ENCODER:
-            output = output[:, 0]
-        mx.eval(output)
-        return np.array(output, dtype=np.float32)
+        inputs = self.tokenizer.collate(batch)
+        with MlxBackend._evaluating:
+            output = self._logits(inputs)
+            if self._source.kind is ModelKind.CROSS_ENCODER:
+                output = output[:, 0]
+            mx.eval(output)
+            return np.array(output, dtype=np.float32)
 
     def _logits(self, arrays: dict[str, np.ndarray]) -> mx.array:
         """Cross-encoder logits [n, labels], or bi-encoder vectors [n, dim]."""

@@ -4,8 +4,8 @@ torch sizes its intra-op pool to the node's cores (wrong under a container quota
 oversubscribed when several batches run at once); ONNX Runtime does the same per session;
 the tokenizers library starts one Rayon thread per core, shared by every caller. ``configure``
 sets the first two from one number (the ONNX backend reads ``intra_op_threads`` when it creates
-its session) and turns the tokenizers' pool off: tokenization.py cuts a large input into that
-many chunks on threads of its own, and encodes a small one on the calling thread, where no
+its session) and turns the tokenizers' pool off: tokenization.py cuts a large input into one
+chunk per CPU on threads of its own, and encodes a small one on the calling thread, where no
 other request's work can hold it up.
 """
 
@@ -16,19 +16,21 @@ import os
 
 log = logging.getLogger(__name__)
 
-_configured = {"intra_op": 0}
+_configured = {"intra_op": 0, "cpus": 0}
 
 
-def configure(threads: int) -> None:
-    """Intra-op threads of one batch (torch now, ONNX Runtime at session creation, tokenizers)."""
+def configure(threads: int, cpus: int = 0) -> None:
+    """Intra-op threads of one batch (torch now, ONNX Runtime at session creation) and the CPUs
+    this process may use (tokenization spreads over them; 0: the affinity mask)."""
     _configured["intra_op"] = threads
+    _configured["cpus"] = cpus
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizers library at every call
     try:
         import torch
     except ImportError:  # a backend without torch
         return
     torch.set_num_threads(threads)
-    log.info("model threads per batch: %d (torch, ONNX Runtime, tokenization of a large request)", threads)
+    log.info("model threads per batch: %d (torch, ONNX Runtime)", threads)
 
 
 def intra_op_threads() -> int:
@@ -37,10 +39,10 @@ def intra_op_threads() -> int:
 
 
 def tokenizer_threads() -> int:
-    """Threads a large request's tokenization is spread over: the configured count, else the
-    CPUs this process may run on (a backend built without ``configure``: tests, benchmarks)."""
-    if _configured["intra_op"]:
-        return _configured["intra_op"]
+    """Threads tokenization may spread over: the CPUs this process may use, as configured (the
+    cgroup quota counted), else as the affinity mask says."""
+    if _configured["cpus"]:
+        return _configured["cpus"]
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS

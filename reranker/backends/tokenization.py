@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,9 @@ class TextTokenizer:
         for pair in pairs:
             try:
                 encoding = windower.encode(*pair)
-            except Exception:  # noqa: BLE001 - tokenizers' truncation error: the query fills the window
+            except BaseException as error:  # the query fills the window (tokenizers' error or panic)
+                if not _is_tokenizer_error(error):
+                    raise
                 encoded = _to_encoded(self._tokenizer.encode(*pair), self.token_types)
                 result.append(Windows([encoded], truncated=True))
                 continue
@@ -144,7 +147,9 @@ class TextTokenizer:
 
     def spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
         """Every token of each text (no truncation), with its character offsets."""
-        encodings = self._unbounded.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        encodings = _encode_all(
+            self._unbounded, list(texts), offsets=True, add_special_tokens=add_special_tokens
+        )
         return [
             [
                 TokenSpan(token_id, token, start, stop, bool(special))
@@ -214,30 +219,45 @@ SMALL_REQUEST = 16  # inputs up to this many are one call on the calling thread 
 SPREAD_MIN_INPUTS = 4  # fewer are not worth a hand-off to another thread
 # Set (contextvars) by a caller with idle cores to use: a small input is spread over them too.
 spread_small_inputs: ContextVar[bool] = ContextVar("spread_small_inputs", default=False)
-_chunk_pools: dict[int, ThreadPoolExecutor] = {}  # by thread count (threads.configure may change it)
+# By thread count. Large inputs' chunks queue on one set of threads; small inputs spread by the
+# event loop (which waits for them) have their own, so they never queue behind a large input.
+_chunk_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
 
 
-def _encode_all(tokenizer: Tokenizer, inputs: list) -> list:  # type: ignore[type-arg]
-    """Encodings of ``inputs`` (texts, or (query, document) tuples), without character offsets
-    (nothing on this path reads them). The tokenizers' own Rayon pool is off (threads.py):
-    shared by every caller, it made a one-text request queue behind a 500-document request
-    being encoded beside it. A small input is one call on the calling thread. A large one (or a
-    small one under ``spread_small_inputs``) is cut into a chunk per CPU: the first encoded on
-    the calling thread, the others on this module's threads at the same time
-    (``encode_batch_fast`` releases the GIL while it works)."""
-    workers = tokenizer_threads()
-    spread = len(inputs) > SMALL_REQUEST or (spread_small_inputs.get() and len(inputs) >= SPREAD_MIN_INPUTS)
-    if workers == 1 or not spread:
-        return tokenizer.encode_batch_fast(inputs)
-    pool = _chunk_pools.get(workers - 1)
+def _pool(kind: str, threads: int) -> ThreadPoolExecutor:
+    pool = _chunk_pools.get((kind, threads))
     if pool is None:
-        made = ThreadPoolExecutor(workers - 1, thread_name_prefix="tokenize")
-        pool = _chunk_pools.setdefault(workers - 1, made)
+        made = ThreadPoolExecutor(threads, thread_name_prefix=f"tokenize-{kind}")
+        pool = _chunk_pools.setdefault((kind, threads), made)
+    return pool
+
+
+def _encode_all(tokenizer: Tokenizer, inputs: list, offsets: bool = False, **options: bool) -> list:  # type: ignore[type-arg]
+    """Encodings of ``inputs`` (texts, or (query, document) tuples); character offsets only when
+    asked (``encode_batch``; else ``encode_batch_fast``). The tokenizers' own Rayon pool is off
+    (threads.py): shared by every caller, it made a one-text request queue behind a 500-document
+    request being encoded beside it. A small input is one call on the calling thread. A large
+    one (or a small one under ``spread_small_inputs``) is cut into a chunk per CPU: the first
+    encoded on the calling thread, the others on this module's threads at the same time (the
+    tokenizer releases the GIL while it works)."""
+    encode = partial(tokenizer.encode_batch if offsets else tokenizer.encode_batch_fast, **options)
+    workers = tokenizer_threads()
+    small = len(inputs) <= SMALL_REQUEST
+    spread = not small or (spread_small_inputs.get() and len(inputs) >= SPREAD_MIN_INPUTS)
+    if workers == 1 or not spread:
+        return encode(inputs)
+    pool = _pool("small" if small else "large", workers - 1)
     step = -(-len(inputs) // workers)
     chunks = [inputs[start : start + step] for start in range(0, len(inputs), step)]
-    others = [pool.submit(tokenizer.encode_batch_fast, chunk) for chunk in chunks[1:]]
-    first = tokenizer.encode_batch_fast(chunks[0])
+    others = [pool.submit(encode, chunk) for chunk in chunks[1:]]
+    first = encode(chunks[0])
     return [*first, *(encoding for part in others for encoding in part.result())]
+
+
+def _is_tokenizer_error(error: BaseException) -> bool:
+    """An error of the tokenizers library: an Exception, or a Rust panic (pyo3's PanicException
+    derives from BaseException), e.g. a stride longer than the room a long query leaves."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
 
 
 def _windows(encoding: object, max_windows: int, token_types: bool = True) -> Windows:

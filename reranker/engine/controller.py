@@ -210,6 +210,11 @@ class InferenceController:
 
     # ---- lifecycle -------------------------------------------------------------------
 
+    @property
+    def max_parallel(self) -> int:
+        """Batches of this model at once: MAX_PARALLEL_REQUESTS, or 1 for a backend that runs one."""
+        return self._max_parallel
+
     def start(self) -> None:
         self._executor = ThreadPoolExecutor(self._max_parallel, thread_name_prefix="inference")
         self._batcher = asyncio.get_running_loop().create_task(self._batch_loop(), name="batcher")

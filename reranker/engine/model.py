@@ -230,8 +230,9 @@ class ServedModel:
 
     def controller_health(self) -> dict[str, Any]:
         controller, settings = self.controller, self.settings
+        parallel = controller.max_parallel if controller else settings.max_parallel_requests
         return {
-            "max_parallel_requests": settings.max_parallel_requests,
+            "max_parallel_requests": parallel,
             "max_queue_size": settings.max_queue_size,
             "batch_size": self.batch_size,
             "current_batch_limit": controller.batch_limit if controller else self.batch_size,

@@ -184,7 +184,9 @@ class Runtime:
             if any(not model.injected for model in self.models):
                 from reranker.backends import threads
 
-                await asyncio.to_thread(threads.configure, self.resources.threads_per_batch)
+                await asyncio.to_thread(
+                    threads.configure, self.resources.threads_per_batch, self.resources.cpus
+                )
             settings = self.settings
             memory_for_batches = int(
                 self.resources.memory_bytes * settings.embedding_max_memory_percent / 100

@@ -28,7 +28,7 @@ from reranker.backends.tokenization import spread_small_inputs
 from reranker.engine.cache import CachedOutput, PredictionCache
 from reranker.engine.controller import InferenceController
 from reranker.engine.prompts import document_prompt, embed_prompt, query_prompt
-from reranker.errors import InvalidInputError, StartupError, UnsupportedOperationError
+from reranker.errors import InvalidInputError, NotReadyError, StartupError, UnsupportedOperationError
 from reranker.tracing import current_trace
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ class InferenceService:
         self._cache = cache
         self._computing = 0  # requests between arrival and answer in _compute (the loop's load)
         self._small_tokenizing: ThreadPoolExecutor | None = None
+        self._closed = False
         info = backend.info()
         self._info = info  # a backend's facts do not change while it serves: read once
         self.kind = info.kind
@@ -216,15 +217,20 @@ class InferenceService:
     def _tokenizing(self) -> ThreadPoolExecutor:
         """The threads small requests are tokenized on under load: one per CPU, so that many
         requests arriving at once queue here rather than contend for the cores and the GIL."""
+        if self._closed:
+            raise NotReadyError("the server is shutting down")
         if self._small_tokenizing is None:
             threads = tokenizer_threads()
             self._small_tokenizing = ThreadPoolExecutor(threads, thread_name_prefix="tokenize-req")
         return self._small_tokenizing
 
     def close(self) -> None:
-        """Let the tokenizing threads end (any tokenization under way finishes first)."""
+        """Let the tokenizing threads end (any tokenization under way finishes first); a request
+        still arriving is refused as the server's other work is while it shuts down."""
+        self._closed = True
         if self._small_tokenizing is not None:
             self._small_tokenizing.shutdown(wait=False)
+            self._small_tokenizing = None
 
     async def _compute(
         self,
