@@ -34,7 +34,14 @@ def test_cli_serves_the_embedded_model_and_exits_cleanly_on_sigterm() -> None:
                 pass
             time.sleep(0.2)
         assert health is not None and health.status_code == 200, process.stdout and process.stdout.read()
-        assert health.json()["controller"]["batch_size"] == 8
+        served = health.json()
+        assert served["controller"]["batch_size"] == 8
+        # A fresh process: its load is the only thing that grew it (a test session's shared
+        # servers trim and grow the same process meanwhile, so this is checked here).
+        assert served["model"]["memory_bytes"] > 1_000_000
+        parallel = served["resources"]["parallel_batches"]  # MAX_PARALLEL_REQUESTS unset
+        assert parallel == (2 if served["resources"]["cpus"] >= 2 else 1)
+        assert served["controller"]["max_parallel_requests"] == parallel
         response = httpx.post(
             f"http://127.0.0.1:{port}/rerank",
             json={"query": "capital of france", "documents": ["bananas are yellow", "Paris is in France"]},

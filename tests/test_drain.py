@@ -13,7 +13,8 @@ import httpx
 
 from tests.scripts import free_ports
 
-DOCUMENTS = [f"passage {i} about bones, healing, fractures and recovery time " * 3 for i in range(8)]
+# Enough work that the 20 requests are still running when SIGTERM comes, with two batches at once.
+DOCUMENTS = [f"passage {i} about bones, healing, fractures and recovery time " * 3 for i in range(32)]
 
 
 def wait_for(condition, timeout_s: float = 120) -> None:

