@@ -166,3 +166,21 @@ def test_a_lone_small_request_is_tokenized_on_the_loop_one_under_load_on_a_threa
             assert later.result().status_code == 200
     assert backend.threads[0] == loop_thread
     assert backend.threads[1].startswith("tokenize-req")
+
+
+def test_a_full_queue_refuses_before_tokenizing() -> None:
+    backend = WhereTokenized()
+    app = create_app(make_settings(max_queue_size=1), backend=backend)
+    with ServerThread(app) as server, ThreadPoolExecutor(2) as pool:
+        backend.threads.clear()
+        backend.gate.clear()
+        with server.client() as first_client, server.client() as second_client, server.client() as third:
+            first = pool.submit(first_client.post, "/v1/embeddings", json={"input": ["running"]})
+            server.wait_until(backend.batch_started.is_set, "the first batch started", 30)
+            second = pool.submit(second_client.post, "/v1/embeddings", json={"input": ["waiting"]})
+            server.wait_until(lambda: server.runtime.default.controller.queued == 1, "one queued", 30)
+            refused = third.post("/v1/embeddings", json={"input": ["refused"]})
+            assert refused.status_code == 503
+            assert len(backend.threads) == 2  # the refused request was never tokenized
+            backend.gate.set()
+            assert first.result().status_code == second.result().status_code == 200

@@ -296,17 +296,7 @@ class InferenceController:
         only while no interactive item waits, and is not refused for a full queue (a job has
         at most two slices queued at a time). ``traced``: the result lists its batches (``batch_log``).
         """
-        if self.failure is not None:
-            raise BackendError(f"internal error: {self.failure}")
-        if not self._accepting:
-            raise NotReadyError("the server is not accepting work (loading or draining)")
-        if not background and len(self._queue) >= self._max_queue:
-            retry_after = self._retry_after_s()
-            raise OverloadedError(
-                f"queue full: MAX_QUEUE_SIZE={self._max_queue} requests are waiting; retry after "
-                f"{retry_after} s, raise MAX_QUEUE_SIZE, or submit big batches to /v1/jobs",
-                retry_after_s=retry_after,
-            )
+        self.admit(background)
         if not items:
             return InferenceResult(np.zeros((0,), dtype=np.float32), 0.0, 0.0, 0)
         if not background:
@@ -338,6 +328,22 @@ class InferenceController:
         finally:
             if pending.timer is not None:
                 pending.timer.cancel()
+
+    def admit(self, background: bool = False) -> None:
+        """Raise what ``run`` would refuse with now (broken, not accepting, the queue full): the
+        service asks before it tokenizes, so a refusal costs no tokenizer time and never waits
+        for a tokenizing thread."""
+        if self.failure is not None:
+            raise BackendError(f"internal error: {self.failure}")
+        if not self._accepting:
+            raise NotReadyError("the server is not accepting work (loading or draining)")
+        if not background and len(self._queue) >= self._max_queue:
+            retry_after = self._retry_after_s()
+            raise OverloadedError(
+                f"queue full: MAX_QUEUE_SIZE={self._max_queue} requests are waiting; retry after "
+                f"{retry_after} s, raise MAX_QUEUE_SIZE, or submit big batches to /v1/jobs",
+                retry_after_s=retry_after,
+            )
 
     def _check_waiting(self, pending: _Pending, timeout_s: float, timeout_name: str) -> None:
         """The request's waiting deadline: fail it with a timeout if none of its batches started or

@@ -271,6 +271,8 @@ class InferenceService:
             hits -= int(0 in cached)
             cached[0] = CachedOutput(np.zeros((0,), dtype=np.float32), 0, False)
         missing = [i for i in range(len(keys)) if i not in cached] if cached else list(range(len(keys)))
+        if missing and not background:
+            self._controller.admit()  # a full queue refuses before any tokenizing (cache hits pass)
         tokenizing = time.perf_counter()
         if not missing:
             windows = []
