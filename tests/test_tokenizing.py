@@ -184,3 +184,16 @@ def test_a_full_queue_refuses_before_tokenizing() -> None:
             assert len(backend.threads) == 2  # the refused request was never tokenized
             backend.gate.set()
             assert first.result().status_code == second.result().status_code == 200
+
+
+def test_a_closed_service_refuses_tokenizing_with_not_ready() -> None:
+    """After the server stops, a request still reaching the tokenizing threads is a 503, never a
+    RuntimeError from a shut-down pool (a 500)."""
+    from reranker.errors import NotReadyError
+
+    backend = WhereTokenized()
+    with ServerThread(create_app(make_settings(), backend=backend)) as server:
+        service = server.runtime.default.require_service()
+        assert service._tokenizing() is service._tokenizing()  # made once
+    with pytest.raises(NotReadyError, match="shutting down"):
+        service._tokenizing()

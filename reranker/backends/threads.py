@@ -41,9 +41,12 @@ def intra_op_threads() -> int:
 def tokenizer_threads() -> int:
     """Threads tokenization may spread over: the CPUs this process may use, as configured (the
     cgroup quota counted), else as the affinity mask says."""
-    if _configured["cpus"]:
-        return _configured["cpus"]
+    return _configured["cpus"] or affinity_cpus()
+
+
+def affinity_cpus() -> int:
+    """The CPUs the affinity mask lets this process run on (the host's count off Linux)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1

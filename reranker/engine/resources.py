@@ -12,12 +12,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from reranker.backends.threads import affinity_cpus
 
 UNLIMITED_V1 = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
@@ -60,7 +61,7 @@ def detect(
     them. A batch's threads wait for one another after every operation, so when the event loop,
     the tokenizer or anything else on the machine takes a core from one of them, the whole
     batch waits; a second batch keeps the cores busy meanwhile."""
-    cpus, cpus_because = _cpus(root, affinity or _affinity_count)
+    cpus, cpus_because = _cpus(root, affinity or affinity_cpus)
     if max_parallel > 0:
         parallel, parallel_because = max_parallel, f"MAX_PARALLEL_REQUESTS={max_parallel}"
     elif cpus >= 2:
@@ -76,13 +77,6 @@ def detect(
     return Resources(
         cpus, cpus_because, threads, threads_because, parallel, parallel_because, memory, memory_because
     )
-
-
-def _affinity_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _cgroup_dirs(root: Path, controller: str) -> list[Path]:

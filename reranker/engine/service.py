@@ -274,20 +274,16 @@ class InferenceService:
         if missing and not background:
             self._controller.admit()  # a full queue refuses before any tokenizing (cache hits pass)
         tokenizing = time.perf_counter()
+        small = len(missing) <= INLINE_TOKENIZE_ITEMS and _chars(keys, missing) <= INLINE_TOKENIZE_CHARS
         if not missing:
             windows = []
-        elif (
-            self._computing == 1  # this request alone
-            and len(missing) <= INLINE_TOKENIZE_ITEMS
-            and _chars(keys, missing) <= INLINE_TOKENIZE_CHARS
-        ):
-            # Small, and nothing else to serve: here, with the idle cores' help, no hand-off.
-            spreading = spread_small_inputs.set(True)
+        elif small and self._computing == 1:  # small, and nothing else to serve: no hand-off
+            spreading = spread_small_inputs.set(True)  # the idle cores help
             try:
                 windows = tokenize(missing)
             finally:
                 spread_small_inputs.reset(spreading)
-        elif len(missing) <= INLINE_TOKENIZE_ITEMS and _chars(keys, missing) <= INLINE_TOKENIZE_CHARS:
+        elif small:
             windows = await asyncio.get_running_loop().run_in_executor(self._tokenizing(), tokenize, missing)
         else:
             windows = await asyncio.to_thread(tokenize, missing)
