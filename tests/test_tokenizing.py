@@ -197,3 +197,21 @@ def test_a_closed_service_refuses_tokenizing_with_not_ready() -> None:
         assert service._tokenizing() is service._tokenizing()  # made once
     with pytest.raises(NotReadyError, match="shutting down"):
         service._tokenizing()
+
+
+@pytest.mark.usefixtures("three_cpus")
+def test_a_spread_chunk_no_thread_has_started_is_encoded_by_the_caller(tokenizer: TextTokenizer) -> None:
+    """The CPUs busy elsewhere (here: every spreading thread held): the caller, the event loop
+    among them, encodes the chunks itself instead of waiting for a thread to be scheduled."""
+    held = threading.Event()
+    pool = tokenization._pool("small", 2)
+    blockers = [pool.submit(held.wait, 30) for _ in range(2)]
+    token = spread_small_inputs.set(True)
+    try:
+        encoded = tokenizer.texts(texts(8))
+        assert not any(blocker.done() for blocker in blockers)  # done while they still hold
+    finally:
+        spread_small_inputs.reset(token)
+        held.set()
+    assert all(blocker.result() for blocker in blockers)
+    assert [e.ids.tolist() for e in encoded] == reference(texts(8))

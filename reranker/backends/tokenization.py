@@ -250,8 +250,12 @@ def _encode_all(tokenizer: Tokenizer, inputs: list, offsets: bool = False, **opt
     step = -(-len(inputs) // workers)
     chunks = [inputs[start : start + step] for start in range(0, len(inputs), step)]
     others = [pool.submit(encode, chunk) for chunk in chunks[1:]]
-    first = encode(chunks[0])
-    return [*first, *(encoding for part in others for encoding in part.result())]
+    encodings = encode(chunks[0])
+    for chunk, part in zip(chunks[1:], others, strict=True):
+        # A chunk no thread has started yet (the CPUs are busy elsewhere) is encoded here:
+        # the caller, the event loop among them, never waits for a thread to be scheduled.
+        encodings.extend(encode(chunk) if part.cancel() else part.result())
+    return encodings
 
 
 def _is_tokenizer_error(error: BaseException) -> bool:

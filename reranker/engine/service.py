@@ -278,7 +278,8 @@ class InferenceService:
         if not missing:
             windows = []
         elif small and self._computing == 1:  # small, and nothing else to serve: no hand-off
-            spreading = spread_small_inputs.set(True)  # the idle cores help
+            # The other cores help while the model is idle (its threads would hold them otherwise).
+            spreading = spread_small_inputs.set(self._controller.in_flight == 0)
             try:
                 windows = tokenize(missing)
             finally:
