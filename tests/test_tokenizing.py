@@ -158,6 +158,7 @@ def test_a_lone_small_request_is_tokenized_on_the_loop_one_under_load_on_a_threa
 
         backend.threads.clear()
         backend.gate.clear()  # the first request's batch holds: it stays in computation
+        backend.batch_started.clear()  # a batch at load (calibration probes) set it already
         with ThreadPoolExecutor(2) as pool, server.client() as second:
             first = pool.submit(client.post, "/v1/embeddings", json={"input": ["first"]})
             server.wait_until(backend.batch_started.is_set, "the first batch started", 30)
@@ -176,6 +177,7 @@ def test_a_full_queue_refuses_before_tokenizing() -> None:
     with ServerThread(app) as server, ThreadPoolExecutor(2) as pool:
         backend.threads.clear()
         backend.gate.clear()
+        backend.batch_started.clear()  # a batch at load (calibration probes) set it already
         with server.client() as first_client, server.client() as second_client, server.client() as third:
             first = pool.submit(first_client.post, "/v1/embeddings", json={"input": ["running"]})
             server.wait_until(backend.batch_started.is_set, "the first batch started", 30)
