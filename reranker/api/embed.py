@@ -22,9 +22,9 @@ from reranker.engine.service import (
     InferenceService,
     TextTooLongError,
     l2_normalize,
-    sparse_entries,
 )
 from reranker.errors import InvalidInputError
+from reranker.kinds.sparse import sparse_entries
 
 
 async def _embed(

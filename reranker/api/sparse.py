@@ -19,7 +19,8 @@ from reranker.api.responses import json_response
 from reranker.api.schemas import check_embed_limits
 from reranker.api.tei import TeiInputs, long_refused
 from reranker.api.text_limits import fit_texts
-from reranker.engine.service import EmbedOutcome, sparse_entries
+from reranker.engine.service import EmbedOutcome
+from reranker.kinds.sparse import sparse_entries
 
 
 class TeiSparseRequest(TeiInputs):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reranker.backends.base import ModelKind
+from reranker.kinds import ModelKind, kind_of
 
 EXACT = 1e-5  # ONNX float32 within this of torch is served by BACKEND=auto
 SCORE_SCALE = 20.0  # a score's allowed gap is this many times a vector's (1 - cosine)
@@ -53,7 +53,7 @@ def compare(kind: ModelKind, got: np.ndarray, want: np.ndarray) -> Agreement:
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     if not np.all(np.isfinite(got)):
         return Agreement(0.0, f"non-finite output on {int((~np.isfinite(got)).sum())} values", np.inf, kind)
-    if kind is ModelKind.CROSS_ENCODER:
+    if kind_of(kind).one_score:
         gap = float(np.abs(_sigmoid(got) - _sigmoid(want)).max())
         largest = float(np.abs(got - want).max())
         text = f"largest score difference {gap:.6f} over {len(got)} probes"
@@ -68,13 +68,13 @@ def compare(kind: ModelKind, got: np.ndarray, want: np.ndarray) -> Agreement:
 
 def meets_half_floor(agreement: Agreement, floor: float) -> bool:
     """Whether half precision is close enough to float32 to serve (see the module docstring)."""
-    if agreement.kind is ModelKind.CROSS_ENCODER:
+    if kind_of(agreement.kind).one_score:
         return 1.0 - agreement.value <= SCORE_SCALE * (1.0 - floor)
     return agreement.value >= floor
 
 
 def half_floor_text(kind: ModelKind, floor: float) -> str:
-    if kind is ModelKind.CROSS_ENCODER:
+    if kind_of(kind).one_score:
         return f"a largest score difference of {SCORE_SCALE * (1.0 - floor):.4f}"
     return f"a worst cosine of {floor}"
 

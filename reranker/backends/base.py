@@ -9,29 +9,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 
 from reranker.errors import UnsupportedOperationError
-
-
-class ModelKind(StrEnum):
-    CROSS_ENCODER = "cross-encoder"  # a reranker: one logit per (query, document) pair
-    BI_ENCODER = "bi-encoder"  # one dense vector per text
-    CLASSIFIER = "classifier"  # one logit per label per text or pair (id2label)
-    SPARSE = "sparse"  # one vocabulary-sized vector per text, mostly zeros (SPLADE)
-
-
-# What each kind serves (routes ask for one of these; the server picks a model that has it).
-CAPABILITIES = {
-    ModelKind.BI_ENCODER: ("rerank", "embed"),
-    ModelKind.CROSS_ENCODER: ("rerank",),
-    ModelKind.CLASSIFIER: ("classify",),
-    ModelKind.SPARSE: ("embed_sparse", "rerank"),
-}
-# Kinds whose inputs are single texts (a cross-encoder's are pairs; a classifier takes either).
-TEXT_KINDS = frozenset({ModelKind.BI_ENCODER, ModelKind.SPARSE, ModelKind.CLASSIFIER})
+from reranker.kinds import Kind, ModelKind, kind_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +38,13 @@ class ModelInfo:
     multi_label: bool = False  # classifiers: problem_type multi_label_classification (sigmoid per label)
 
     @property
+    def strategy(self) -> Kind:
+        """What the kind does (reranker/kinds/): the one object every layer asks."""
+        return kind_of(self.kind)
+
+    @property
     def capabilities(self) -> list[str]:
-        return list(CAPABILITIES[self.kind])
+        return list(self.strategy.capabilities)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +160,7 @@ class Backend(ABC):
 
     def health(self) -> None:
         """Raise if the backend cannot serve; default: a tiny real forward pass."""
-        probe = (
-            self.tokenize_texts(["health"])
-            if self.info().kind is ModelKind.BI_ENCODER
-            else (self.tokenize_pairs([("health", "check")]))
-        )
-        result = self.forward(probe)
+        result = self.forward(self.info().strategy.probe_inputs(self, ["health", "check"]))
         if not np.all(np.isfinite(result)):
             raise RuntimeError("health probe produced non-finite output")
 

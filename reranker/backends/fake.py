@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from reranker.backends.base import Backend, Encoded, ModelInfo, ModelKind
+from reranker.kinds import kind_of
 
 DIMENSION = 8
 
@@ -75,7 +76,7 @@ class FakeBackend(Backend):
             backend="fake",
             device="cpu",
             max_length=self.max_length,
-            dimension=self.dimension if self.kind is ModelKind.BI_ENCODER else None,
+            dimension=self.dimension if kind_of(self.kind).output == "vector" else None,
         )
 
     def _encode(self, text: str, type_id: int) -> list[tuple[int, int]]:
@@ -102,7 +103,7 @@ class FakeBackend(Backend):
             self.clock.advance(self.cost(batch))
         if self.fail_when is not None and (error := self.fail_when(batch)) is not None:
             raise error
-        if self.kind is ModelKind.CROSS_ENCODER:
+        if kind_of(self.kind).one_score:
             return np.array([self._logit(item) for item in batch], dtype=np.float32)
         return np.stack([self._vector(item, self.dimension) for item in batch]).astype(np.float32)
 

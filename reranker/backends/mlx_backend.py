@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from reranker.backends.agreement import PROBES, Agreement, compare
-from reranker.backends.base import Encoded, ModelInfo, ModelKind
+from reranker.backends.base import Encoded, ModelInfo
 from reranker.backends.mlx_decoders import Decoder
 from reranker.backends.mlx_encoders import PREFIXES, Encoder, build_encoder
 from reranker.backends.mlx_families import DECODER_FAMILIES, INSTEAD, mlx_refusal
@@ -36,6 +36,7 @@ from reranker.backends.source import ModelLayout, ModelSource, layout_facts, mod
 from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
+from reranker.kinds import kind_of
 
 
 def _max_length(layout: ModelLayout) -> int:
@@ -72,7 +73,8 @@ class MlxBackend(TokenizedBackend):
         else:
             self._encoder = build_encoder(self._config, Weights(load_weights(root, PREFIXES, self._dtype)))
         layout = source.layout
-        bi_encoder = source.kind is ModelKind.BI_ENCODER
+        self._kind = kind_of(source.kind)
+        bi_encoder = not self._kind.one_score  # MLX runs bi-encoders and cross-encoders (mlx_families)
         self._pooling = (layout.pooling or ("mean",)) if bi_encoder else ()
         self._dense = [load_dense(layer) for layer in layout.dense] if bi_encoder else []
         self._normalizes = layout.normalizes and bi_encoder
@@ -86,19 +88,15 @@ class MlxBackend(TokenizedBackend):
             padding_side="right",  # always: decoders read each item's last real token (mlx_decoders.py)
             template=CAUSAL_TEMPLATES[self._family] if layout.causal_lm else None,
         )
-        if source.kind is ModelKind.CROSS_ENCODER:
+        if self._kind.one_score:
             self._check_head(root)
         self.half_agreement: Agreement | None = None
         if dtype != "float32":
             self.half_agreement = self._compare_with(MlxBackend(source))
 
     def _compare_with(self, reference: MlxBackend) -> Agreement:
-        kind = self._source.kind
-        if kind is ModelKind.CROSS_ENCODER:
-            probes = self.tokenize_pairs([(PROBES[0], text) for text in PROBES])
-        else:
-            probes = self.tokenize_texts(PROBES)
-        return compare(kind, self.forward(probes), reference.forward(probes))
+        probes = self._kind.probe_inputs(self, PROBES)
+        return compare(self._kind.name, self.forward(probes), reference.forward(probes))
 
     def _check_head(self, root: Path) -> None:
         if self._decoder is not None and self._source.layout.causal_lm:
@@ -119,7 +117,7 @@ class MlxBackend(TokenizedBackend):
             backend="mlx",
             device=str(mx.default_device()).removeprefix("Device(").split(",")[0],
             max_length=self._max_length,
-            dimension=self._dimension() if self._source.kind is ModelKind.BI_ENCODER else None,
+            dimension=None if self._kind.one_score else self._dimension(),
             normalize_embeddings=self._normalizes,
             dtype=str(self._dtype).removeprefix("mlx.core."),
             details=({"pooling": "+".join(self._pooling)} if self._pooling else {})
@@ -137,7 +135,7 @@ class MlxBackend(TokenizedBackend):
         inputs = self.tokenizer.collate(batch)
         with MlxBackend._evaluating:
             output = self._logits(inputs)
-            if self._source.kind is ModelKind.CROSS_ENCODER:
+            if self._kind.one_score:
                 output = output[:, 0]
             mx.eval(output)
             return np.array(output, dtype=np.float32)
@@ -154,13 +152,13 @@ class MlxBackend(TokenizedBackend):
         assert self._encoder is not None
         hidden = self._encoder.hidden_states(ids, types, mask).astype(mx.float32)  # heads run on float32
         mask = mask.astype(mx.float32)
-        if self._source.kind is ModelKind.CROSS_ENCODER:
+        if self._kind.one_score:
             return self._encoder.score(hidden, mask)
         return self._head(pool(hidden, mask, self._pooling))
 
     def _forward_decoder(self, ids: mx.array, mask: mx.array, lengths: np.ndarray) -> mx.array:
         assert self._decoder is not None
-        if self._source.kind is ModelKind.BI_ENCODER:
+        if not self._kind.one_score:
             if self._pooling == ("lasttoken",):
                 return self._head(self._decoder.last_states(ids, lengths).astype(mx.float32))
             hidden = self._decoder.backbone(ids).astype(mx.float32)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reranker.backends.base import ModelKind
 from reranker.backends.source import ModelSource, read_json
+from reranker.kinds import kind_of
 
 ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "modernbert")
 DECODER_FAMILIES = ("qwen2", "qwen3")  # through mlx-lm's model implementations
@@ -28,7 +28,8 @@ INSTEAD = "use BACKEND=torch (or BACKEND=onnx)"
 def mlx_refusal(source: ModelSource) -> str | None:
     """Why the MLX backend cannot serve this model (a clause naming the family; ``INSTEAD`` says
     what to use), or None when it can."""
-    if source.kind not in (ModelKind.BI_ENCODER, ModelKind.CROSS_ENCODER):
+    kind = kind_of(source.kind)
+    if not kind.on_mlx:
         return f"MLX backend does not serve {source.kind.value} models"
     layout = source.layout
     family = layout.family or "unknown"
@@ -44,18 +45,18 @@ def mlx_refusal(source: ModelSource) -> str | None:
         return f"MLX backend does not run {family} sliding-window attention (use_sliding_window: true)"
     if not any(Path(source.path).glob("model*.safetensors")):
         return f"MLX backend loads safetensors weights only and this {family} model has none"
-    allowed = BI_ENCODER_MODULES if source.kind is ModelKind.BI_ENCODER else CROSS_ENCODER_MODULES
-    for kind in layout.module_types:
-        if kind not in allowed:
+    allowed = CROSS_ENCODER_MODULES if kind.one_score else BI_ENCODER_MODULES
+    for module in layout.module_types:
+        if module not in allowed:
             return (
-                f"MLX backend cannot run the sentence-transformers module {kind!r} of this {family} "
+                f"MLX backend cannot run the sentence-transformers module {module!r} of this {family} "
                 f"{source.kind.value} (it runs {', '.join(allowed)})"
             )
     if not layout.pooling_includes_prompt:
         return "MLX backend cannot pool without the prompt tokens (include_prompt: false)"
     if any(dense.activation not in DENSE_ACTIVATIONS for dense in layout.dense):
         return f"MLX backend runs the Dense activations {', '.join(DENSE_ACTIVATIONS)} only"
-    if source.kind is ModelKind.CROSS_ENCODER:
+    if kind.one_score:
         return _cross_encoder_refusal(layout.architectures, family, layout.causal_lm)
     return None
 

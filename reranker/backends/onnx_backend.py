@@ -38,6 +38,7 @@ from reranker.backends.onnx_quantize import Int8Profile, quantize_int8
 from reranker.backends.source import ModelSource, pooling_of, read_layout
 from reranker.backends.threads import intra_op_threads
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
+from reranker.kinds import kind_of
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -230,21 +231,16 @@ class OnnxBackend(TokenizedBackend):
         arrays = self.tokenizer.collate(batch)
         (output,) = self._session.run([self._output], {name: arrays[name] for name in self._inputs})
         output = np.asarray(output, dtype=np.float32)
-        if self._source.kind is ModelKind.CROSS_ENCODER:
-            return output.reshape(len(batch), -1)[:, 0]
         if output.ndim == 3:  # a shipped transformer: token embeddings, pooled here
             if self._pooling == "cls":
                 return output[:, 0]
             weights = arrays["attention_mask"][:, :, None].astype(np.float32)
             return (output * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        return output
+        return kind_of(self._source.kind).onnx_output(output, len(batch))
 
     def _compare_with(self, reference: Backend) -> Agreement:
         """How close this file's answers are to the torch model's on the probes (int8 drifts)."""
-        if self._source.kind is ModelKind.CROSS_ENCODER:
-            items = reference.tokenize_pairs([(PROBES[0], text) for text in PROBES])
-        else:
-            items = reference.tokenize_texts(PROBES)
+        items = kind_of(self._source.kind).probe_inputs(reference, PROBES)
         return compare(self._source.kind, self.forward(items), reference.forward(items))
 
 
@@ -266,7 +262,5 @@ def _session(path: Path, device: str) -> onnxruntime.InferenceSession:
 def _output_name(session: object, kind: ModelKind) -> str:
     """Ours is "output"; shipped files name theirs (logits, sentence_embedding, last_hidden_state)."""
     names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
-    scored = kind in (ModelKind.CROSS_ENCODER, ModelKind.CLASSIFIER)
-    preferred = ("output", "logits") if scored else ("output", "sentence_embedding")
-    preferred += ("last_hidden_state", "token_embeddings")
+    preferred = (*kind_of(kind).onnx_output_names, "last_hidden_state", "token_embeddings")
     return next((name for name in preferred if name in names), names[0])

@@ -10,9 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from reranker.backends.base import ModelKind
 from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.errors import StartupError
+from reranker.kinds import DeclaredFiles, ModelKind, detect, for_task, kind_of
 from reranker.settings import EMBEDDED_MODEL, Settings
 
 
@@ -33,19 +33,16 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     kind = detected if settings.model_kind == "auto" else ModelKind(settings.model_kind)
     name = "all-MiniLM-L6-v2" if requested == EMBEDDED_MODEL else requested
     layout = read_layout(path)
-    if kind is ModelKind.CROSS_ENCODER and not layout.causal_lm:
-        if len(layout.labels) > 1 and settings.model_task != "rerank":
-            kind = ModelKind.CLASSIFIER  # several labels: a classifier (MODEL_TASK=rerank refuses it)
-        elif settings.model_task == "classify":
-            kind = ModelKind.CLASSIFIER  # one label, served as a classifier (TEI: sigmoid)
-    elif settings.model_task == "classify":
+    served = for_task(kind, settings.model_task, len(layout.labels), layout.causal_lm)
+    if served is None:
         raise StartupError(f"MODEL_TASK=classify: model {name} is a {kind.value}, not a sequence classifier")
+    kind = served
     if layout.needs_remote_code and not settings.trust_remote_code:
         raise StartupError(
             f"model {name} ships its own Python code (config.json auto_map), which runs only with "
             "TRUST_REMOTE_CODE=true: set it if you trust the model's authors"
         )
-    if layout.causal_lm and kind is ModelKind.CROSS_ENCODER and layout.family not in CAUSAL_TEMPLATES:
+    if layout.causal_lm and kind_of(kind).one_score and layout.family not in CAUSAL_TEMPLATES:
         raise StartupError(
             f"model {name} is a {layout.family} causal LM; only Qwen3-Reranker-style yes/no rerankers "
             f"({', '.join(sorted(CAUSAL_TEMPLATES))} families) can be served as cross-encoders"
@@ -58,15 +55,15 @@ def layout_facts(source: ModelSource) -> dict[str, object]:
     ``ModelInfo(..., **layout_facts(source))``."""
     layout = source.layout
     template = CAUSAL_TEMPLATES[layout.family] if layout.causal_lm else None
-    bi_encoder = source.kind is ModelKind.BI_ENCODER
+    kind = kind_of(source.kind)
     return {
         "family": layout.family,
         "activation": layout.activation,
-        "prompts": dict(layout.prompts) if bi_encoder else {},
-        "default_prompt_name": layout.default_prompt_name if bi_encoder else None,
+        "prompts": dict(layout.prompts) if kind.prompts else {},
+        "default_prompt_name": layout.default_prompt_name if kind.prompts else None,
         "instruction": template.default_instruction if template else None,
-        "labels": layout.labels if source.kind is ModelKind.CLASSIFIER else (),
-        "multi_label": layout.multi_label and source.kind is ModelKind.CLASSIFIER,
+        "labels": layout.labels if kind.labels else (),
+        "multi_label": layout.multi_label and kind.labels,
     }
 
 
@@ -126,23 +123,14 @@ def _hub_problem(exc: Exception) -> str:
 
 
 def detect_kind(path: Path) -> ModelKind:
-    """Cross-encoder when the files say so (a sequence classifier, or a causal LM scored by its
-    yes/no logits as Qwen3-Reranker is), bi-encoder otherwise."""
-    st_config = read_json(path / "config_sentence_transformers.json")
-    if st_config.get("model_type") == "CrossEncoder":
-        return ModelKind.CROSS_ENCODER
-    if st_config.get("model_type") == "SparseEncoder" or any(
-        str(m.get("type", "")).endswith("SpladePooling") for m in module_list(path)
-    ):
-        return ModelKind.SPARSE
-    if st_config.get("model_type") == "SentenceTransformer":
-        return ModelKind.BI_ENCODER
-    if any(str(m.get("type", "")).endswith("Pooling") for m in module_list(path)):
-        return ModelKind.BI_ENCODER  # e.g. Qwen3-Embedding: a *ForCausalLM config, pooled
-    architectures = read_json(path / "config.json").get("architectures") or []
-    if any(str(arch).endswith(("ForSequenceClassification", "ForCausalLM")) for arch in architectures):
-        return ModelKind.CROSS_ENCODER
-    return ModelKind.BI_ENCODER
+    """The kind the model's files declare (reranker/kinds/: each kind says how it is declared)."""
+    st_type = read_json(path / "config_sentence_transformers.json").get("model_type")
+    files = DeclaredFiles(
+        sentence_transformers_type=str(st_type) if st_type else None,
+        module_types=tuple(str(module.get("type", "")) for module in module_list(path)),
+        architectures=tuple(str(arch) for arch in read_json(path / "config.json").get("architectures") or []),
+    )
+    return detect(files)
 
 
 LEGACY_POOLING_KEYS = {  # sentence-transformers < 6 wrote one boolean per mode

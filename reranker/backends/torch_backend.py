@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from reranker.backends.agreement import PROBES, Agreement, compare
-from reranker.backends.base import Encoded, ModelInfo, ModelKind
+from reranker.backends.base import Encoded, ModelInfo
 from reranker.backends.source import ModelSource, layout_facts
 from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.backends.tokenization import TextTokenizer, TokenizedBackend
 from reranker.errors import StartupError
+from reranker.kinds import kind_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CUDA_BATCH_SIZE = 128  # the default batch on a GPU (BATCH_SIZE unset); MAX_BATCH_TOKENS still caps it
@@ -73,12 +74,13 @@ class TorchBackend(TokenizedBackend):
             torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32
             torch.backends.cudnn.allow_tf32 = False
         self._model_kwargs = attention_kwargs(self._device.type, dtype)
-        if source.kind in (ModelKind.CROSS_ENCODER, ModelKind.CLASSIFIER):
-            self._load_cross_encoder()
-        elif source.kind is ModelKind.SPARSE:
-            self._load_sparse_encoder()
-        else:
-            self._load_bi_encoder()
+        self._kind = kind_of(source.kind)
+        loaders = {
+            "SentenceTransformer": self._load_bi_encoder,
+            "CrossEncoder": self._load_cross_encoder,
+            "SparseEncoder": self._load_sparse_encoder,
+        }
+        loaders[self._kind.sentence_transformers_class]()
         self._model.eval()
         layout = source.layout
         for limit in (
@@ -100,19 +102,12 @@ class TorchBackend(TokenizedBackend):
 
     def _to_half_precision(self) -> Agreement:
         """Convert the transformer to ``self._dtype``; how close it stays to float32 on the probes."""
-        kind = self._source.kind
-        if kind is ModelKind.CROSS_ENCODER:
-            probes = self.tokenize_pairs([(PROBES[0], text) for text in PROBES])
-        elif kind is ModelKind.CLASSIFIER:
-            probes = self.tokenize_texts(PROBES)
-            kind = ModelKind.BI_ENCODER  # label logits compare as vectors (their direction)
-        else:
-            probes = self.tokenize_texts(PROBES)
+        probes = self._kind.probe_inputs(self, PROBES)
         dtype, self._dtype = self._dtype, torch.float32
         reference = self.forward(probes)
         self._layers[0].to(dtype)  # the transformer; pooling and heads after it stay float32
         self._dtype = dtype
-        return compare(kind, self.forward(probes), reference)
+        return compare(self._kind.name, self.forward(probes), reference)
 
     def _load_bi_encoder(self) -> None:
         from sentence_transformers import SentenceTransformer
@@ -149,7 +144,7 @@ class TorchBackend(TokenizedBackend):
             trust_remote_code=self._source.trust_remote_code,
             model_kwargs=self._model_kwargs or None,
         )
-        if model.num_labels != 1 and self._source.kind is ModelKind.CROSS_ENCODER:
+        if model.num_labels != 1 and self._kind.one_score:
             raise StartupError(
                 f"model {self._source.name} has {model.num_labels} labels: a classifier, not a reranker "
                 "(MODEL_TASK=rerank asks for one); serve it with MODEL_TASK=auto on /predict"
@@ -216,7 +211,7 @@ class TorchBackend(TokenizedBackend):
 
     @property
     def serves_token_vectors(self) -> bool:  # type: ignore[override]
-        return self._source.kind is ModelKind.BI_ENCODER and self._template is None
+        return self._kind.token_vectors and self._template is None
 
     @torch.inference_mode()
     def token_vectors(self, batch: Sequence[Encoded]) -> np.ndarray:
@@ -245,12 +240,7 @@ class TorchBackend(TokenizedBackend):
             features = layer(features)
             if position == 0 and self._dtype is not torch.float32:
                 features = upcast(features)  # everything after the transformer runs on float32
-        if self._source.kind is ModelKind.CROSS_ENCODER:
-            return features["scores"].reshape(-1)
-        if self._source.kind is ModelKind.CLASSIFIER:
-            scores = features["scores"]
-            return scores if scores.dim() == 2 else scores.unsqueeze(-1)  # [n, labels], traceable
-        return features["sentence_embedding"]
+        return self._kind.torch_output(features)
 
 
 def upcast(features: dict[str, Any]) -> dict[str, Any]:

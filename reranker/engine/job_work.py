@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from reranker.backends.base import ModelKind
 from reranker.engine.jobs import Job, JobCancelledError
 from reranker.engine.rerank_results import cohere_v1_body
 from reranker.engine.service import (
@@ -34,9 +33,9 @@ from reranker.engine.service import (
     LongDocuments,
     RerankOutcome,
     TextTooLongError,
-    sparse_entries,
 )
 from reranker.errors import InvalidInputError, RerankerError
+from reranker.kinds.sparse import sparse_entries
 
 T = TypeVar("T")
 SLICES_IN_FLIGHT = 2
@@ -176,7 +175,7 @@ class RerankJob:
 
     async def __call__(self, job: Job, service: InferenceService) -> dict[str, Any]:
         query_vector, query_tokens = None, 0
-        if service.kind is ModelKind.BI_ENCODER:  # embedded once, not once per slice
+        if service.strategy.rerank_by == "vectors":  # the query embedded once, not once per slice
             query_vector, query_tokens = await service.query_vector_of(self.query, background=True)
 
         order = length_order(self.texts)

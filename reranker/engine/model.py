@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from reranker.backends.base import TEXT_KINDS, Backend, Encoded, ModelInfo, ModelKind, TokenVectors
+from reranker.backends.base import Backend, Encoded, ModelInfo, TokenVectors
 from reranker.engine import resources
 from reranker.engine.adaptive import BatchSizer, process_rss_bytes
 from reranker.engine.cache import DISABLED_STATS, PredictionCache
@@ -38,7 +38,7 @@ def calibration_batches(backend: Backend, batch_size: int) -> list[list[Encoded]
     """Batches of a few sizes and lengths (cheap: at most 8 x 128 tokens) to time at start-up."""
     info = backend.info()
     words = " ".join(f"calibration{i % 50}" for i in range(400))
-    if info.kind in TEXT_KINDS:
+    if info.strategy.takes_texts:
         (longest,) = backend.tokenize_texts([words])
     else:
         (longest,) = backend.tokenize_pairs([("calibration query", words)])
@@ -218,7 +218,7 @@ class ServedModel:
             "details": dict(self.backend.info().details) if info and self.backend else {},
             "capabilities": info.capabilities if info else [],
             "family": info.family if info else None,
-            "activation": info.activation if info and info.kind is ModelKind.CROSS_ENCODER else None,
+            "activation": info.activation if info and info.strategy.one_score else None,
             "prompts": dict(info.prompts) if info else {},
             "default_prompt_name": (default_prompt or info.default_prompt_name) if info else None,
             "instruction": info.instruction if info else None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reranker.backends.base import Backend, ModelKind, TokenSpan, Windows
+from reranker.backends.base import Backend, TokenSpan, Windows
 from reranker.backends.templates import CAUSAL_TEMPLATES
 from reranker.backends.threads import tokenizer_threads
 from reranker.backends.tokenization import spread_small_inputs
@@ -29,6 +29,9 @@ from reranker.engine.cache import CachedOutput, PredictionCache
 from reranker.engine.controller import InferenceController
 from reranker.engine.prompts import document_prompt, embed_prompt, query_prompt
 from reranker.errors import InvalidInputError, NotReadyError, StartupError, UnsupportedOperationError
+from reranker.kinds.base import l2_normalize
+from reranker.kinds.classifier import label_scores
+from reranker.kinds.cross_encoder import activate
 from reranker.tracing import current_trace
 
 log = logging.getLogger(__name__)
@@ -133,57 +136,6 @@ class ClassifyOutcome:
     timing: Timing
 
 
-def sparse_entries(vector: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The non-zero entries of a sparse model's ``vector`` (the ``top_k`` largest, when given),
-    as (indices, values) by ascending index: what TEI, Qdrant and Elasticsearch take."""
-    indices = np.flatnonzero(vector)
-    if top_k is not None and top_k < len(indices):
-        largest = np.argpartition(-vector[indices], top_k - 1)[:top_k]
-        indices = np.sort(indices[largest])
-    return indices, vector[indices]
-
-
-def label_scores(logits: np.ndarray, multi_label: bool) -> np.ndarray:
-    """A classifier's scores from its logits, as transformers' pipeline and TEI compute them:
-    a sigmoid per label for one label or multi-label models, else a softmax over the labels."""
-    if multi_label or logits.shape[1] == 1:
-        return sigmoid(logits)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
-
-
-def activate(logits: np.ndarray, activation: str) -> np.ndarray:
-    """A cross-encoder's score from its logit, by the activation the model declares."""
-    if activation == "identity":
-        return logits.astype(np.float32)
-    if activation == "softmax":  # over one logit: 1.0 (what sentence-transformers returns)
-        return np.ones_like(logits, dtype=np.float32)
-    if activation == "tanh":
-        return np.tanh(logits.astype(np.float64)).astype(np.float32)
-    return sigmoid(logits)
-
-
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
-
-
-def best_cosines(outputs: Sequence[np.ndarray], windows: list[int], query_vector: np.ndarray) -> np.ndarray:
-    """Each document's best cosine with the (normalised) query over its windows, float64: every
-    window at once, each row's dot product summed the same way whatever else is in the request
-    (einsum's own loop, not BLAS's, whose kernels differ with the number of rows)."""
-    if not outputs:
-        return np.zeros((0,), dtype=np.float64)
-    vectors = l2_normalize(np.concatenate(outputs) if len(outputs) > 1 else outputs[0])
-    cosines = np.einsum("ij,j->i", vectors, query_vector)
-    starts = np.cumsum([0, *windows[:-1]])
-    return np.maximum.reduceat(cosines, starts).astype(np.float64)
-
-
 class InferenceService:
     def __init__(
         self,
@@ -205,6 +157,7 @@ class InferenceService:
         info = backend.info()
         self._info = info  # a backend's facts do not change while it serves: read once
         self.kind = info.kind
+        self.strategy = info.strategy  # what the kind does: chosen once, at load
         self._template = CAUSAL_TEMPLATES.get(info.family) if info.instruction is not None else None
         if default_prompt_name is not None and default_prompt_name not in info.prompts:
             declared = ", ".join(sorted(info.prompts)) or "none"
@@ -370,7 +323,8 @@ class InferenceService:
         refuse = self._refuse_document if long.mode == "refuse" else None
         info = self._info
         self.check_instruction(instruction)
-        if self.kind is ModelKind.CROSS_ENCODER:
+        strategy = self.strategy
+        if strategy.rerank_by == "pairs":
             query = self.scoring_query(query, instruction)
             pairs = [(query, doc) for doc in documents]
             keys = [("pair" + long.cache_tag, query, doc) for doc in documents]
@@ -406,15 +360,9 @@ class InferenceService:
                 keys, tokenize, refuse_document if refuse else None, background, skip_first=given
             )
             windows = [len(vectors) for vectors in computed.outputs[1:]]
-            if self.kind is ModelKind.SPARSE:  # SPLADE scores by the dot product of the weights
-                if query_vector is None:
-                    query_vector = computed.outputs[0][0].astype(np.float64)  # (computed above)
-                dots = [(vectors.astype(np.float64) @ query_vector).max() for vectors in computed.outputs[1:]]
-                ranking = np.array(dots, dtype=np.float64)
-            else:
-                if query_vector is None:
-                    query_vector = l2_normalize(computed.outputs[0][0])
-                ranking = best_cosines(computed.outputs[1:], windows, query_vector)
+            if query_vector is None:
+                query_vector = strategy.query_vector(computed.outputs[0][0])  # (computed above)
+            ranking = strategy.document_scores(query_vector, computed.outputs[1:], windows)
             scores = ranking.astype(np.float32)
             cut = [position - 1 for position in computed.truncated if position > 0]  # documents only
         return RerankOutcome(scores, ranking, computed.tokens, computed.timing, windows, cut)
@@ -425,7 +373,7 @@ class InferenceService:
         """Label scores of each input, a text or a (text, text) pair, by a classifier. With
         ``allow_truncation`` False an input over the model window raises ``TextTooLongError``."""
         info = self._info
-        if self.kind is not ModelKind.CLASSIFIER:
+        if not self.strategy.serves("classify"):
             raise UnsupportedOperationError(f"the model {info.name} is a {self.kind.value}, not a classifier")
         keys = [("label", item) if isinstance(item, str) else ("label-pair", *item) for item in inputs]
 
@@ -485,11 +433,8 @@ class InferenceService:
         before pooling or normalisation: the hidden states, ``[tokens, hidden]`` each."""
         info = self._info
         if self._token_controller is None:
-            why = (
-                "it is not a bi-encoder"
-                if self.kind is not ModelKind.BI_ENCODER
-                else "its backend does not answer them"
-            )
+            able = self.strategy.token_vectors
+            why = "its backend does not answer them" if able else f"a {self.kind.value} has none"
             raise UnsupportedOperationError(
                 f"the model {info.name} ({self.kind.value} on {info.backend}) cannot give token vectors: "
                 f"{why}; BACKEND=torch serves them for bi-encoders"
@@ -526,7 +471,7 @@ class InferenceService:
         """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied),
         and its tokens (which a rerank counts in its usage)."""
         prompt = query_prompt(self._info)
-        normalize = self.kind is ModelKind.BI_ENCODER  # a sparse model's query weights as they are
+        normalize = self.strategy.normalizes  # a sparse model's query weights as they are
         outcome = await self.embed(
             [prompt + query], normalize=normalize, background=background, prompt="", query=True
         )
@@ -542,7 +487,7 @@ class InferenceService:
         truncation off checks at submission. With ``query`` (a rerank): paired with it on a
         cross-encoder, behind the model's document prompt on a bi-encoder, as ``rerank`` runs it.
         Tokenizes: call off the event loop."""
-        pairs = query is not None and self.kind is ModelKind.CROSS_ENCODER
+        pairs = query is not None and self.strategy.inputs == "pairs"
         prefix = document_prompt(self._info) if query is not None and not pairs else ""
         step = 1024
         for start in range(0, len(texts), step):
@@ -620,10 +565,10 @@ class InferenceService:
         ``TextTooLongError`` naming its position, before any model work.
         """
         info = self._info
-        if self.kind not in (ModelKind.BI_ENCODER, ModelKind.SPARSE):
-            what = "scores pairs" if self.kind is ModelKind.CROSS_ENCODER else "labels texts"
+        if not self.strategy.embeds:
             raise UnsupportedOperationError(
-                f"the loaded model {info.name} is a {self.kind.value}: it {what} and cannot embed; "
+                f"the loaded model {info.name} is a {self.kind.value}: it {self.strategy.does} and "
+                "cannot embed; "
                 "use /rerank or /predict, or serve a bi-encoder"
             )
         if prompt is None:
@@ -649,8 +594,6 @@ class InferenceService:
         rows = computed.rows
         vectors = rows if rows is not None else np.stack([output[0] for output in computed.outputs])
         vectors = vectors.astype(np.float32, copy=False)
-        if self.kind is ModelKind.BI_ENCODER and (
-            info.normalize_embeddings if normalize is None else normalize
-        ):
+        if self.strategy.normalizes and (info.normalize_embeddings if normalize is None else normalize):
             vectors = l2_normalize(vectors)  # a sparse model's weights are never normalised
         return EmbedOutcome(vectors, computed.tokens, len(computed.truncated), computed.timing)
