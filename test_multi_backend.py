@@ -232,40 +232,69 @@ def _cpuinfo() -> str:
         return ""
 
 
-def family_matrix() -> int:
-    """Every family of tests/families.py on torch, ONNX fp32 and MLX, against its library."""
+DOCS_TABLE = Path(__file__).resolve().parent / "docs" / "MODELS.md"
+TABLE_START, TABLE_END = (
+    "<!-- family-table: test_multi_backend.py --families --write-docs -->",
+    "<!-- /family-table -->",
+)
+
+
+def family_matrix(write_docs: bool) -> int:
+    """Every row of tests/families.py's table on torch, ONNX fp32 and MLX, against its library:
+    prints the markdown table (``write_docs``: into docs/MODELS.md too); 1 if any cell is not what
+    the table promises (exact, or refused at start-up)."""
     from reranker.backends.factory import create_backend
     from reranker.errors import StartupError
     from reranker.settings import load_settings
-    from tests.families import FAMILIES, TOLERANCE, build_family, reference_output, served_output
+    from tests.families import (
+        BACKENDS,
+        TABLE,
+        TABLE_END,
+        TABLE_START,
+        build_family,
+        expected,
+        family_table,
+        reference_output,
+        served_output,
+        tolerance,
+    )
 
-    backends = {"torch": {"BACKEND": "torch"}, "onnx fp32": {"BACKEND": "onnx"}, "mlx": {"BACKEND": "mlx"}}
-    backends = {name: {**env, "DTYPE": "float32"} for name, env in backends.items()}
     root = Path(tempfile.mkdtemp(prefix="reranker-families-"))
     cache = str(root / "onnx-cache")
     wrong = 0
-    print("| family | " + " | ".join(backends) + " |")
-    print("|---|" + "---|" * len(backends))
-    for family in FAMILIES:
+    cells: dict[str, dict[str, str]] = {}
+    for family in TABLE:
         path = build_family(family, root / family)
         want = reference_output(path, family)
-        cells = []
-        for env in backends.values():
+        cells[family] = {}
+        for backend_name in BACKENDS:
             environ = {
                 "LOCAL_MODEL_PATH": str(path),
                 "ONNX_CACHE_DIR": cache,
                 "DEVICE_PREFERENCE": "cpu",
-                **env,
+                "BACKEND": backend_name,
+                "DTYPE": "float32",
             }
             try:
                 backend = create_backend(load_settings(environ=environ))
             except StartupError as exc:
-                cells.append(f"refused: {exc.message}")
+                promised = expected(family, backend_name) == "refused"
+                wrong += not promised
+                cells[family][backend_name] = "refused" if promised else f"**REFUSED**: {exc.message}"
                 continue
             gap = float(np.abs(np.asarray(served_output(backend, family)) - want).max())
-            wrong += gap > TOLERANCE
-            cells.append(f"exact ({gap:.0e})" if gap <= TOLERANCE else f"**WRONG** ({gap:.3f})")
-        print(f"| {family} | " + " | ".join(cells) + " |", flush=True)
+            bound = tolerance(family, want)
+            ok = gap <= bound and expected(family, backend_name) == "exact"
+            wrong += not ok
+            cells[family][backend_name] = f"exact ({gap:.0e})" if ok else f"**WRONG** ({gap:.3g})"
+        print(family, cells[family], flush=True)
+    table = family_table(cells)
+    print(table)
+    if write_docs and not wrong:
+        text = DOCS_TABLE.read_text()
+        start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+        DOCS_TABLE.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+        print(f"written to {DOCS_TABLE}")
     return 1 if wrong else 0
 
 
@@ -281,10 +310,13 @@ def main() -> int:
         "--full-budget-s", type=float, default=600.0, help="longest full run a backend may take"
     )
     parser.add_argument("--families", action="store_true", help="the model-family x backend matrix")
+    parser.add_argument(
+        "--write-docs", action="store_true", help="with --families: the table into docs/MODELS.md"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.families:
-        return family_matrix()
+        return family_matrix(args.write_docs)
 
     from benchmarks.common import configure_threads
     from reranker.backends.factory import create_backend, preflight

@@ -28,6 +28,8 @@ INIT_RANGE = 0.5
 BI_ENCODER = "bi-encoder"
 CROSS_ENCODER = "cross-encoder"
 CAUSAL_RERANKER = "causal-lm-reranker"
+CLASSIFIER = "classifier"
+SPARSE = "sparse"
 
 # Words the byte-level and unigram vocabularies learn as whole tokens (others split further).
 _CORPUS = """
@@ -342,16 +344,84 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "qwen3-reranker": (CAUSAL_RERANKER, _causal_reranker),
 }
 
-FAMILIES = tuple(BUILDERS)
+
+def _kind_model(build: str, **options: object) -> Callable[[Path], Path]:
+    """A builder of tests/kind_models.py (imported when called: it imports this module)."""
+
+    def built(target: Path) -> Path:
+        from tests import kind_models
+
+        if build == "inference_free_splade":
+            return kind_models.inference_free_splade(
+                target, kind_models.splade(target.parent / "splade-for-free")
+            )
+        return getattr(kind_models, build)(target, **options)
+
+    return built
+
+
+# The other kinds (tests/test_model_kinds.py checks their routes): in the family table too.
+KIND_BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "bert-classifier": (CLASSIFIER, _kind_model("classifier")),
+    "bert-multi-label": (
+        CLASSIFIER,
+        _kind_model("classifier", labels=("sports", "politics", "weather", "science"), multi_label=True),
+    ),
+    "bert-splade": (SPARSE, _kind_model("splade")),
+    "bert-splade-inference-free": (SPARSE, _kind_model("inference_free_splade")),
+}
+
+FAMILIES = tuple(BUILDERS)  # rerank and embedding families (every route of the HTTP tests)
+TABLE = FAMILIES + tuple(KIND_BUILDERS)  # the rows of docs/MODELS.md's family table
+
+# What the table calls each row (a family, and a model like it on the hub).
+LABELS = {
+    "bert-mean": "BERT mean-pooled bi-encoder (all-MiniLM-L6-v2)",
+    "bert-cls": "BERT CLS-pooled bi-encoder (bge-small/base)",
+    "bert-cls-old-config": "BERT CLS-pooled, pre-v6 pooling config (older bge copies)",
+    "bert-dense": "BERT + Dense layer (LaBSE)",
+    "bert-prompts": "bi-encoder with prompts (e5)",
+    "xlm-roberta-bi": "XLM-RoBERTa bi-encoder (multilingual-e5, bge-m3)",
+    "modernbert-bi": "ModernBERT bi-encoder (modernbert-embed)",
+    "qwen3-last-token": "Qwen3 last-token bi-encoder with prompts (Qwen3-Embedding)",
+    "bert-cross": "BERT cross-encoder (ms-marco-MiniLM)",
+    "distilbert-cross": "DistilBERT cross-encoder",
+    "roberta-cross": "RoBERTa cross-encoder",
+    "xlm-roberta-cross": "XLM-RoBERTa cross-encoder (bge-reranker-v2-m3)",
+    "modernbert-cross": "ModernBERT cross-encoder (gte-reranker-modernbert-base)",
+    "qwen3-seq-cls": "Qwen3 sequence-classification cross-encoder",
+    "qwen3-reranker": "Qwen3-Reranker causal LM, yes/no logits",
+    "bert-classifier": "BERT classifier, 3 labels, texts and pairs",
+    "bert-multi-label": "BERT multi-label classifier (go_emotions-like)",
+    "bert-splade": "SPLADE on a BERT masked-LM (splade-v3-like)",
+    "bert-splade-inference-free": "inference-free SPLADE, its documents (opensearch-like)",
+}
+BACKENDS = {"torch": "torch", "onnx": "ONNX fp32", "mlx": "MLX"}  # BACKEND value -> column
+TABLE_START = "<!-- family-table: written by test_multi_backend.py --families --write-docs -->"
+TABLE_END = "<!-- /family-table -->"
 
 
 def family_kind(name: str) -> str:
-    return BUILDERS[name][0]
+    return {**BUILDERS, **KIND_BUILDERS}[name][0]
 
 
 def build_family(name: str, target: Path) -> Path:
     """Build family ``name`` into the directory ``target`` (created) and return it."""
-    return BUILDERS[name][1](target)
+    return {**BUILDERS, **KIND_BUILDERS}[name][1](target)
+
+
+def expected(name: str, backend: str) -> str:
+    """What the table promises: "exact", or "refused" (at start-up, naming the backend to use)."""
+    return "refused" if backend == "mlx" and family_kind(name) in (CLASSIFIER, SPARSE) else "exact"
+
+
+def family_table(cells: dict[str, dict[str, str]]) -> str:
+    """The markdown table of ``cells[family][backend]`` (docs/MODELS.md; test_multi_backend.py
+    --families writes it from a run)."""
+    lines = ["| family (like) | " + " | ".join(BACKENDS.values()) + " |", "|---|" + "---|" * len(BACKENDS)]
+    for name in TABLE:
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells[name][b] for b in BACKENDS) + " |")
+    return "\n".join(lines)
 
 
 # --- the causal-LM reranker's documented scoring formula (the oracle) ------------------------
@@ -406,8 +476,30 @@ def reference_scores(path: Path, name: str, pairs: Sequence[tuple[str, str]]):
     return CrossEncoder(str(path), device="cpu").predict(list(pairs))
 
 
+PAIR = (QUERY, DOCUMENTS[0])  # a classifier's pair input
+
+
+def tolerance(name: str, want) -> float:
+    """TOLERANCE; for sparse weights, of their scale (ONNX Runtime sums a vocabulary-sized head
+    in another order: about 1e-5 of the scale)."""
+    import numpy as np
+
+    return TOLERANCE * max(1.0, float(np.abs(want).max())) if family_kind(name) == SPARSE else TOLERANCE
+
+
 def reference_output(path: Path, name: str):
-    """sentence-transformers' vectors of TEXTS (bi-encoder) or scores of (QUERY, DOCUMENTS)."""
+    """The in-process library's answer: sentence-transformers' vectors of TEXTS (bi-encoder) or
+    scores of (QUERY, DOCUMENTS); transformers' label logits of PAIR and TEXTS (classifier);
+    SparseEncoder's document weights of TEXTS (sparse)."""
+    if family_kind(name) == CLASSIFIER:
+        from tests.kind_models import classifier_logits
+
+        return classifier_logits(path, [PAIR, *TEXTS])
+    if family_kind(name) == SPARSE:
+        from sentence_transformers import SparseEncoder
+
+        encoded = SparseEncoder(str(path), device="cpu").encode_document(TEXTS, convert_to_tensor=True)
+        return encoded.to_dense().numpy()
     if family_kind(name) == BI_ENCODER:
         from sentence_transformers import SentenceTransformer
 
@@ -422,6 +514,10 @@ def served_output(backend, name: str):
 
     from reranker.backends.templates import QWEN3_RERANKER
 
+    if family_kind(name) == CLASSIFIER:
+        return backend.forward(backend.tokenize_pairs([PAIR]) + backend.tokenize_texts(TEXTS))
+    if family_kind(name) == SPARSE:
+        return backend.forward(backend.tokenize_texts(TEXTS))
     if family_kind(name) == BI_ENCODER:
         vectors = backend.embed_texts(TEXTS)
         if backend.info().normalize_embeddings:

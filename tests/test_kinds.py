@@ -102,3 +102,17 @@ def test_backends_and_engine_ask_the_strategy_instead_of_naming_kinds() -> None:
                 if member.search(line) and not default.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_the_family_table_in_the_docs_is_the_one_the_tests_run() -> None:
+    """docs/MODELS.md's family table: one row per row of tests/families.py, each cell what
+    tests/test_model_families.py checks (written by test_multi_backend.py --families --write-docs)."""
+    from tests.families import BACKENDS, LABELS, TABLE, TABLE_END, TABLE_START, expected
+
+    text = (ROOT / "docs" / "MODELS.md").read_text()
+    block = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)]
+    rows = [[cell.strip() for cell in line.strip("| ").split("|")] for line in block.strip().splitlines()[2:]]
+    assert [row[0] for row in rows] == [LABELS[name] for name in TABLE]
+    for name, row in zip(TABLE, rows, strict=True):
+        claims = [cell.split(" ")[0] for cell in row[1:]]
+        assert claims == [expected(name, backend) for backend in BACKENDS], row
