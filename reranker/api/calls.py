@@ -175,7 +175,7 @@ class EmbedCall:
         return Embedded(outcome, vectors, codes)
 
     def too_long(self, position: int, max_tokens: int) -> str:
-        return too_long(self.labels[position], max_tokens, self.because)
+        return f"{self.labels[position]}: longer than the model's {max_tokens} tokens and {self.because}"
 
 
 Input = str | tuple[str, str]
