@@ -10,20 +10,15 @@ from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator
-from starlette.requests import Request
-from starlette.responses import Response
 
-from reranker.api.body import read_body, read_json, unless_disconnected, validate
-from reranker.api.dialects import TEI, speak
-from reranker.api.observe import model_of, runtime_of, timing_headers
-from reranker.api.responses import ORJSONResponse
-from reranker.api.schemas import _Body, check_embed_limits
-from reranker.api.tei import long_refused
-from reranker.api.text_limits import fit_inputs
+from reranker.api.calls import ClassifyCall, Input
+from reranker.api.dialects import TEI
+from reranker.api.pipeline import Dialect, Rendering, handler
+from reranker.api.schemas import _Body
+from reranker.api.tei import REFUSED
 from reranker.engine.service import ClassifyOutcome
 from reranker.errors import InvalidInputError
-
-Input = str | tuple[str, str]
+from reranker.settings import Settings
 
 
 class PredictRequest(_Body):
@@ -33,27 +28,32 @@ class PredictRequest(_Body):
     raw_scores: bool = Field(False, description="The logits instead of softmax / sigmoid scores.")
     truncate: bool = Field(True, description="false: an input over the model window is a 422.")
 
-    def batch(self) -> tuple[list[Input], bool]:
-        """The inputs, and whether the answer is one list per input (a batch) or a flat list."""
-        inputs, batched = self._shaped()
+    @property
+    def batched(self) -> bool:
+        """Whether the answer is one list per input (a batch) or the one input's list."""
+        return isinstance(self.inputs, list) and not all(isinstance(item, str) for item in self.inputs)
+
+    def batch(self) -> list[Input]:
+        """The inputs: texts and (text, text) pairs."""
+        inputs = self._shaped()
         for position, item in enumerate(inputs):
             if not all(text.strip() for text in ([item] if isinstance(item, str) else item)):
                 raise InvalidInputError(
-                    f"inputs.{position}: a text is empty" if batched else "inputs: a text is empty"
+                    f"inputs.{position}: a text is empty" if self.batched else "inputs: a text is empty"
                 )
-        return inputs, batched
+        return inputs
 
-    def _shaped(self) -> tuple[list[Input], bool]:
+    def _shaped(self) -> list[Input]:
         value = self.inputs
         if isinstance(value, str):
-            return [value], False
+            return [value]
         if value and all(isinstance(item, str) for item in value):
             if len(value) != 2:
                 raise InvalidInputError(
                     f"inputs: {len(value)} strings: a flat list is one pair [text, text]; send a batch as "
                     '[["text"], ["text", "text"], ...]'
                 )
-            return [(str(value[0]), str(value[1]))], False
+            return [(str(value[0]), str(value[1]))]
         inputs: list[Input] = []
         for position, item in enumerate(value):
             if not isinstance(item, list) or len(item) not in (1, 2):
@@ -61,7 +61,7 @@ class PredictRequest(_Body):
             inputs.append(item[0] if len(item) == 1 else (item[0], item[1]))
         if not inputs:
             raise InvalidInputError("inputs: must not be empty")
-        return inputs, True
+        return inputs
 
 
 class InfinityClassifyRequest(_Body):
@@ -83,58 +83,48 @@ def ranked_labels(scores: np.ndarray, labels: tuple[str, ...]) -> list[dict[str,
     return [{"score": float(scores[i]), "label": labels[i]} for i in order]
 
 
-async def _classify(
-    request: Request, requested: str | None, inputs: list[Input], truncate: bool
-) -> tuple[ClassifyOutcome, tuple[str, ...], str]:
-    settings = runtime_of(request).settings
-    check_embed_limits(settings, [t for item in inputs for t in ([item] if isinstance(item, str) else item)])
-    model = model_of(request, requested, "classify")
-    service = model.require_service()
-    inputs = fit_inputs(
-        settings, inputs, "inputs", service.max_tokens if truncate else None, "truncate is false"
-    )
-    outcome = await long_refused(
-        unless_disconnected(request, service.classify(inputs, allow_truncation=truncate)),
-        "inputs",
-        service.max_tokens,
-    )
-    assert model.info is not None
-    return outcome, model.info.labels, model.name
-
-
-async def predict(request: Request, data: Any, started: float) -> Response:
-    speak(request, TEI)
-    body = validate(PredictRequest, data)
-    inputs, batched = body.batch()
-    outcome, labels, _ = await _classify(request, None, inputs, body.truncate)
-    values = outcome.logits if body.raw_scores else outcome.scores
-    answers = [ranked_labels(row, labels) for row in values]
-    headers = timing_headers(request, outcome.timing, started, len(inputs))
-    return ORJSONResponse(answers if batched else answers[0], headers=headers)
-
-
-async def predict_route(request: Request) -> Response:
-    """TEI's ``POST /predict``."""
-    started = time.perf_counter()
-    settings = runtime_of(request).settings
-    return await predict(
-        request, await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s), started
+def parse_predict(body: PredictRequest, settings: Settings) -> ClassifyCall:
+    return ClassifyCall(
+        inputs=body.batch(),
+        truncate=body.truncate,
+        raw_scores=body.raw_scores,
+        field="inputs",
+        because=REFUSED,
     )
 
 
-async def infinity_classify(request: Request) -> Response:
-    """Infinity's ``POST /classify`` (under /infinity): every label per input, best first."""
-    started = time.perf_counter()
-    body = await read_body(request, InfinityClassifyRequest, runtime_of(request).settings)
-    inputs: list[Input] = list(body.input)
-    outcome, labels, name = await _classify(request, body.model, inputs, True)
-    values = outcome.logits if body.raw_scores else outcome.scores
-    content = {
+def render_predict(r: Rendering[PredictRequest, ClassifyCall, ClassifyOutcome]) -> Any:
+    """A list of labels per input for a batch, else the one input's list."""
+    answers = _labelled(r)
+    return answers if r.body.batched else answers[0]
+
+
+def parse_infinity(body: InfinityClassifyRequest, settings: Settings) -> ClassifyCall:
+    return ClassifyCall(
+        inputs=list(body.input), truncate=True, raw_scores=body.raw_scores, field="input", because=""
+    )
+
+
+def render_infinity(r: Rendering[InfinityClassifyRequest, ClassifyCall, ClassifyOutcome]) -> dict[str, Any]:
+    """Every label per input, best first."""
+    tokens = r.result.tokens
+    return {
         "object": "classify",
-        "data": [ranked_labels(row, labels) for row in values],
-        "model": name,
-        "usage": {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens},
+        "data": _labelled(r),
+        "model": r.model.name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "id": f"infinity-{uuid.uuid4()}",
         "created": int(time.time()),
     }
-    return ORJSONResponse(content, headers=timing_headers(request, outcome.timing, started, len(inputs)))
+
+
+def _labelled(r: Rendering[Any, ClassifyCall, ClassifyOutcome]) -> list[list[dict[str, Any]]]:
+    assert r.model.info is not None
+    values = r.result.logits if r.call.raw_scores else r.result.scores
+    return [ranked_labels(row, r.model.info.labels) for row in values]
+
+
+PREDICT = Dialect(PredictRequest, "classify", parse_predict, render_predict, speaks=TEI)
+INFINITY = Dialect(InfinityClassifyRequest, "classify", parse_infinity, render_infinity)
+predict_route = handler(PREDICT)  # TEI's POST /predict (and POST / on a classifier: tei.py)
+infinity_classify = handler(INFINITY)  # Infinity's POST /classify (under /infinity)

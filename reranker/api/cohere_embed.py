@@ -9,23 +9,18 @@ at the model window, NONE refuses a longer text with a 422 naming it, START is r
 
 from __future__ import annotations
 
-import time
 import uuid
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from starlette.requests import Request
-from starlette.responses import Response
 
-from reranker.api.body import read_body, unless_disconnected
-from reranker.api.observe import model_of, runtime_of, timing_headers
-from reranker.api.responses import json_response
-from reranker.api.schemas import MODEL_FIELD, _Body, check_embed_limits
-from reranker.api.text_limits import check_dimensions, fit_texts
-from reranker.engine.model import ServedModel
-from reranker.engine.quantize import EmbeddingType, encode_types
-from reranker.engine.service import EmbedOutcome, InferenceService, TextTooLongError, l2_normalize
+from reranker.api.calls import EmbedCall, Embedded, Prompt, labelled
+from reranker.api.pipeline import Dialect, Rendering, handler
+from reranker.api.schemas import MODEL_FIELD, _Body
+from reranker.engine.quantize import EmbeddingType
 from reranker.errors import InvalidInputError
+from reranker.settings import Settings
 
 TEXT_ONLY = "only text is supported here: give texts (images and image inputs are not embedded)"
 OWN_PROMPT_TYPES = ("classification", "clustering")  # the model's prompt of that name, if any
@@ -147,83 +142,44 @@ class CohereEmbedResponse(BaseModel):
     response_type: Literal["embeddings_floats", "embeddings_by_type"]
 
 
-async def embed_v2(request: Request) -> Response:
-    return await _embed(request, CohereV2EmbedRequest, "2")
-
-
-async def embed_v1(request: Request) -> Response:
-    return await _embed(request, CohereV1EmbedRequest, "1")
-
-
-async def _embed(request: Request, schema: type[_CohereEmbedRequest], version: str) -> Response:
-    started = time.perf_counter()
-    runtime = runtime_of(request)
-    body = await read_body(request, schema, runtime.settings)
+def parse(body: _CohereEmbedRequest, settings: Settings, version: str) -> EmbedCall:
     texts = body.text_inputs()
-    labels = [f"texts.{i}" for i in range(len(texts))]
-    check_embed_limits(runtime.settings, texts)
-    model = model_of(request, body.model, "embed")
-    service = model.require_service()
     if body.truncate == "START":
         raise InvalidInputError("truncate: START is not supported; use END (cut the end) or NONE (refuse)")
-    dimension = model.info.dimension if model.info else None
-    output_dimension = getattr(body, "output_dimension", None)
-    check_dimensions("output_dimension", output_dimension, dimension)
-    max_tokens = getattr(body, "max_tokens", None)
-    if max_tokens is not None and max_tokens < service.max_tokens:
-        raise InvalidInputError(
-            f"max_tokens: {max_tokens} is below the model's {service.max_tokens}-token window; "
-            "only the window itself is supported (omit max_tokens)"
-        )
-    refuse = body.truncate == "NONE"
-    texts = fit_texts(
-        runtime.settings, texts, labels, None if refuse else service.max_tokens, "truncate is NONE"
+    plain = version == "1" and body.embedding_types is None  # v1: plain floats
+    return EmbedCall(
+        texts=texts,
+        prompt=Prompt(None, body.input_type, OWN_PROMPT_TYPES),
+        normalize=True,  # Cohere's floats are normalised
+        truncate=body.truncate != "NONE",
+        dimensions=getattr(body, "output_dimension", None),
+        max_tokens=getattr(body, "max_tokens", None),
+        encodings=() if plain else tuple(dict.fromkeys(body.embedding_types or ["float"])),
+        labels=labelled("texts", len(texts)),
+        dimensions_field="output_dimension",
+        because="truncate is NONE",
     )
-    outcome = await _run(request, service, texts, labels, _prompt(model, service, body.input_type), refuse)
-    vectors = outcome.vectors
-    if output_dimension is not None and output_dimension < vectors.shape[1]:
-        vectors = l2_normalize(vectors[:, :output_dimension])
+
+
+def render(r: Rendering[_CohereEmbedRequest, EmbedCall, Embedded], version: str) -> dict[str, Any]:
+    outcome = r.result.outcome
     meta: dict[str, Any] = {
         "api_version": {"version": version},
         "billed_units": {"input_tokens": outcome.tokens},
     }
     if outcome.truncated:
-        meta["warnings"] = [
-            f"{outcome.truncated} of the texts were cut at the model's {service.max_tokens} tokens"
-        ]
-    content: dict[str, Any] = {"id": str(uuid.uuid4()), "texts": body.texts or texts, "meta": meta}
-    if version == "1" and body.embedding_types is None:
-        content.update(embeddings=list(vectors), response_type="embeddings_floats")
-    else:
-        types = list(dict.fromkeys(body.embedding_types or ["float"]))
-        codes = await encode_types(model, vectors, types)
-        content.update(embeddings={kind: list(rows) for kind, rows in codes.items()})
+        window = r.model.require_service().max_tokens
+        meta["warnings"] = [f"{outcome.truncated} of the texts were cut at the model's {window} tokens"]
+    content: dict[str, Any] = {"id": str(uuid.uuid4()), "texts": r.body.texts or r.call.texts, "meta": meta}
+    if r.call.encodings:
+        content.update(embeddings={kind: list(rows) for kind, rows in r.result.codes.items()})
         content["response_type"] = "embeddings_by_type"
-    return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
+    else:
+        content.update(embeddings=list(r.result.vectors), response_type="embeddings_floats")
+    return content
 
 
-def _prompt(model: ServedModel, service: InferenceService, input_type: str | None) -> str:
-    """The prompt ``input_type`` selects (Cohere's classification and clustering: the model's
-    prompt of that name when it has one, else none)."""
-    if input_type in OWN_PROMPT_TYPES:
-        prompts = model.info.prompts if model.info else {}
-        return prompts.get(input_type, "")
-    return service.embed_prompt(None, input_type)
-
-
-async def _run(
-    request: Request,
-    service: InferenceService,
-    texts: list[str],
-    labels: list[str],
-    prompt: str,
-    refuse: bool,
-) -> EmbedOutcome:
-    try:
-        return await unless_disconnected(
-            request, service.embed(texts, normalize=True, allow_truncation=not refuse, prompt=prompt)
-        )
-    except TextTooLongError as exc:
-        raise InvalidInputError(
-            f"{labels[exc.position]}: longer than the model's {exc.max_tokens} tokens and truncate is NONE"
-        ) from None
+V1 = Dialect(CohereV1EmbedRequest, "embed", partial(parse, version="1"), partial(render, version="1"))
+V2 = Dialect(CohereV2EmbedRequest, "embed", partial(parse, version="2"), partial(render, version="2"))
+embed_v1 = handler(V1)
+embed_v2 = handler(V2)

@@ -8,23 +8,23 @@ instead of being guessed from the body.
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from reranker.api.body import read_body, unless_disconnected
-from reranker.api.observe import model_of, runtime_of, timing_headers
-from reranker.api.responses import ORJSONResponse, json_response
-from reranker.api.schemas import OpenAIEmbeddingRequest, RerankRequest, check_embed_limits, check_limits
-from reranker.api.text_limits import check_dimensions, fit_rerank, fit_texts
+from reranker.api.calls import EmbedCall, Embedded, RerankCall, Reranked
+from reranker.api.embed import encoded, parse_openai
+from reranker.api.observe import runtime_of
+from reranker.api.pipeline import Dialect, Rendering, handler
+from reranker.api.rerank import parse_native
+from reranker.api.responses import ORJSONResponse
+from reranker.api.schemas import OpenAIEmbeddingRequest, RerankRequest
 from reranker.engine.model import ServedModel
-from reranker.engine.service import l2_normalize
+from reranker.engine.rerank_results import ranked, scores_of
 
 PREFIX = "/infinity"
 
@@ -43,73 +43,37 @@ def _usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
-async def rerank(request: Request) -> Response:
-    started = time.perf_counter()
-    runtime = runtime_of(request)
-    body = await read_body(request, InfinityRerankRequest, runtime.settings)
-    top_n, top_name = body.limit
-    check_limits(runtime.settings, body.query, body.documents, top_n, top_name)
-    model = model_of(request, body.model, "rerank")
-    service = model.require_service()
-    window = service.max_tokens  # Infinity truncates at the model window
-    query, documents = fit_rerank(runtime.settings, body.query, body.documents, window, window, "")
-    rerank_call = service.rerank(query, documents, instruction=body.instruction)
-    outcome = await unless_disconnected(request, rerank_call)
-    scores = outcome.ranking if body.raw_scores else outcome.scores
-    order = np.argsort(-outcome.ranking, kind="stable")[: top_n or len(body.documents)]
+def _stamp() -> dict[str, Any]:
+    return {"id": f"infinity-{uuid.uuid4()}", "created": int(time.time())}
+
+
+def render_rerank(r: Rendering[InfinityRerankRequest, RerankCall, Reranked]) -> dict[str, Any]:
+    outcome, call = r.result.outcome, r.call
+    scores = scores_of(outcome, call.raw_scores)
     results: list[dict[str, Any]] = []
-    for index in order:
-        result: dict[str, Any] = {"relevance_score": float(scores[index]), "index": int(index)}
-        if body.return_documents:
-            result["document"] = body.documents[index]
+    for index in ranked(outcome, call.top_n):
+        result: dict[str, Any] = {"relevance_score": float(scores[index]), "index": index}
+        if call.return_documents:
+            result["document"] = r.body.documents[index]
         results.append(result)
-    content = {
-        "object": "rerank",
-        "results": results,
-        "model": model.name,
-        "usage": _usage(outcome.tokens),
-        "id": f"infinity-{uuid.uuid4()}",
-        "created": int(time.time()),
-    }
-    headers = timing_headers(request, outcome.timing, started, len(body.documents))
-    return ORJSONResponse(content, headers=headers)
+    content = {"object": "rerank", "results": results, "model": r.model.name, "usage": _usage(outcome.tokens)}
+    return content | _stamp()
 
 
-async def embeddings(request: Request) -> Response:
-    started = time.perf_counter()
-    runtime = runtime_of(request)
-    body = await read_body(request, InfinityEmbeddingRequest, runtime.settings)
-    texts = body.texts()
-    check_embed_limits(runtime.settings, texts)
-    model = model_of(request, body.model, "embed")
-    service = model.require_service()
-    labels = [f"input.{i}" for i in range(len(texts))]
-    texts = fit_texts(runtime.settings, texts, labels, service.max_tokens, "")  # always truncates
-    check_dimensions("dimensions", body.dimensions, model.info.dimension if model.info else None)
-    prompt = service.embed_prompt(body.prompt_name, body.input_type)  # an unknown one: 422
-    outcome = await unless_disconnected(request, service.embed(texts, prompt=prompt))
-    vectors = outcome.vectors
-    if body.dimensions and body.dimensions < vectors.shape[1]:
-        vectors = l2_normalize(vectors[:, : body.dimensions])
+def render_embeddings(r: Rendering[InfinityEmbeddingRequest, EmbedCall, Embedded]) -> dict[str, Any]:
     data = [
-        {"object": "embedding", "embedding": _encoded(vector, body.encoding_format), "index": index}
-        for index, vector in enumerate(vectors)
+        {"object": "embedding", "embedding": encoded(vector, r.body.encoding_format), "index": index}
+        for index, vector in enumerate(r.result.vectors)
     ]
-    content = {
-        "object": "list",
-        "data": data,
-        "model": model.name,
-        "usage": _usage(outcome.tokens),
-        "id": f"infinity-{uuid.uuid4()}",
-        "created": int(time.time()),
-    }
-    return await json_response(content, headers=timing_headers(request, outcome.timing, started, len(texts)))
+    usage = _usage(r.result.outcome.tokens)
+    return {"object": "list", "data": data, "model": r.model.name, "usage": usage} | _stamp()
 
 
-def _encoded(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
-    if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector
+# Infinity's bodies are ours and OpenAI's, with a few more fields: their parses are those routes'.
+RERANK = Dialect(InfinityRerankRequest, "rerank", parse_native, render_rerank)
+EMBEDDINGS = Dialect(InfinityEmbeddingRequest, "embed", parse_openai, render_embeddings)
+rerank = handler(RERANK)
+embeddings = handler(EMBEDDINGS)
 
 
 def model_card(request: Request, served: ServedModel) -> dict[str, Any]:

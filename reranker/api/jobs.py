@@ -23,7 +23,6 @@ from reranker.api.rerank import long_documents
 from reranker.api.responses import ORJSONResponse, json_response
 from reranker.api.schemas import ClassifyJobInput, CohereRerankRequest, EmbedRequest, JobRequest
 from reranker.api.text_limits import document_tokens, fit_inputs, fit_rerank, fit_texts
-from reranker.backends.base import ModelKind
 from reranker.engine.job_work import JOB_CAPABILITY, ClassifyJob, EmbedJob, RerankJob
 from reranker.engine.jobs import Job
 from reranker.engine.service import InferenceService
@@ -100,9 +99,10 @@ def _job_work(
         budget = service.max_tokens if embed.truncate else None
         texts = fit_texts(settings, texts, labels, budget, "truncate is false")
         sparse = body.type == "embed_sparse"
-        wanted = ModelKind.SPARSE if sparse else ModelKind.BI_ENCODER
-        if service.kind is not wanted:
-            hint = ' (a sparse model: "type": "embed_sparse")' if service.kind is ModelKind.SPARSE else ""
+        if not service.strategy.serves(body.type):  # the job types embed, embed_sparse are capabilities
+            hint = (
+                ' (a sparse model: "type": "embed_sparse")' if service.strategy.serves("embed_sparse") else ""
+            )
             raise UnsupportedOperationError(
                 f"the model is a {service.kind.value}: it cannot run an {body.type} job{hint}"
             )

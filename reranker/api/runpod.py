@@ -21,7 +21,6 @@ from reranker.api.body import read_json, unless_disconnected
 from reranker.api.jobs import accept_job, cancel_job_for, find_job
 from reranker.api.observe import model_of, runtime_of
 from reranker.api.responses import json_response
-from reranker.backends.base import ModelKind
 from reranker.engine.jobs import FINISHED, Job, JobStatus
 from reranker.engine.runtime import Status
 from reranker.errors import InvalidInputError, JobStoreError
@@ -82,7 +81,7 @@ async def _submit(request: Request) -> Job:
         model = model_of(
             request, requested if isinstance(requested, str) else None, ("embed", "embed_sparse")
         )
-        if model.info is not None and model.info.kind is ModelKind.SPARSE:
+        if model.info is not None and model.info.strategy.serves("embed_sparse"):
             body["type"] = "embed_sparse"
     return await accept_job(request, body)
 

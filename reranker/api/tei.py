@@ -2,8 +2,8 @@
 with this server's address as their base URL.
 
 - ``POST /rerank`` with ``{"query", "texts", ...}`` (ours has ``documents``) and ``POST /embed``
-  with ``{"inputs", ...}`` (ours has ``chunks``): ``rerank.py`` and ``embed.py`` hand such a body
-  here (``is_tei_rerank`` / ``is_tei_embed``).
+  with ``{"inputs", ...}`` (ours has ``chunks``): ``rerank.py`` and ``embed.py`` choose this
+  module's dialects (``RERANK`` / ``EMBED``) for such a body (``is_tei_rerank`` / ``is_tei_embed``).
 - ``POST /`` (what ``huggingface_hub.InferenceClient(base_url).feature_extraction`` posts),
   ``GET /info`` and ``POST /tokenize``: TEI only.
 
@@ -14,9 +14,7 @@ text longer than the model window is truncated unless the request says ``"trunca
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -24,17 +22,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reranker import __version__
-from reranker.api.body import read_json, unless_disconnected, validate
+from reranker.api.body import read_json, validate
+from reranker.api.calls import EmbedCall, Embedded, Prompt, RerankCall, Reranked, labelled
 from reranker.api.dialects import TEI, speak
-from reranker.api.observe import model_of, runtime_of, timing_headers
+from reranker.api.observe import model_of, runtime_of
+from reranker.api.pipeline import Dialect, Rendering, choosing
 from reranker.api.responses import ORJSONResponse, json_response
-from reranker.api.schemas import _Body, check_embed_limits, check_limits
-from reranker.api.text_limits import check_dimensions, fit_rerank, fit_texts
-from reranker.backends.base import ModelKind, TokenSpan
-from reranker.engine.service import LongDocuments, TextTooLongError, l2_normalize
-from reranker.errors import InvalidInputError
+from reranker.api.schemas import _Body, check_embed_limits
+from reranker.api.text_limits import fit_texts
+from reranker.backends.base import TokenSpan
+from reranker.engine.rerank_results import ranked, scores_of
+from reranker.engine.service import LongDocuments
+from reranker.settings import Settings
 
-T = TypeVar("T")
+REFUSED = "truncate is false"
 
 
 def _non_empty(texts: list[str], what: str) -> list[str]:
@@ -104,83 +105,73 @@ def is_tei_embed(data: Any) -> bool:
     return isinstance(data, dict) and "inputs" in data and "chunks" not in data
 
 
-async def long_refused(work: Awaitable[T], what: str, max_length: int) -> T:
-    try:
-        return await work
-    except TextTooLongError as exc:
-        raise InvalidInputError(
-            f"{what}.{exc.position}: longer than the model's {max_length}-token window and truncate is false"
-        ) from None
-
-
-async def rerank(request: Request, data: Any, started: float) -> Response:
-    """TEI's ``POST /rerank``: a bare list ``[{"index", "score", "text"?}]``, best first."""
-    speak(request, TEI)
-    runtime = runtime_of(request)
-    body = validate(TeiRerankRequest, data)
-    check_limits(runtime.settings, body.query, body.texts)
-    service = model_of(request, None, "rerank").require_service()
-    window = service.max_tokens
-    budget = window if body.truncate else None
-    query, texts = fit_rerank(
-        runtime.settings, body.query, body.texts, window, budget, "truncate is false", ("query", "texts")
+def parse_rerank(body: TeiRerankRequest, settings: Settings) -> RerankCall:
+    return RerankCall(
+        query=body.query,
+        documents=body.texts,
+        long=LongDocuments("truncate" if body.truncate else "refuse"),
+        instruction=None,  # TEI's body has none: the model's default
+        max_tokens_per_doc=None,
+        top_n=None,
+        raw_scores=body.raw_scores,
+        return_documents=body.return_text,
+        return_details=False,
+        top_field="top_n",
+        labels=("query", "texts"),
+        because=REFUSED,
     )
-    long = LongDocuments("truncate" if body.truncate else "refuse")
-    work = unless_disconnected(request, service.rerank(query, texts, long))
-    outcome = await long_refused(work, "texts", _window(request))
-    scores = outcome.ranking if body.raw_scores else outcome.scores
+
+
+def render_rerank(r: Rendering[TeiRerankRequest, RerankCall, Reranked]) -> list[dict[str, Any]]:
+    """A bare list ``[{"index", "score", "text"?}]``, best first."""
+    outcome, call = r.result.outcome, r.call
+    scores = scores_of(outcome, call.raw_scores)
     results: list[dict[str, Any]] = []
-    for index in np.argsort(-outcome.ranking, kind="stable"):
-        result: dict[str, Any] = {"index": int(index), "score": float(scores[index])}
-        if body.return_text:
-            result["text"] = body.texts[index]
+    for index in ranked(outcome, None):
+        result: dict[str, Any] = {"index": index, "score": float(scores[index])}
+        if call.return_documents:
+            result["text"] = r.body.texts[index]
         results.append(result)
-    headers = timing_headers(request, outcome.timing, started, len(body.texts))
-    return ORJSONResponse(results, headers=headers)
+    return results
 
 
-async def embed(request: Request, data: Any, started: float) -> Response:
-    """TEI's ``POST /embed``: ``[[float, ...], ...]``, one vector per input."""
-    speak(request, TEI)
-    runtime = runtime_of(request)
-    body = validate(TeiEmbedRequest, data)
+def parse_embed(body: TeiEmbedRequest, settings: Settings) -> EmbedCall:
     texts = body.texts()
-    check_embed_limits(runtime.settings, texts)
-    served = model_of(request, None, "embed")
-    service = served.require_service()
-    budget = service.max_tokens if body.truncate else None
-    labels = [f"inputs.{i}" for i in range(len(texts))]
-    texts = fit_texts(runtime.settings, texts, labels, budget, "truncate is false")
-    model = served.info
-    check_dimensions("dimensions", body.dimensions, model.dimension if model else None)
-    prompt = service.embed_prompt(body.prompt_name, None)  # None: the default prompt, if any
-    work = unless_disconnected(
-        request, service.embed(texts, normalize=body.normalize, allow_truncation=body.truncate, prompt=prompt)
+    return EmbedCall(
+        texts=texts,
+        prompt=Prompt(body.prompt_name, None, ()),  # neither: the default prompt, if any
+        normalize=body.normalize,
+        truncate=body.truncate,
+        dimensions=body.dimensions,  # TEI: cut, then normalise if normalize
+        max_tokens=None,
+        encodings=(),
+        labels=labelled("inputs", len(texts)),
+        dimensions_field="dimensions",
+        because=REFUSED,
     )
-    outcome = await long_refused(work, "inputs", _window(request))
-    vectors = outcome.vectors
-    if body.dimensions is not None and body.dimensions < vectors.shape[1]:  # TEI: cut, then normalise
-        vectors = vectors[:, : body.dimensions]
-        vectors = l2_normalize(vectors) if body.normalize else vectors
-    headers = timing_headers(request, outcome.timing, started, len(texts))
-    return await json_response(list(vectors), headers=headers)
 
 
-async def root(request: Request) -> Response:
+def render_embed(r: Rendering[TeiEmbedRequest, EmbedCall, Embedded]) -> list[np.ndarray]:
+    """``[[float, ...], ...]``, one vector per input."""
+    return list(r.result.vectors)
+
+
+RERANK = Dialect(TeiRerankRequest, "rerank", parse_rerank, render_rerank, speaks=TEI)
+EMBED = Dialect(TeiEmbedRequest, "embed", parse_embed, render_embed, speaks=TEI)
+
+
+def _task_of(request: Request, data: Any) -> tuple[Dialect[Any, Any, Any], Any]:
     """``POST /``: TEI serves its model's task here (the first model's; ``/models/{name}/``: that
     model's): a classifier predicts, a sparse model answers /embed_sparse, a reranker reranks,
     a bi-encoder embeds. ``huggingface_hub``'s ``InferenceClient`` posts ``{"inputs", "parameters":
     {...}}``; the parameters apply as if at the root."""
     from reranker.api import classify, sparse
 
-    started = time.perf_counter()
-    speak(request, TEI)
     runtime = runtime_of(request)
-    settings = runtime.settings
-    data = await read_json(request, settings.max_request_bytes, settings.body_read_timeout_s)
     in_path = request.path_params.get("model_name")
-    kind = (runtime.named(in_path) if in_path is not None else runtime.default).info
-    classifier = kind is not None and kind.kind is ModelKind.CLASSIFIER
+    info = (runtime.named(in_path) if in_path is not None else runtime.default).info
+    kind = info.strategy if info is not None else None  # None: loading (the embed route says 503)
+    classifier = kind is not None and kind.serves("classify")
     if isinstance(data, dict) and isinstance(data.get("parameters"), dict) and not classifier:
         data = {**data["parameters"], **{k: v for k, v in data.items() if k != "parameters"}}
     if classifier:
@@ -190,12 +181,15 @@ async def root(request: Request) -> Response:
         if nested:
             data = {key: value for key, value in data.items() if key != "parameters"}
             data["inputs"] = [[data["inputs"]]]
-        return await classify.predict(request, data, started)
-    if kind is not None and kind.kind is ModelKind.SPARSE:
-        return await sparse.embed_sparse(request, data, started)
-    if kind is not None and kind.kind is ModelKind.CROSS_ENCODER:
-        return await rerank(request, data, started)
-    return await embed(request, data, started)
+        return classify.PREDICT, data
+    if kind is not None and kind.serves("embed_sparse"):
+        return sparse.TEI_SPARSE, data
+    if kind is not None and kind.serves("rerank") and not kind.embeds:
+        return RERANK, data
+    return EMBED, data
+
+
+root = choosing(_task_of, speaks=TEI)
 
 
 async def info(request: Request) -> Response:
@@ -208,11 +202,12 @@ async def info(request: Request) -> Response:
     model = served.info
     assert model is not None
     model_type: dict[str, Any]
-    if model.kind is ModelKind.BI_ENCODER:
+    output = model.strategy.output
+    if output == "vector":
         model_type = {"embedding": {"pooling": model.details.get("pooling", "mean")}}
-    elif model.kind is ModelKind.SPARSE:
+    elif output == "weights":
         model_type = {"embedding": {"pooling": "splade"}}
-    elif model.kind is ModelKind.CLASSIFIER:
+    elif output == "labels":
         id2label = {str(i): label for i, label in enumerate(model.labels)}
         model_type = {
             "classifier": {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}
@@ -273,8 +268,3 @@ def _tokens(text: str, spans: list[TokenSpan]) -> list[dict[str, Any]]:
                 {"id": span.id, "text": shown, "special": False, "start": span.start, "stop": span.stop}
             )
     return tokens
-
-
-def _window(request: Request) -> int:
-    model = request.state.model.info
-    return model.max_length if model else 0
