@@ -91,3 +91,18 @@ def test_tei_tokenize_runs_off_the_loop_with_the_loaded_models_tokenizer() -> No
     assert answer.json() == [
         [{"id": 7, "text": text, "special": False, "start": 0, "stop": 5}] for text in ("hello", "world")
     ]
+
+
+def test_what_loaded_is_frozen_out_of_the_garbage_collector() -> None:
+    """Once its models are loaded the server takes every object alive out of the collector's sight
+    (gc.freeze), so that a full collection a request triggers does not walk the libraries and the
+    models while the event loop waits: a refusal under load waited for such a pass before."""
+    import gc
+
+    gc.unfreeze()
+    before = ["alive before the server loaded"]
+    with ServerThread(create_app(make_settings(), backend=FakeBackend())) as server:
+        assert server.runtime.status.value == "healthy" and gc.get_freeze_count() > 1000
+        after = ["allocated while serving"]
+        watched = {id(item) for item in gc.get_objects()}  # the collected generations only
+    assert id(before) not in watched and id(after) in watched
