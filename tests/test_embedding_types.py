@@ -201,8 +201,6 @@ def test_refusals_name_what_is_wrong(server) -> None:
         )
     with pytest.raises(cohere.UnprocessableEntityError, match=r"texts\.1: longer than the model.s 256"):
         client.embed(model="m", texts=["fine", LONG], input_type="search_document", truncate="NONE")
-    with pytest.raises(cohere.UnprocessableEntityError, match="START is not supported"):
-        client.embed(model="m", texts=[LONG], input_type="search_document", truncate="START")
     with server.client() as http:
         unknown = http.post(
             "/v2/embed",
@@ -257,3 +255,49 @@ def test_a_sparse_model_refuses_embedding_types(tmp_path_factory: pytest.TempPat
         )
     assert codes.status_code == 422 and "sparse model answers indices and values" in codes.text
     assert cohere_route.status_code == 400 and "/embed_sparse" in cohere_route.text
+
+
+STORY = (
+    "the river runs past an old mill where farmers once brought their grain every autumn and "
+    "children watched the wheel turn slowly while the water sang over stones worn smooth by time"
+)
+WORDS = tuple(STORY.split())
+
+
+def test_truncate_start_keeps_a_long_texts_end_whole_words(server, sentence_transformer) -> None:
+    """Cohere's truncate START (TEI's truncation_direction left): the text loses its beginning, cut
+    at the first word that leaves the rest within the window; what remains is embedded as it is."""
+    words = [f"{WORDS[i % len(WORDS)]}{'' if i < 300 else 's'}" for i in range(320)]  # the end differs
+    text = " ".join(words)
+    tokenizer = sentence_transformer.tokenizer
+    kept = next(
+        " ".join(words[start:])
+        for start in range(len(words))
+        if len(tokenizer(" ".join(words[start:]))["input_ids"]) <= 256
+    )
+    want = sentence_transformer.encode([kept], normalize_embeddings=True)[0]
+    client = cohere.ClientV2(base_url=server.url, api_key="x")
+    start = client.embed(model="m", texts=[text, "short"], input_type="search_document", truncate="START")
+    np.testing.assert_allclose(start.embeddings.float_[0], want, atol=1e-5)
+    short = sentence_transformer.encode(["short"], normalize_embeddings=True)[0]
+    np.testing.assert_allclose(start.embeddings.float_[1], short, atol=1e-5)  # a short text is whole
+    assert start.meta.warnings and start.meta.warnings[0].startswith("1 of the texts were cut")
+    end = client.embed(model="m", texts=[text], input_type="search_document", truncate="END")
+    assert not np.allclose(end.embeddings.float_[0], want, atol=1e-3)  # END keeps the other end
+    with server.client() as http:
+        tei = http.post("/embed", json={"inputs": text, "truncation_direction": "Left"})
+        sideways = http.post("/embed", json={"inputs": text, "truncation_direction": "sideways"})
+    assert tei.status_code == 200, tei.text
+    np.testing.assert_allclose(tei.json()[0], want, atol=1e-5)
+    assert sideways.status_code == 422 and "truncation_direction" in sideways.text
+
+
+def test_base64_is_the_float_vectors_bytes(server) -> None:
+    import base64
+
+    client = cohere.ClientV2(base_url=server.url, api_key="x")
+    response = client.embed(
+        model="m", texts=TEXTS, input_type="search_query", embedding_types=["float", "base64"]
+    )
+    decoded = [np.frombuffer(base64.b64decode(item), dtype="<f4") for item in response.embeddings.base64]
+    np.testing.assert_array_equal(np.array(decoded), np.array(response.embeddings.float_, dtype=np.float32))

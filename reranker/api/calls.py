@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -29,6 +30,8 @@ from reranker.engine.service import (
 )
 from reranker.errors import InvalidInputError
 from reranker.settings import Settings
+
+Cut = Literal["end", "start"]
 
 
 def too_long(label: str, max_tokens: int, because: str, note: str = "") -> str:
@@ -119,6 +122,12 @@ class Embedded:
     outcome: EmbedOutcome
     vectors: np.ndarray  # the outcome's, cut to ``dimensions`` when asked
     codes: dict[str, np.ndarray]  # per asked encoding, the vectors in it
+    cut_at_start: int  # texts whose beginning was cut (``cut_from`` "start")
+
+    @property
+    def truncated(self) -> int:
+        """Texts the model did not see whole, cut at either end."""
+        return self.outcome.truncated + self.cut_at_start
 
     @property
     def timing(self) -> Timing:
@@ -133,6 +142,7 @@ class EmbedCall:
     prompt: Prompt
     normalize: bool | None  # None: the model's own configuration
     truncate: bool  # False: a text over the window is a 422 naming it
+    cut_from: Cut  # which end of a text over the window is cut
     dimensions: int | None  # keep the first N (Matryoshka), re-normalised unless normalize is False
     max_tokens: int | None  # the tokens the caller allows per text: under the window is a 422
     encodings: tuple[str, ...]  # quantized forms wanted (engine/quantize.py), beside the floats
@@ -156,13 +166,16 @@ class EmbedCall:
                 "only the window itself is supported (omit max_tokens)"
             )
         budget = service.max_tokens if self.truncate else None
-        texts = fit_texts(settings, self.texts, self.labels, budget, self.because)
+        texts = fit_texts(settings, self.texts, self.labels, budget, self.because, self.cut_from == "start")
         if self.encodings and is_sparse(model):
             raise InvalidInputError(
                 f"embedding_type {self.encodings[0]}: a sparse model answers indices and values; "
                 "omit embedding_type"
             )
         prompt, query = self.prompt.resolve(model, service)
+        cut_at_start = 0
+        if self.truncate and self.cut_from == "start":
+            texts, cut_at_start = await asyncio.to_thread(service.keep_ends, texts, prompt)
         outcome = await service.embed(
             texts, normalize=self.normalize, allow_truncation=self.truncate, prompt=prompt, query=query
         )
@@ -171,7 +184,7 @@ class EmbedCall:
             vectors = vectors[:, : self.dimensions]
             vectors = vectors if self.normalize is False else l2_normalize(vectors)
         codes = await encode_types(model, vectors, self.encodings) if self.encodings else {}
-        return Embedded(outcome, vectors, codes)
+        return Embedded(outcome, vectors, codes, cut_at_start)
 
     def too_long(self, position: int, max_tokens: int) -> str:
         return f"{self.labels[position]}: longer than the model's {max_tokens} tokens and {self.because}"
@@ -223,6 +236,7 @@ class TokenVectorsCall:
     texts: list[str]
     prompt: Prompt
     truncate: bool
+    cut_from: Cut
     labels: list[str]
     because: str
 
@@ -235,10 +249,11 @@ class TokenVectorsCall:
 
     async def run(self, model: ServedModel, settings: Settings) -> TokenVectors:
         service = model.require_service()
-        texts = fit_texts(
-            settings, self.texts, self.labels, service.max_tokens if self.truncate else None, self.because
-        )
+        budget = service.max_tokens if self.truncate else None
+        texts = fit_texts(settings, self.texts, self.labels, budget, self.because, self.cut_from == "start")
         prompt, _ = self.prompt.resolve(model, service)
+        if self.truncate and self.cut_from == "start":
+            texts, _ = await asyncio.to_thread(service.keep_ends, texts, prompt)
         return TokenVectors(*await service.embed_tokens(texts, self.truncate, prompt))
 
     def too_long(self, position: int, max_tokens: int) -> str:

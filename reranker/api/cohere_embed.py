@@ -3,8 +3,9 @@
 Texts only. ``input_type`` picks the model's prompt as on /v1/embeddings (search_query and
 search_document: its query or document prompt; classification and clustering: its prompt of
 that name, else none). ``embedding_types`` are float, int8, uint8, binary and ubinary
-(engine/quantize.py); floats are normalised, as Cohere's are. ``truncate``: END (default) cuts
-at the model window, NONE refuses a longer text with a 422 naming it, START is refused (422).
+and base64 (the float32 bytes) (engine/quantize.py); floats are normalised, as Cohere's are.
+``truncate``: END (default) cuts a text's end at the model window, START its beginning (at a word
+boundary: service.keep_ends), NONE refuses a longer text with a 422 naming it.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ class _CohereEmbedRequest(_Body):
     embedding_types: list[EmbeddingType] | None = Field(
         None,
         min_length=1,
-        description="float, int8, uint8 (ranges fixed per model: /health), binary, ubinary.",
+        description="float, int8, uint8 (ranges fixed per model: /health), binary, ubinary, base64.",
     )
     truncate: Literal["NONE", "START", "END"] = Field(
         "END",
-        description="END: cut at the model window; NONE: 422 on a longer text; START: not supported (422).",
+        description="END: cut the end at the model window; START: cut the beginning; NONE: 422 if longer.",
     )
 
     @field_validator("truncate", mode="before")
@@ -122,6 +123,7 @@ class EmbeddingsByType(BaseModel):
     uint8: list[list[int]] | None = None
     binary: list[list[int]] | None = None
     ubinary: list[list[int]] | None = None
+    base64: list[str] | None = None
 
 
 class CohereEmbedByTypeResponse(BaseModel):
@@ -144,14 +146,13 @@ class CohereEmbedResponse(BaseModel):
 
 def parse(body: _CohereEmbedRequest, settings: Settings, version: str) -> EmbedCall:
     texts = body.text_inputs()
-    if body.truncate == "START":
-        raise InvalidInputError("truncate: START is not supported; use END (cut the end) or NONE (refuse)")
     plain = version == "1" and body.embedding_types is None  # v1: plain floats
     return EmbedCall(
         texts=texts,
         prompt=Prompt(None, body.input_type, OWN_PROMPT_TYPES),
         normalize=True,  # Cohere's floats are normalised
         truncate=body.truncate != "NONE",
+        cut_from="start" if body.truncate == "START" else "end",
         dimensions=getattr(body, "output_dimension", None),
         max_tokens=getattr(body, "max_tokens", None),
         encodings=() if plain else tuple(dict.fromkeys(body.embedding_types or ["float"])),
@@ -167,9 +168,9 @@ def render(r: Rendering[_CohereEmbedRequest, EmbedCall, Embedded], version: str)
         "api_version": {"version": version},
         "billed_units": {"input_tokens": outcome.tokens},
     }
-    if outcome.truncated:
+    if r.result.truncated:
         window = r.model.require_service().max_tokens
-        meta["warnings"] = [f"{outcome.truncated} of the texts were cut at the model's {window} tokens"]
+        meta["warnings"] = [f"{r.result.truncated} of the texts were cut at the model's {window} tokens"]
     content: dict[str, Any] = {"id": str(uuid.uuid4()), "texts": r.body.texts or r.call.texts, "meta": meta}
     if r.call.encodings:
         content.update(embeddings={kind: list(rows) for kind, rows in r.result.codes.items()})

@@ -20,6 +20,7 @@ def parse(body: TeiSparseRequest, settings: Settings) -> TokenVectorsCall:
         texts=texts,
         prompt=Prompt(body.prompt_name, None, ()),
         truncate=body.truncate,
+        cut_from=body.cut_from,
         labels=labelled("inputs", len(texts)),
         because=REFUSED,
     )

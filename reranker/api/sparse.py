@@ -29,6 +29,7 @@ def parse(body: TeiSparseRequest, settings: Settings) -> EmbedCall:
         prompt=Prompt(body.prompt_name, None, ()),
         normalize=None,
         truncate=body.truncate,
+        cut_from=body.cut_from,
         dimensions=None,
         max_tokens=None,
         encodings=(),

@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from reranker import __version__
 from reranker.api.body import read_json, validate
-from reranker.api.calls import EmbedCall, Embedded, Prompt, RerankCall, Reranked, labelled
+from reranker.api.calls import Cut, EmbedCall, Embedded, Prompt, RerankCall, Reranked, labelled
 from reranker.api.dialects import TEI, speak
 from reranker.api.observe import model_of, runtime_of
 from reranker.api.pipeline import Dialect, Rendering, choosing
@@ -69,6 +69,9 @@ class TeiRerankRequest(_TeiOptions):
 
 class TeiInputs(_TeiOptions):
     inputs: str | list[str]
+    truncation_direction: Literal["right", "left"] = Field(
+        "right", description="left: a text over the model window loses its beginning instead of its end."
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -81,6 +84,10 @@ class TeiInputs(_TeiOptions):
 
     def texts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+    @property
+    def cut_from(self) -> Cut:
+        return "start" if self.truncation_direction == "left" else "end"
 
 
 class TeiEmbedRequest(TeiInputs):
@@ -142,6 +149,7 @@ def parse_embed(body: TeiEmbedRequest, settings: Settings) -> EmbedCall:
         prompt=Prompt(body.prompt_name, None, ()),  # neither: the default prompt, if any
         normalize=body.normalize,
         truncate=body.truncate,
+        cut_from=body.cut_from,
         dimensions=body.dimensions,  # TEI: cut, then normalise if normalize
         max_tokens=None,
         encodings=(),

@@ -26,11 +26,17 @@ CHARS_PER_TOKEN = 32
 
 
 def fit_texts(
-    settings: Settings, texts: Sequence[str], labels: Sequence[str], tokens: int | None, because: str
+    settings: Settings,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    tokens: int | None,
+    because: str,
+    keep_end: bool = False,
 ) -> list[str]:
     """``texts`` as the tokenizer may be given them. ``tokens``: the most tokens of each the
     request may use; None: truncation is off (``because`` says how), and a text over
-    MAX_TEXT_CHARS is a 422 naming it (``labels``)."""
+    MAX_TEXT_CHARS is a 422 naming it (``labels``). ``keep_end``: a text is cut from its
+    beginning instead (truncation from the start)."""
     limit = settings.max_text_chars
     cut_at = limit if tokens is None else max(limit, tokens * CHARS_PER_TOKEN)
     fitted = []
@@ -41,7 +47,7 @@ def fit_texts(
                     f"{label}: {len(text)} characters is over MAX_TEXT_CHARS={limit} and {because} "
                     "(a request that truncates has a longer text cut instead)"
                 )
-            text = text[:cut_at]
+            text = text[-cut_at:] if keep_end else text[:cut_at]
         fitted.append(text)
     return fitted
 

@@ -11,6 +11,7 @@ set, else ``PROBE_TEXTS`` below. ``calibration_view`` says which, for /health.
 from __future__ import annotations
 
 import asyncio
+import base64
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ import numpy as np
 
 from reranker.errors import StartupError
 
-EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
-EMBEDDING_TYPES: tuple[str, ...] = ("float", "int8", "uint8", "binary", "ubinary")
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+EMBEDDING_TYPES: tuple[str, ...] = ("float", "int8", "uint8", "binary", "ubinary", "base64")
 SCALAR_TYPES = ("int8", "uint8")
 
 # Varied short texts (questions, facts, code, lists, other languages) to find each dimension's
@@ -76,6 +77,9 @@ def quantize(vectors: np.ndarray, embedding_type: str, ranges: np.ndarray | None
     per-dimension min and max) or packed bits ([n, ceil(dim/8)])."""
     if embedding_type == "float":
         return vectors.astype(np.float32, copy=False)
+    if embedding_type == "base64":  # Cohere's: each vector's little-endian float32 bytes, base64
+        rows = vectors.astype("<f4", copy=False)
+        return np.array([base64.b64encode(row.tobytes()).decode("ascii") for row in rows], dtype=object)
     if embedding_type == "binary":
         return (np.packbits(vectors > 0, axis=-1) - 128).astype(np.int8)
     if embedding_type == "ubinary":
@@ -98,7 +102,7 @@ def ranges_of(calibration: np.ndarray) -> np.ndarray:
 
 
 def bytes_per_vector(embedding_type: str, dimension: int) -> int:
-    if embedding_type == "float":
+    if embedding_type in ("float", "base64"):
         return 4 * dimension
     if embedding_type in SCALAR_TYPES:
         return dimension

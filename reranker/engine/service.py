@@ -534,6 +534,36 @@ class InferenceService:
         """Each text cut after its first ``max_tokens`` tokens (tokenizes: call off the event loop)."""
         return [self._backend.truncate_text(text, max_tokens) for text in texts]
 
+    def keep_ends(self, texts: Sequence[str], prompt: str = "") -> tuple[list[str], int]:
+        """Each text too long for the model window (behind ``prompt``) without its beginning, and
+        how many were cut: what Cohere's ``truncate: START`` and TEI's ``truncation_direction:
+        left`` ask. A text is cut at the first word that leaves the rest within the window, so
+        its remaining tokens are the ones it had (a word is never split). Tokenizes: call off the
+        event loop."""
+        window, kept, cut = self._info.max_length, [], 0
+        for text in texts:
+            end = self._keep_end(text, prompt, window)
+            kept.append(end)
+            cut += end != text
+        return kept, cut
+
+    def _keep_end(self, text: str, prompt: str, window: int) -> str:
+        while True:  # each pass cuts at least one word: it ends
+            whole = prompt + text
+            [spans] = self._backend.token_spans([whole])
+            if len(spans) <= window:
+                return text
+            own = [span for span in spans if not span.special and span.start >= len(prompt)]
+            first_kept = own[min(len(spans) - window, len(own) - 1)].start
+            starts = [
+                span.start
+                for span in own
+                if span.start >= first_kept and span.start > len(prompt) and whole[span.start - 1].isspace()
+            ]
+            if not starts:  # one unbroken word: cut plainly at the end, as without START
+                return text
+            text = whole[starts[0] :]
+
     def token_spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
         """Every token of each text as the loaded model's tokenizer cuts it, untruncated
         (UnsupportedOperationError for a backend without one). Tokenizes: call off the event loop."""
