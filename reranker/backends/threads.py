@@ -40,8 +40,11 @@ def intra_op_threads() -> int:
 
 def tokenizer_threads() -> int:
     """Threads tokenization may spread over: the CPUs this process may use, as configured (the
-    cgroup quota counted), else as the affinity mask says."""
-    return _configured["cpus"] or affinity_cpus()
+    cgroup quota counted), else as the affinity mask said when first asked (asked per request:
+    no system call each time)."""
+    if not _configured["cpus"]:
+        _configured["cpus"] = affinity_cpus()
+    return _configured["cpus"]
 
 
 def affinity_cpus() -> int:

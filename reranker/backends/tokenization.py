@@ -80,6 +80,9 @@ class TextTokenizer:
         self._windowing: dict[tuple[str, int, int], Tokenizer] = {}  # (pair|text, overlap, length)
         self._unbounded = Tokenizer.from_str(tokenizer.to_str())
         self._unbounded.no_truncation()
+        # Whether one text's encoding carries type ids other than 0 (no post-processor here does:
+        # its ids are then zeros, not converted from the tokenizer's list per text).
+        self._text_types = token_types and any(tokenizer.encode("a probe text").type_ids)
 
     def _windower(self, kind: str, overlap: int, window: int | None = None) -> Tokenizer:
         """A copy of the tokenizer that cuts what overflows the window into overlapping windows."""
@@ -129,7 +132,7 @@ class TextTokenizer:
         if not prefix:
             windower = self._windower("text", overlap, window)
             encodings = _encode_all(windower, list(texts))
-            return [_windows(encoding, max_windows, self.token_types) for encoding in encodings]
+            return [_windows(encoding, max_windows, self._text_types) for encoding in encodings]
         prefix_ids = list(self._unbounded.encode(prefix, add_special_tokens=False).ids)
         length = min(window or self.max_length, self.max_length)
         windower = self._windower("text", overlap, max(length - len(prefix_ids), 8))
@@ -161,7 +164,7 @@ class TextTokenizer:
         ]
 
     def texts(self, texts: Sequence[str]) -> list[Encoded]:
-        return [_to_encoded(e, self.token_types) for e in _encode_all(self._tokenizer, list(texts))]
+        return [_to_encoded(e, self._text_types) for e in _encode_all(self._tokenizer, list(texts))]
 
     def pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
         if self.template is not None:
