@@ -233,10 +233,6 @@ def _cpuinfo() -> str:
 
 
 DOCS_TABLE = Path(__file__).resolve().parent / "docs" / "MODELS.md"
-TABLE_START, TABLE_END = (
-    "<!-- family-table: test_multi_backend.py --families --write-docs -->",
-    "<!-- /family-table -->",
-)
 
 
 def family_matrix(write_docs: bool) -> int:

@@ -93,10 +93,13 @@ def test_probe_inputs_follow_the_kind() -> None:
 def test_backends_and_engine_ask_the_strategy_instead_of_naming_kinds() -> None:
     """No module of the server branches on a kind's name: a new kind is a module in
     reranker/kinds/ (plus its routes and tests). Defaults of a parameter may name one."""
-    member = re.compile(r"ModelKind\.(CROSS_ENCODER|BI_ENCODER|CLASSIFIER|SPARSE)\b")
+    member = re.compile(
+        r"ModelKind\.(CROSS_ENCODER|BI_ENCODER|CLASSIFIER|SPARSE)\b"
+        r"|(==|!=|\bin)\s*[\"'](cross-encoder|bi-encoder|classifier|sparse)[\"']"
+    )
     default = re.compile(r"(kind: ModelKind = |DEFAULT = )ModelKind\.")
     offenders = []
-    for folder in ("api", "backends", "engine"):
+    for folder in ("", "api", "backends", "engine"):
         for path in sorted((ROOT / "reranker" / folder).glob("*.py")):
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if member.search(line) and not default.search(line):

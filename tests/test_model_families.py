@@ -374,3 +374,30 @@ def test_roberta_family_length_stops_at_its_position_table(
     assert len(loaded.tokenize_pairs(pairs)[0]) == 512
     reference = CrossEncoder(str(path), device="cpu", max_length=512).predict(pairs)  # sigmoid of the logit
     np.testing.assert_allclose(_sigmoid(loaded.score_pairs(pairs)), reference, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("name", ["bert-mean", "qwen3-last-token", "xlm-roberta-bi"])
+def test_cutting_a_texts_beginning_keeps_its_own_last_tokens(
+    name: str, family_model: Callable[[str], Path]
+) -> None:
+    """truncate START / truncation_direction left (InferenceService.keep_ends) on WordPiece,
+    byte-level BPE and SentencePiece: a cut text is a suffix of the text that fits the window, and
+    cut where a word begins its tokens are the text's last ones; a text without spaces is cut
+    too (at a token boundary), never left for the end to be cut instead."""
+    from reranker.engine.service import InferenceService
+
+    backend = create_backend(make_settings(local_model_path=str(family_model(name)), max_model_length=32))
+    service = InferenceService.__new__(InferenceService)  # keep_ends needs the backend and its facts only
+    service._backend, service._info = backend, backend.info()
+    english = " ".join(DOCUMENTS * 3)
+    unspaced = "berlin,has,many,people,living,in,the,city," * 12
+    kept, cut = service.keep_ends([english, unspaced, "short"], "")
+    assert cut == 2 and kept[2] == "short"
+
+    def ids(text: str) -> list[int]:
+        return [span.id for span in backend.token_spans([text])[0] if not span.special]
+
+    for text, end in zip((english, unspaced), kept[:2], strict=True):
+        assert text.endswith(end) and len(end) < len(text)
+        assert len(backend.token_spans([end])[0]) <= 32
+    assert ids(kept[0]) == ids(english)[-len(ids(kept[0])) :]

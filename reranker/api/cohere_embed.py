@@ -2,8 +2,8 @@
 
 Texts only. ``input_type`` picks the model's prompt as on /v1/embeddings (search_query and
 search_document: its query or document prompt; classification and clustering: its prompt of
-that name, else none). ``embedding_types`` are float, int8, uint8, binary and ubinary
-and base64 (the float32 bytes) (engine/quantize.py); floats are normalised, as Cohere's are.
+that name, else none). ``embedding_types`` are float, int8, uint8, binary, ubinary and base64
+(the float32 bytes; engine/quantize.py); floats are normalised, as Cohere's are.
 ``truncate``: END (default) cuts a text's end at the model window, START its beginning (at a word
 boundary: service.keep_ends), NONE refuses a longer text with a 422 naming it.
 """

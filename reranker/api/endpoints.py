@@ -120,7 +120,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/v2/embed",
         "POST",
         cohere_embed.embed_v2,
-        "Embed texts, Cohere v2 shape (embedding_types: float, int8, uint8, binary, ubinary)",
+        "Embed texts, Cohere v2 shape (embedding_types: float, int8, uint8, binary, ubinary, base64)",
         cohere_embed.CohereEmbedByTypeResponse,
         cohere_embed.CohereV2EmbedRequest,
         INFERENCE_ERRORS,

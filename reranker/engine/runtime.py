@@ -276,6 +276,7 @@ class Runtime:
         for model in self.models:
             if model.service is not None:
                 model.service.close()
+        gc.unfreeze()  # what was frozen at load may be garbage now (a process that serves again)
 
     # ---- routing -------------------------------------------------------------------------
 

@@ -317,7 +317,7 @@ class InferenceService:
         """Scores of ``documents`` for ``query``. A document over the model window is, by
         ``long``: the max over its windows' scores (Cohere's semantics), its beginning's score,
         or refused (``TextTooLongError`` naming its position). A bi-encoder may be given the
-        query's normalised vector (``query_vector_of``), so a job's slices embed it once; it
+        query's vector (``query_vector_of``), so a job's slices embed it once; it
         applies the model's query and document prompts (prompts.py). An instruction-style
         reranker (Qwen3-Reranker) takes ``instruction``, else its default."""
         refuse = self._refuse_document if long.mode == "refuse" else None
@@ -434,7 +434,7 @@ class InferenceService:
         info = self._info
         if self._token_controller is None:
             able = self.strategy.token_vectors
-            why = "its backend does not answer them" if able else f"a {self.kind.value} has none"
+            why = "its backend does not answer them" if able else f"a {self.kind.value} model has none"
             raise UnsupportedOperationError(
                 f"the model {info.name} ({self.kind.value} on {info.backend}) cannot give token vectors: "
                 f"{why}; BACKEND=torch serves them for bi-encoders"
@@ -468,7 +468,8 @@ class InferenceService:
         return self._template.query_part(query, instruction) if self._template is not None else query
 
     async def query_vector_of(self, query: str, background: bool = False) -> tuple[np.ndarray, int]:
-        """The normalised embedding a bi-encoder rerank compares documents with (query prompt applied),
+        """The query vector a vector kind's rerank compares documents with (query prompt applied;
+        normalised for a bi-encoder, a sparse model's weights as they are),
         and its tokens (which a rerank counts in its usage)."""
         prompt = query_prompt(self._info)
         normalize = self.strategy.normalizes  # a sparse model's query weights as they are
@@ -537,9 +538,10 @@ class InferenceService:
     def keep_ends(self, texts: Sequence[str], prompt: str = "") -> tuple[list[str], int]:
         """Each text too long for the model window (behind ``prompt``) without its beginning, and
         how many were cut: what Cohere's ``truncate: START`` and TEI's ``truncation_direction:
-        left`` ask. A text is cut at the first word that leaves the rest within the window, so
-        its remaining tokens are the ones it had (a word is never split). Tokenizes: call off the
-        event loop."""
+        left`` ask. A text is cut where a word begins (before the space a byte-level BPE token
+        carries, after the space a WordPiece one follows), so the tokens it keeps are the ones it
+        ended with; a text with no such place in reach (one long word, or a script written without
+        spaces) is cut at a token boundary instead. Tokenizes: call off the event loop."""
         window, kept, cut = self._info.max_length, [], 0
         for text in texts:
             end = self._keep_end(text, prompt, window)
@@ -548,21 +550,22 @@ class InferenceService:
         return kept, cut
 
     def _keep_end(self, text: str, prompt: str, window: int) -> str:
-        while True:  # each pass cuts at least one word: it ends
+        while True:  # each pass cuts at least one token's characters: it ends
             whole = prompt + text
             [spans] = self._backend.token_spans([whole])
             if len(spans) <= window:
                 return text
             own = [span for span in spans if not span.special and span.start >= len(prompt)]
-            first_kept = own[min(len(spans) - window, len(own) - 1)].start
-            starts = [
-                span.start
-                for span in own
-                if span.start >= first_kept and span.start > len(prompt) and whole[span.start - 1].isspace()
-            ]
-            if not starts:  # one unbroken word: cut plainly at the end, as without START
-                return text
-            text = whole[starts[0] :]
+            if len(own) < 2:
+                return text  # nothing to cut but the whole text: left to the model's own cut
+            first = own[min(len(spans) - window, len(own) - 1)]
+            at = next((start for start in _word_starts(whole, own) if start >= first.start), first.start)
+            if at <= own[0].start:  # tokens of one character share its offsets: cut past it
+                later = [span.start for span in own if span.start > own[0].start]
+                if not later:
+                    return text
+                at = later[0]
+            text = whole[at:]
 
     def token_spans(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[TokenSpan]]:
         """Every token of each text as the loaded model's tokenizer cuts it, untruncated
@@ -627,3 +630,13 @@ class InferenceService:
         if self.strategy.normalizes and (info.normalize_embeddings if normalize is None else normalize):
             vectors = l2_normalize(vectors)  # a sparse model's weights are never normalised
         return EmbedOutcome(vectors, computed.tokens, len(computed.truncated), computed.timing)
+
+
+def _word_starts(whole: str, spans: Sequence[TokenSpan]) -> list[int]:
+    """Where a word begins among ``spans``: a token that starts with a space (byte-level BPE keeps
+    it: cut before it) or follows one (WordPiece, SentencePiece: cut at it)."""
+    starts = []
+    for span in spans:
+        if span.start > 0 and (whole[span.start - 1].isspace() or whole[span.start].isspace()):
+            starts.append(span.start)
+    return starts

@@ -1,7 +1,7 @@
 """Classifiers: one logit per label for a text or a (text, text) pair, named by ``id2label``.
 
 A sequence-classification model with more than one label, or a one-label model under
-MODEL_TASK=classify (source.py decides: its files declare a cross-encoder either way). Scores
+MODEL_TASK=classify (``for_task`` decides: its files declare a cross-encoder either way). Scores
 are a softmax over the labels, or a sigmoid per label (one label, or multi-label models)."""
 
 from __future__ import annotations
