@@ -165,17 +165,13 @@ class EmbedCall:
                 f"max_tokens: {self.max_tokens} is below the model's {service.max_tokens}-token window; "
                 "only the window itself is supported (omit max_tokens)"
             )
-        budget = service.max_tokens if self.truncate else None
-        texts = fit_texts(settings, self.texts, self.labels, budget, self.because, self.cut_from == "start")
         if self.encodings and is_sparse(model):
             raise InvalidInputError(
                 f"embedding_type {self.encodings[0]}: a sparse model answers indices and values; "
                 "omit embedding_type"
             )
         prompt, query = self.prompt.resolve(model, service)
-        cut_at_start = 0
-        if self.truncate and self.cut_from == "start":
-            texts, cut_at_start = await asyncio.to_thread(service.keep_ends, texts, prompt)
+        texts, cut_at_start = await fit_to_window(self, service, settings, prompt)
         outcome = await service.embed(
             texts, normalize=self.normalize, allow_truncation=self.truncate, prompt=prompt, query=query
         )
@@ -249,15 +245,26 @@ class TokenVectorsCall:
 
     async def run(self, model: ServedModel, settings: Settings) -> TokenVectors:
         service = model.require_service()
-        budget = service.max_tokens if self.truncate else None
-        texts = fit_texts(settings, self.texts, self.labels, budget, self.because, self.cut_from == "start")
         prompt, _ = self.prompt.resolve(model, service)
-        if self.truncate and self.cut_from == "start":
-            texts, _ = await asyncio.to_thread(service.keep_ends, texts, prompt)
+        texts, _ = await fit_to_window(self, service, settings, prompt)
         return TokenVectors(*await service.embed_tokens(texts, self.truncate, prompt))
 
     def too_long(self, position: int, max_tokens: int) -> str:
         return too_long(self.labels[position], max_tokens, self.because)
+
+
+async def fit_to_window(
+    call: EmbedCall | TokenVectorsCall, service: InferenceService, settings: Settings, prompt: str
+) -> tuple[list[str], int]:
+    """The call's texts as the model is given them: cut to MAX_TEXT_CHARS (text_limits.py) and,
+    when the call cuts a long text's beginning, to the window behind ``prompt`` (keep_ends); with
+    how many lost their beginning."""
+    budget = service.max_tokens if call.truncate else None
+    start = call.cut_from == "start"
+    texts = fit_texts(settings, call.texts, call.labels, budget, call.because, keep_end=start)
+    if call.truncate and start:
+        return await asyncio.to_thread(service.keep_ends, texts, prompt)
+    return texts, 0
 
 
 Call = RerankCall | EmbedCall | ClassifyCall | TokenVectorsCall
