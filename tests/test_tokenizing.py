@@ -171,6 +171,19 @@ def test_a_lone_small_request_is_tokenized_on_the_loop_one_under_load_on_a_threa
     assert backend.threads[1].startswith("tokenize-req")
 
 
+def test_a_large_request_is_tokenized_on_its_own_threads_apart_from_small_ones() -> None:
+    """Large requests queue for the model's ``tokenize-big`` threads (one per CPU), never on a
+    thread of their own each (64 of them at once thrashed the cores) nor behind small requests."""
+    backend = WhereTokenized()
+    with ServerThread(create_app(make_settings(), backend=backend)) as server, server.client() as client:
+        backend.threads.clear()
+        many = [f"text {i}" for i in range(40)]  # over the small-request limit
+        assert client.post("/v1/embeddings", json={"input": many}).status_code == 200
+        service = server.runtime.default.require_service()
+        assert set(service._tokenizing_pools) == {"tokenize-big"}
+    assert len(backend.threads) == 1 and backend.threads[0].startswith("tokenize-big")
+
+
 def test_a_full_queue_refuses_before_tokenizing() -> None:
     backend = WhereTokenized()
     app = create_app(make_settings(max_queue_size=1), backend=backend)
@@ -198,9 +211,10 @@ def test_a_closed_service_refuses_tokenizing_with_not_ready() -> None:
     backend = WhereTokenized()
     with ServerThread(create_app(make_settings(), backend=backend)) as server:
         service = server.runtime.default.require_service()
-        assert service._tokenizing() is service._tokenizing()  # made once
-    with pytest.raises(NotReadyError, match="shutting down"):
-        service._tokenizing()
+        assert service._tokenizing("tokenize-req") is service._tokenizing("tokenize-req")  # made once
+    for pool in ("tokenize-req", "tokenize-big"):
+        with pytest.raises(NotReadyError, match="shutting down"):
+            service._tokenizing(pool)
 
 
 @pytest.mark.usefixtures("three_cpus")

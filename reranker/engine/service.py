@@ -152,7 +152,7 @@ class InferenceService:
         self._timeout_s = timeout_s
         self._cache = cache
         self._computing = 0  # requests between arrival and answer in _compute (the loop's load)
-        self._small_tokenizing: ThreadPoolExecutor | None = None
+        self._tokenizing_pools: dict[str, ThreadPoolExecutor] = {}  # by thread name prefix
         self._closed = False
         info = backend.info()
         self._info = info  # a backend's facts do not change while it serves: read once
@@ -167,23 +167,26 @@ class InferenceService:
             )
         self.default_prompt_name = default_prompt_name
 
-    def _tokenizing(self) -> ThreadPoolExecutor:
-        """The threads small requests are tokenized on under load: one per CPU, so that many
-        requests arriving at once queue here rather than contend for the cores and the GIL."""
+    def _tokenizing(self, pool: str) -> ThreadPoolExecutor:
+        """The threads requests are tokenized on off the event loop, one per CPU in each of two
+        pools: ``tokenize-req`` for small requests under load, ``tokenize-big`` for large ones
+        (apart, so that a small request never waits behind a large one). Many requests arriving
+        at once queue here rather than contend for the cores and the GIL: with a thread per
+        request, 64 clients of 64 texts each served a quarter fewer requests than 16."""
         if self._closed:
             raise NotReadyError("the server is shutting down")
-        if self._small_tokenizing is None:
+        if pool not in self._tokenizing_pools:
             threads = tokenizer_threads()
-            self._small_tokenizing = ThreadPoolExecutor(threads, thread_name_prefix="tokenize-req")
-        return self._small_tokenizing
+            self._tokenizing_pools[pool] = ThreadPoolExecutor(threads, thread_name_prefix=pool)
+        return self._tokenizing_pools[pool]
 
     def close(self) -> None:
         """Let the tokenizing threads end (any tokenization under way finishes first); a request
         still arriving is refused as the server's other work is while it shuts down."""
         self._closed = True
-        if self._small_tokenizing is not None:
-            self._small_tokenizing.shutdown(wait=False)
-            self._small_tokenizing = None
+        for pool in self._tokenizing_pools.values():
+            pool.shutdown(wait=False)
+        self._tokenizing_pools.clear()
 
     async def _compute(
         self,
@@ -237,10 +240,9 @@ class InferenceService:
                 windows = tokenize(missing)
             finally:
                 spread_small_inputs.reset(spreading)
-        elif small:
-            windows = await asyncio.get_running_loop().run_in_executor(self._tokenizing(), tokenize, missing)
         else:
-            windows = await asyncio.to_thread(tokenize, missing)
+            pool = self._tokenizing("tokenize-req" if small else "tokenize-big")
+            windows = await asyncio.get_running_loop().run_in_executor(pool, tokenize, missing)
         if trace is not None and missing:
             trace.tokenized(tokenizing, len(missing))
         truncated = sorted(
