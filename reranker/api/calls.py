@@ -135,20 +135,15 @@ class Embedded:
 
 
 @dataclass(frozen=True, slots=True)
-class EmbedCall:
-    """Embed ``texts`` (dense or sparse, by the model) with the prompt the request chose."""
+class _TextsCall:
+    """What every call on single texts states: the texts, their prompt, how a long one is cut."""
 
     texts: list[str]
     prompt: Prompt
-    normalize: bool | None  # None: the model's own configuration
     truncate: bool  # False: a text over the window is a 422 naming it
     cut_from: Cut  # which end of a text over the window is cut
-    dimensions: int | None  # keep the first N (Matryoshka), re-normalised unless normalize is False
-    max_tokens: int | None  # the tokens the caller allows per text: under the window is a 422
-    encodings: tuple[str, ...]  # quantized forms wanted (engine/quantize.py), beside the floats
     labels: list[str]  # each text's name in messages
-    dimensions_field: str
-    because: str
+    because: str  # what turned truncation off
 
     @property
     def items(self) -> int:
@@ -156,6 +151,17 @@ class EmbedCall:
 
     def check(self, settings: Settings) -> None:
         check_embed_limits(settings, self.texts)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedCall(_TextsCall):
+    """Embed ``texts`` (dense or sparse, by the model) with the prompt the request chose."""
+
+    normalize: bool | None  # None: the model's own configuration
+    dimensions: int | None  # keep the first N (Matryoshka), re-normalised unless normalize is False
+    max_tokens: int | None  # the tokens the caller allows per text: under the window is a 422
+    encodings: tuple[str, ...]  # quantized forms wanted (engine/quantize.py), beside the floats
+    dimensions_field: str
 
     async def run(self, model: ServedModel, settings: Settings) -> Embedded:
         service = model.require_service()
@@ -226,22 +232,8 @@ class TokenVectors:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenVectorsCall:
+class TokenVectorsCall(_TextsCall):
     """Per text, one vector per token the model saw, before pooling (late interaction)."""
-
-    texts: list[str]
-    prompt: Prompt
-    truncate: bool
-    cut_from: Cut
-    labels: list[str]
-    because: str
-
-    @property
-    def items(self) -> int:
-        return len(self.texts)
-
-    def check(self, settings: Settings) -> None:
-        check_embed_limits(settings, self.texts)
 
     async def run(self, model: ServedModel, settings: Settings) -> TokenVectors:
         service = model.require_service()
@@ -254,7 +246,7 @@ class TokenVectorsCall:
 
 
 async def fit_to_window(
-    call: EmbedCall | TokenVectorsCall, service: InferenceService, settings: Settings, prompt: str
+    call: _TextsCall, service: InferenceService, settings: Settings, prompt: str
 ) -> tuple[list[str], int]:
     """The call's texts as the model is given them: cut to MAX_TEXT_CHARS (text_limits.py) and,
     when the call cuts a long text's beginning, to the window behind ``prompt`` (keep_ends); with
