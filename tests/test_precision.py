@@ -102,6 +102,7 @@ def test_auto_on_an_amx_cpu_serves_bfloat16_and_says_why() -> None:
     )
     assert backend.half_agreement is not None and backend.half_agreement.value >= FLOOR
     assert info.details["half_precision_agreement"] == backend.half_agreement.text
+    assert info.details["padding"] == "batches padded to a multiple of 8 tokens"
 
 
 def test_a_fake_figure_below_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,6 +137,7 @@ def test_bfloat16_outputs_are_float32_and_rank_an_obvious_query_the_same(
 def test_bfloat16_batch_dependence_is_within_its_stated_bound(bf16: TorchBackend, fp32: TorchBackend) -> None:
     texts = [QUERY, *TEXTS]
     company = [("word " * k).strip() for k in range(1, 60, 7)]  # other lengths: other padding
+    assert (bf16.tokenizer.pad_multiple, fp32.tokenizer.pad_multiple) == (8, 1)  # float32: as before
     for backend, bound in ((bf16, BF16_BATCH_DEPENDENCE), (fp32, 1e-6)):
         alone = np.concatenate([backend.embed_texts([text]) for text in texts])
         together = backend.embed_texts(texts + company, batch_size=64)[: len(texts)]

@@ -233,3 +233,24 @@ def test_a_spread_chunk_no_thread_has_started_is_encoded_by_the_caller(tokenizer
         held.set()
     assert all(blocker.result() for blocker in blockers)
     assert [e.ids.tolist() for e in encoded] == reference(texts(8))
+
+
+def test_a_batch_is_padded_to_its_multiple_never_past_the_model_length(tokenizer: TextTokenizer) -> None:
+    """pad_multiple rounds a batch's width up (half precision: fewer kernel shapes); the padding is
+    masked, the real tokens unchanged; the width stops at max_length (32 here)."""
+    batch = tokenizer.texts(["a short text", "a somewhat longer text than the first one"])
+    plain = tokenizer.collate(batch)
+    tokenizer.pad_multiple = 8
+    try:
+        padded = tokenizer.collate(batch)
+        widest = tokenizer.collate(tokenizer.texts([" ".join(WORDS * 3)]))  # truncated to 32
+        almost = tokenizer.collate(tokenizer.texts([" ".join(WORDS[:12])]))
+    finally:
+        tokenizer.pad_multiple = 1
+    width = plain["input_ids"].shape[1]
+    assert width % 8 and padded["input_ids"].shape[1] == -(-width // 8) * 8
+    for name, array in plain.items():
+        assert (padded[name][:, :width] == array).all()
+        assert (padded[name][:, width:] == 0).all()  # pad id 0, mask 0, type 0
+    assert widest["input_ids"].shape[1] == 32
+    assert almost["input_ids"].shape[1] == 16 and almost["attention_mask"].sum() == 14

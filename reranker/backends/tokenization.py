@@ -74,6 +74,9 @@ class TextTokenizer:
         self.template = template
         self._template_ids: tuple[list[int], list[int]] | None = None  # (prefix, suffix) ids
         self.max_length = max_length
+        # A batch's width rounded up to a multiple of this (never past max_length): fewer distinct
+        # shapes for kernels compiled per shape (the torch backend sets it for half precision).
+        self.pad_multiple = 1
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
@@ -200,11 +203,14 @@ class TextTokenizer:
         return Windows(items, truncated=truncated or (max_windows == 1 and len(doc) > room))
 
     def collate(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
-        """input_ids, token_type_ids, attention_mask: int64 [items, longest item], padded on the
-        tokenizer's side; type ids all 0 for a model with one token type. The rows are filled
-        at once (one concatenation of the items' id arrays, one masked assignment), not item by item."""
+        """input_ids, token_type_ids, attention_mask: int64 [items, longest item rounded up to
+        ``pad_multiple``], padded on the tokenizer's side; type ids all 0 for a model with one token
+        type. The rows are filled at once (one concatenation of the items' id arrays, one masked
+        assignment), not item by item."""
         lengths = np.fromiter((len(item) for item in batch), dtype=np.int64, count=len(batch))
         width = int(lengths.max())
+        if self.pad_multiple > 1:
+            width = max(width, min(-(-width // self.pad_multiple) * self.pad_multiple, self.max_length))
         columns = np.arange(width)
         if self.left_padding:
             mask = columns[None, :] >= (width - lengths)[:, None]
