@@ -124,6 +124,21 @@ def test_configure_turns_the_tokenizers_shared_pool_off_and_spreads_over_the_cpu
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
 
 
+def test_configure_keeps_enough_compiled_onednn_kernels_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half-precision batch shapes outnumber oneDNN's default 1,024 cached kernels (threads.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    threads.configure(before)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(threads.ONEDNN_KERNEL_CACHE) == "4096"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "100")
+    threads.configure(before)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "100"
+
+
 def test_a_query_that_leaves_less_room_than_the_overlap_falls_back_to_truncation(
     tokenizer: TextTokenizer,
 ) -> None:
