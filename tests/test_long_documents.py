@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from reranker.api.app import create_app
+from reranker.backends import tokenization
 from tests.conftest import make_settings
 from tests.server import ServerThread
 
@@ -201,3 +202,31 @@ def test_rerank_window_tokens_keeps_a_short_passage_from_being_diluted(
     assert windowed[0]["relevance_score"] == pytest.approx(best, abs=1e-5)
     hamburg = {r["index"]: r["relevance_score"] for r in whole}[1]
     assert {r["index"]: r["relevance_score"] for r in windowed}[1] == pytest.approx(hamburg, abs=1e-6)
+
+
+def test_a_long_query_is_tokenized_with_the_documents_in_one_call_and_cut_as_alone(
+    bi_server: ServerThread, sentence_transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bi-encoder's rerank tokenizes the query and the documents in one tokenizer call (the
+    documents' windows begin as the query's plain cut does); the query over the window is cut at
+    the model's 256 tokens, as sentence-transformers cuts it, whether the documents are chunked."""
+    calls: list[int] = []
+    encode_all = tokenization._encode_all
+
+    def counted(tokenizer, inputs, *args, **options):  # type: ignore[no-untyped-def]
+        calls.append(len(inputs))
+        return encode_all(tokenizer, inputs, *args, **options)
+
+    monkeypatch.setattr(tokenization, "_encode_all", counted)
+    query = QUERY + " " + FILLER * 8  # over 256 tokens
+    documents = [RELEVANT, FILLER * 12 + RELEVANT]
+    vectors = sentence_transformer.encode([query, RELEVANT], normalize_embeddings=True)
+    expected = float(vectors[1] @ vectors[0])
+    with bi_server.client() as client:
+        for truncate in ("END", None):  # documents cut, then chunked (the default)
+            body = {"query": query, "documents": documents, "return_details": True}
+            answer = client.post("/v1/rerank", json=body | ({"truncate": truncate} if truncate else {}))
+            scores = {r["index"]: r for r in answer.json()["results"]}
+            assert scores[0]["relevance_score"] == pytest.approx(expected, abs=1e-5)
+            assert (scores[1]["details"]["windows"] > 1) is (truncate is None)
+    assert calls == [3, 3]
