@@ -233,6 +233,39 @@ def test_a_closed_service_refuses_tokenizing_with_not_ready() -> None:
 
 
 @pytest.mark.usefixtures("three_cpus")
+def test_a_large_input_spreads_only_over_the_cpus_no_other_call_is_encoding_on(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load every CPU encodes some request: chunks there would only slow each other down."""
+    calls: list[tuple[str, int]] = []
+    inner = tokenizer._tokenizer
+    entered, release = threading.Event(), threading.Event()
+
+    class Recording:
+        def encode_batch_fast(self, inputs: list) -> list:  # type: ignore[type-arg]
+            if threading.current_thread().name == "other request":
+                entered.set()
+                release.wait(30)
+            else:
+                calls.append((threading.current_thread().name, len(inputs)))
+            return inner.encode_batch_fast(inputs)
+
+    monkeypatch.setattr(tokenizer, "_tokenizer", Recording())
+    other = threading.Thread(target=tokenizer.texts, args=(texts(8),), name="other request")
+    other.start()
+    try:
+        assert entered.wait(30)
+        tokenizer.texts(texts(50))  # one of the 3 CPUs is encoding the other request
+        assert sorted(size for _, size in calls) == [25, 25]
+    finally:
+        release.set()
+        other.join(30)
+    calls.clear()
+    tokenizer.texts(texts(50))  # nothing else encoding: every CPU
+    assert sorted(size for _, size in calls) == [16, 17, 17]
+
+
+@pytest.mark.usefixtures("three_cpus")
 def test_a_spread_chunk_no_thread_has_started_is_encoded_by_the_caller(tokenizer: TextTokenizer) -> None:
     """The CPUs busy elsewhere (here: every spreading thread held): the caller, the event loop
     among them, encodes the chunks itself instead of waiting for a thread to be scheduled."""

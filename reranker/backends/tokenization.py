@@ -6,6 +6,7 @@ item is tokenized once), then a numpy collation each runtime converts as it need
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -241,30 +242,54 @@ def _pool(kind: str, threads: int) -> ThreadPoolExecutor:
     return pool
 
 
+class _Encoding:
+    """How many ``_encode_all`` calls are encoding now, on any thread: a large input is spread only
+    over CPUs no other call is encoding on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls = 0
+
+    def __enter__(self) -> int:
+        with self._lock:
+            self.calls += 1
+            return self.calls
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.calls -= 1
+
+
+_encoding = _Encoding()
+
+
 def _encode_all(tokenizer: Tokenizer, inputs: list, offsets: bool = False, **options: bool) -> list:  # type: ignore[type-arg]
     """Encodings of ``inputs`` (texts, or (query, document) tuples); character offsets only when
     asked (``encode_batch``; else ``encode_batch_fast``). The tokenizers' own Rayon pool is off
     (threads.py): shared by every caller, it made a one-text request queue behind a 500-document
     request being encoded beside it. A small input is one call on the calling thread. A large
-    one (or a small one under ``spread_small_inputs``) is cut into a chunk per CPU: the first
-    encoded on the calling thread, the others on this module's threads at the same time (the
-    tokenizer releases the GIL while it works)."""
+    one (or a small one under ``spread_small_inputs``) is cut into a chunk per idle CPU (the CPUs
+    no other call is encoding on): the first encoded on the calling thread, the others on this
+    module's threads at the same time (the tokenizer releases the GIL while it works). Under
+    load every CPU is busy encoding some request, and a request is one call: encodings running
+    side by side slow each other down (memory-bound), so chunks there cost CPU and win nothing."""
     encode = partial(tokenizer.encode_batch if offsets else tokenizer.encode_batch_fast, **options)
-    workers = tokenizer_threads()
     small = len(inputs) <= SMALL_REQUEST
     spread = not small or (spread_small_inputs.get() and len(inputs) >= SPREAD_MIN_INPUTS)
-    if workers == 1 or not spread:
-        return encode(inputs)
-    pool = _pool("small" if small else "large", workers - 1)
-    step = -(-len(inputs) // workers)
-    chunks = [inputs[start : start + step] for start in range(0, len(inputs), step)]
-    others = [pool.submit(encode, chunk) for chunk in chunks[1:]]
-    encodings = encode(chunks[0])
-    for chunk, part in zip(chunks[1:], others, strict=True):
-        # A chunk no thread has started yet (the CPUs are busy elsewhere) is encoded here:
-        # the caller, the event loop among them, never waits for a thread to be scheduled.
-        encodings.extend(encode(chunk) if part.cancel() else part.result())
-    return encodings
+    with _encoding as encoding_now:
+        workers = tokenizer_threads() - encoding_now + 1 if spread else 1
+        if workers <= 1:
+            return encode(inputs)
+        pool = _pool("small" if small else "large", tokenizer_threads() - 1)
+        step = -(-len(inputs) // workers)
+        chunks = [inputs[start : start + step] for start in range(0, len(inputs), step)]
+        others = [pool.submit(encode, chunk) for chunk in chunks[1:]]
+        encodings = encode(chunks[0])
+        for chunk, part in zip(chunks[1:], others, strict=True):
+            # A chunk no thread has started yet (the CPUs are busy elsewhere) is encoded here:
+            # the caller, the event loop among them, never waits for a thread to be scheduled.
+            encodings.extend(encode(chunk) if part.cancel() else part.result())
+        return encodings
 
 
 def _is_tokenizer_error(error: BaseException) -> bool:
