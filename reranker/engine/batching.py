@@ -85,11 +85,13 @@ def plan_batch(
 ) -> list[Pick]:
     """Choose the next batch; ``anchor`` indexes ``waiting`` (which must be non-empty)."""
     cost = cost or BatchCost()
-    if cost.flat:
-        return plan_flat_batch(waiting, anchor, max_items, max_tokens)
     everything = _everything_if_cheapest(waiting, max_items, max_tokens, cost)
     if everything is not None:
+        if cost.flat:  # as plan_flat_batch orders them: the anchor's items first
+            everything.sort(key=lambda pick: pick.request_position != anchor)
         return everything
+    if cost.flat:
+        return plan_flat_batch(waiting, anchor, max_items, max_tokens)
     return _search_batch(waiting, anchor, max_items, max_tokens, cost)
 
 
@@ -375,32 +377,35 @@ class BatchCostModel:
         self._window = window
         self._min_batches = min_batches
         self._refit_every = refit_every
-        self._rows: list[tuple[float, float, float]] = []
+        self._rows = np.zeros((window, 3))  # (padded, padded x longest, seconds), a ring
+        self._count = 0  # rows observed in all (the ring holds the last ``window``)
         self._fitted: BatchCost | None = None
         self._fitted_rows = 0  # rows the last fit saw
         self._new_rows = 0  # rows observed since the last fit
 
     def observe(self, items: int, longest: int, seconds: float) -> None:
         padded = float(items * longest)
-        self._rows.append((padded, padded * longest, seconds))
-        if len(self._rows) > self._window:
-            del self._rows[0]
+        self._rows[self._count % self._window] = (padded, padded * longest, seconds)
+        self._count += 1
         self._new_rows += 1
 
     def cost(self) -> BatchCost:
-        """The fitted cost; refitted (a least-squares fit over up to ``window`` batches) once
-        ``refit_every`` new batches were timed, or as soon as there are enough to fit at all:
-        the planner asks before every batch, and one batch barely moves the fit."""
-        first = self._fitted_rows < self._min_batches <= len(self._rows)
-        if self._fitted is None or first or self._new_rows >= self._refit_every:
+        """The fitted cost; refitted (a least-squares fit over up to ``window`` batches) as soon as
+        there are enough batches to fit at all, then once a quarter of the window (at least
+        ``refit_every``) is new: the planner asks before every batch, and a few batches barely
+        move a fit over hundreds."""
+        rows = min(self._count, self._window)
+        first = self._fitted_rows < self._min_batches <= rows
+        due = self._new_rows >= max(self._refit_every, rows // 4)
+        if self._fitted is None or first or due:
             self._fitted = self._fit()
-            self._fitted_rows, self._new_rows = len(self._rows), 0
+            self._fitted_rows, self._new_rows = rows, 0
         return self._fitted
 
     def _fit(self) -> BatchCost:
-        if len(self._rows) < self._min_batches:
+        if min(self._count, self._window) < self._min_batches:
             return BatchCost()
-        rows = np.array(self._rows)
+        rows = self._rows[: min(self._count, self._window)]
         padded, quadratic, seconds = rows[:, 0], rows[:, 1], rows[:, 2]
         scale = max(float(padded.max()), 1.0)
         if float(padded.max() - padded.min()) <= 1e-9 * scale:

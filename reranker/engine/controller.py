@@ -155,7 +155,9 @@ class _Batch:
 def _without(remaining: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
     """``remaining`` less ``taken`` (indices below ``count``), order kept: a prefix is a slice,
     anything else one boolean mask (np.isin sorts both arrays: costly for a few items)."""
-    if len(taken) <= len(remaining) and np.array_equal(remaining[: len(taken)], taken):
+    if len(taken) == len(remaining):  # all of them (``taken`` is drawn from ``remaining``)
+        return remaining[:0]
+    if len(taken) < len(remaining) and np.array_equal(remaining[: len(taken)], taken):
         return remaining[len(taken) :]
     keep = np.ones(count, dtype=bool)
     keep[taken] = False
@@ -471,7 +473,8 @@ class InferenceController:
         for pick in picks:
             pending = live[pick.request_position]
             batch.slices.append(_Slice(pending, pick.item_indices))
-            batch.items.extend(pending.items[i] for i in pick.item_indices)
+            items = pending.items
+            batch.items.extend([items[i] for i in pick.item_indices.tolist()])
             pending.remaining = _without(pending.remaining, pick.item_indices, len(pending.items))
         self._queue = [p for p in self._queue if p.undispatched > 0 and not p.cancelled]
         return batch
