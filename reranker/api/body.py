@@ -124,21 +124,31 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it (so it costs no more compute) if the client goes away."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """Await ``work``, cancelling it (so it costs no more compute) if the client goes away.
+
+    ``work`` runs in the request's own task; one watcher task waits for the disconnect and
+    cancels it (a task for the work too, and ``asyncio.wait`` on both, cost twice as much per
+    request on the hot path)."""
+    served = asyncio.current_task()
+    assert served is not None, "called outside a task"
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        served.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
-        raise
+        if not gone:
+            raise  # cancelled from outside (the server stopping): not ours to turn into a 499
+        served.uncancel()
+        raise ClientDisconnectedError("the client disconnected before the response was ready") from None
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientDisconnectedError("the client disconnected before the response was ready")
 
 
 async def _disconnected(request: Request) -> None:
