@@ -15,6 +15,11 @@ turns under load (alternating rounds, never loaded at the same time):
   request needs and nothing else: ``orjson.loads``, the same tokenizer's ``encode_batch`` on the
   event loop, a NumPy array of token ids, an OpenAI-shaped answer of 384-dim zero vectors (or a
   Cohere-shaped ranking), rendered by orjson. No queue, no cross-request batching.
+- **minimal + hand-off** (``--handoff``, a third column): the minimal server, but its zero
+  forward pass runs in a worker thread (``run_in_executor``) as any server that keeps its event
+  loop free of the model must run it. The gap between the two minimal servers is what one
+  hand-off to a thread and back costs on this machine (the GIL passes twice, a thread is woken
+  each way): the floor of this server's ratio at one connection, where nothing overlaps it.
 
 Load comes from ``wrk`` (Debian's C HTTP benchmark, one thread, a Lua script cycling through
 200 prepared bodies of texts of 20-60 words), on the same cores as the servers: it is far
@@ -101,8 +106,10 @@ def serve_this(port: int) -> None:
     uvicorn.Server(uvicorn_config(app, settings)).run()
 
 
-def minimal_app():
+def minimal_app(handoff: bool = False):
+    import asyncio
     import uuid
+    from concurrent.futures import ThreadPoolExecutor
 
     import orjson
     from starlette.applications import Starlette
@@ -114,6 +121,14 @@ def minimal_app():
     tokenizer = Tokenizer.from_file(str(_tokenizer_file()))
     tokenizer.enable_truncation(max_length=256)
     tokenizer.no_padding()
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="inference")
+
+    async def forward(rows: int) -> np.ndarray:
+        if not handoff:
+            return np.zeros((rows, DIMENSION), dtype=np.float32)
+        return await asyncio.get_running_loop().run_in_executor(
+            model_thread, np.zeros, (rows, DIMENSION), np.float32
+        )
 
     def encode(texts: list[str]) -> tuple[list[np.ndarray], int]:
         ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
@@ -127,7 +142,7 @@ def minimal_app():
         data = orjson.loads(await request.body())
         texts = data["input"] if isinstance(data["input"], list) else [data["input"]]
         _, tokens = encode(texts)
-        vectors = np.zeros((len(texts), DIMENSION), dtype=np.float32)
+        vectors = await forward(len(texts))
         return answer(
             {
                 "object": "list",
@@ -141,7 +156,8 @@ def minimal_app():
         data = orjson.loads(await request.body())
         documents = data["documents"]
         _, tokens = encode([data["query"], *documents])
-        scores = np.zeros(len(documents), dtype=np.float64)
+        vectors = await forward(len(documents) + 1)
+        scores = vectors[1:, 0].astype(np.float64)
         order = np.argsort(-scores, kind="stable")[: data.get("top_n") or len(documents)]
         return answer(
             {
@@ -164,10 +180,10 @@ def minimal_app():
     )
 
 
-def serve_minimal(port: int) -> None:
+def serve_minimal(port: int, handoff: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(minimal_app(), host="127.0.0.1", port=port, http="httptools", log_level="warning")
+    uvicorn.run(minimal_app(handoff), host="127.0.0.1", port=port, http="httptools", log_level="warning")
 
 
 # ---- the load side ---------------------------------------------------------------------------
@@ -263,24 +279,28 @@ def best(cells: list[Cell]) -> Cell:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--serve", choices=["this", "minimal"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["this", "minimal", "handoff"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=5.0, help="load per cell and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--endpoints", default="embeddings,rerank")
     parser.add_argument("--connections", default=",".join(map(str, CONNECTIONS)))
     parser.add_argument("--texts", default=",".join(map(str, TEXTS)))
+    parser.add_argument(
+        "--handoff", action="store_true", help="also run the minimal server with its forward in a thread"
+    )
     args = parser.parse_args()
     if args.serve == "this":
         return serve_this(args.port)
-    if args.serve == "minimal":
-        return serve_minimal(args.port)
+    if args.serve in ("minimal", "handoff"):
+        return serve_minimal(args.port, handoff=args.serve == "handoff")
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
     endpoints = args.endpoints.split(",")
     connections = [int(c) for c in args.connections.split(",")]
     text_counts = [int(t) for t in args.texts.split(",")]
-    servers = {name: start_server(name) for name in ("this", "minimal")}
+    names = ["this", "minimal", *(["handoff"] if args.handoff else [])]
+    servers = {name: start_server(name) for name in names}
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     results: dict[tuple[str, int, int, str], list[Cell]] = {}
     try:
@@ -290,7 +310,7 @@ def main() -> None:
                 for _, url in servers.values():
                     run_wrk(url, script, 4, 1)
             for round_number in range(args.rounds):
-                order = ["this", "minimal"] if round_number % 2 == 0 else ["minimal", "this"]
+                order = names if round_number % 2 == 0 else names[::-1]
                 for endpoint in endpoints:
                     for texts in text_counts:
                         for conns in connections:
@@ -306,7 +326,9 @@ def main() -> None:
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
         f"\n{'endpoint':<11} {'texts':>5} {'conns':>5} | {'this req/s':>10} {'texts/s':>8} {'p50 ms':>7} "
-        f"{'p99 ms':>7} | {'min req/s':>9} {'texts/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}  rounds"
+        f"{'p99 ms':>7} | {'min req/s':>9} {'texts/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}"
+        + (f" | {'hand-off req/s':>14} {'ratio':>5}" if args.handoff else "")
+        + "  rounds"
     )
     for endpoint in endpoints:
         for texts in text_counts:
@@ -317,11 +339,15 @@ def main() -> None:
                 errors = sum(c.errors for c in ours + theirs)
                 pairs = zip(ours, theirs, strict=True)
                 rounds = "/".join(f"{x.requests_per_s:.0f}:{y.requests_per_s:.0f}" for x, y in pairs)
+                handoff = ""
+                if args.handoff:
+                    floor = best(results[endpoint, texts, conns, "handoff"]).requests_per_s
+                    handoff = f" | {floor:>14.0f} {floor / b.requests_per_s:>5.2f}"
                 print(
                     f"{endpoint:<11} {texts:>5} {conns:>5} | {a.requests_per_s:>10.0f} "
                     f"{a.requests_per_s * texts:>8.0f} {a.p50_ms:>7.2f} {a.p99_ms:>7.2f} | "
                     f"{b.requests_per_s:>9.0f} {b.requests_per_s * texts:>8.0f} {b.p50_ms:>7.2f} "
-                    f"{b.p99_ms:>7.2f} | {a.requests_per_s / b.requests_per_s:>5.2f}  {rounds}"
+                    f"{b.p99_ms:>7.2f} | {a.requests_per_s / b.requests_per_s:>5.2f}{handoff}  {rounds}"
                     + (f"  ERRORS {errors}" if errors else "")
                 )
     return None
