@@ -221,3 +221,55 @@ def test_taking_everything_without_a_search_plans_what_the_search_plans() -> Non
             (p.request_position, p.item_indices.tolist()) for p in searched
         ]
     assert shortcuts > 200
+
+
+def _search_batch_request_by_request(queue: list[Waiting], anchor: int, max_items: int, max_tokens, cost):  # type: ignore[no-untyped-def]
+    """The search as it was first written, each request's window found on its own (a NumPy call
+    per step and request): the oracle of the vectorised one."""
+    from reranker.engine.batching import Pick, anchor_batch
+
+    reach = max_items
+    anchor_length = int(queue[anchor].lengths[queue[anchor].remaining[0]])
+    owners_parts, items_parts, left_below, left_above = [], [], False, False
+    for pos, request in enumerate(queue):
+        middle = (
+            0 if pos == anchor else int(np.searchsorted(request.lengths[request.remaining], anchor_length))
+        )
+        chosen = request.remaining[max(0, middle - reach) : middle + reach + 1]
+        left_below |= middle - reach > 0
+        left_above |= middle + reach + 1 < len(request.remaining)
+        owners_parts.append(np.full(len(chosen), pos))
+        items_parts.append(chosen)
+    owners, items = np.concatenate(owners_parts), np.concatenate(items_parts)
+    lengths = np.concatenate([w.lengths[i] for w, i in zip(queue, items_parts, strict=True)])
+    order = np.lexsort((owners, lengths))
+    position = int(np.flatnonzero(owners[order] == anchor)[0])
+    low, high = max(0, position - reach), min(len(order), position + reach + 1)
+    start, stop = anchor_batch(
+        lengths[order][low:high], position - low, max_items, max_tokens, cost,
+        low > 0 or left_below, high < len(order) or left_above,
+    )  # fmt: skip
+    chosen = order[low + start : low + stop]
+    return [Pick(int(pos), items[chosen[owners[chosen] == pos]]) for pos in np.unique(owners[chosen])]
+
+
+def test_the_search_over_all_requests_at_once_plans_what_a_request_by_request_search_plans() -> None:
+    """Many waiting requests (64 clients): the window of each is found for all at once; the picks
+    must be exactly those of the search written request by request, windows cut or not."""
+    from reranker.engine import batching
+
+    rng = np.random.default_rng(11)
+    for _ in range(1500):
+        requests = int(rng.integers(1, 40))
+        queue = waiting(*(list(rng.integers(1, 300, size=int(rng.integers(1, 60)))) for _ in range(requests)))
+        for request in queue[1:]:  # some requests part-dispatched already: fewer items remain
+            request.remaining = request.remaining[: int(rng.integers(1, len(request.remaining) + 1))]
+        max_items = int(rng.integers(1, 40))
+        max_tokens = None if rng.random() < 0.5 else int(rng.integers(50, 6000))
+        cost = BatchCost(float(rng.choice([1.0, 37.5, 300.0])), float(rng.choice([0.0, 1e-3])))
+        anchor = int(rng.integers(0, len(queue)))
+        expected = _search_batch_request_by_request(queue, anchor, max_items, max_tokens, cost)
+        searched = batching._search_batch(queue, anchor, max_items, max_tokens, cost)
+        assert [(p.request_position, p.item_indices.tolist()) for p in searched] == [
+            (p.request_position, p.item_indices.tolist()) for p in expected
+        ]

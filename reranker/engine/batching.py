@@ -36,7 +36,6 @@ of requests waiting.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -101,22 +100,24 @@ def _search_batch(
     """Steps 1-3 of the module's rule: the cheapest batch holding the anchor's shortest item."""
     reach = REACH_BATCHES * max_items
     anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
-    owners_parts, items_parts = [], []
-    left_below = left_above = False  # items of some request outside the window
-    for pos, request in enumerate(waiting):
-        # Only items that can be within ``reach`` ranks of the anchor item in the merged order.
-        sorted_lengths = request.lengths[request.remaining]
-        middle = int(np.searchsorted(sorted_lengths, anchor_length, side="left"))
-        if pos == anchor:
-            middle = 0
-        chosen = request.remaining[max(0, middle - reach) : middle + reach + 1]
-        left_below |= middle - reach > 0
-        left_above |= middle + reach + 1 < len(request.remaining)
-        owners_parts.append(np.full(len(chosen), pos))
-        items_parts.append(chosen)
-    owners = np.concatenate(owners_parts)
-    items = np.concatenate(items_parts)
-    lengths = np.concatenate([w.lengths[i] for w, i in zip(waiting, items_parts, strict=True)])
+    # Every request's remaining items at once (a NumPy call per step, not per request: a queue of
+    # many small requests is the common case under load), then only the items that can be within
+    # ``reach`` ranks of the anchor item in the merged order: those within ``reach`` of where the
+    # anchor's length falls in their own request (the anchor's own request: from its first item).
+    counts = np.fromiter((len(w.remaining) for w in waiting), dtype=np.int64, count=len(waiting))
+    starts = np.cumsum(counts) - counts
+    all_items = np.concatenate([w.remaining for w in waiting])
+    all_lengths = np.concatenate([w.lengths[w.remaining] for w in waiting])
+    all_owners = np.repeat(np.arange(len(waiting)), counts)
+    shorter = np.bincount(all_owners, weights=all_lengths < anchor_length, minlength=len(waiting))
+    middle = shorter.astype(np.int64)  # each request's items shorter than the anchor item
+    middle[anchor] = 0
+    rank = np.arange(len(all_items)) - starts[all_owners]
+    near = middle[all_owners]
+    keep = (rank >= near - reach) & (rank <= near + reach)
+    left_below = bool(np.any(middle - reach > 0))  # items of some request outside the window
+    left_above = bool(np.any(middle + reach + 1 < counts))
+    owners, items, lengths = all_owners[keep], all_items[keep], all_lengths[keep]
     order = np.lexsort((owners, lengths))  # by length, ties by arrival
     sorted_lengths = lengths[order]
     position = int(np.flatnonzero(owners[order] == anchor)[0])  # the anchor's shortest item
@@ -327,7 +328,7 @@ def _cheapest_prefixes_small(
     for j in range(1, n + 1):
         first = max(0, j - limits[j - 1])
         price = prices[j - 1]
-        candidates = [best[k] + float(j - k) * price + overhead for k in range(first, j)]
+        candidates = [best[k] + (j - k) * price + overhead for k in range(first, j)]
         if open_start and first == 0:
             candidates[0] -= overhead * (1.0 - float(j) / limits[j - 1])
         best[j] = min(candidates)
@@ -342,22 +343,23 @@ def _cheapest_suffixes_small(
     cost: BatchCost,
     open_end: bool,
 ) -> np.ndarray:
-    """``_cheapest_suffixes`` for small batches, as ``_cheapest_prefixes_small``."""
+    """``_cheapest_suffixes`` for small batches, as ``_cheapest_prefixes_small``. A batch over the
+    token budget is left out rather than priced infinite: lengths ascend, so the batches from
+    ``i`` over the budget are the longest ones, a tail of the candidates."""
     n = len(lengths)
     sizes_of, prices = lengths.tolist(), per_item.tolist()
     overhead = cost.overhead
     best = [0.0] * (n + 1)
     for i in range(n - 1, 0, -1):
         stop = min(n, i + max_items)
-        candidates = []
-        for end in range(i + 1, stop + 1):
-            size = end - i
-            candidate = best[end] + overhead + float(size) * prices[end - 1]
-            if open_end and end == n and stop == n:
-                candidate -= overhead * (1.0 - size / max_items)
-            if max_tokens is not None and size > 1 and size * sizes_of[end - 1] > max_tokens:
-                candidate = math.inf
-            candidates.append(candidate)
+        candidates = [best[end] + overhead + (end - i) * prices[end - 1] for end in range(i + 1, stop + 1)]
+        if open_end and stop == n:
+            candidates[-1] -= overhead * (1.0 - (n - i) / max_items)
+        if max_tokens is not None:
+            size = len(candidates)
+            while size > 1 and size * sizes_of[i + size - 1] > max_tokens:
+                size -= 1
+            del candidates[size:]
         best[i] = min(candidates)
     return np.array(best)
 
