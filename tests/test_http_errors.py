@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import socket
 from collections.abc import Iterator
@@ -243,3 +244,62 @@ def test_ranking_uses_raw_logits_where_sigmoid_scores_tie_at_one() -> None:
     assert [r["score"] for r in native] == [1.0, 1.0, 1.0]
     assert [r["index"] for r in native] == [2, 1, 0]  # by logit, not request order
     assert [r["index"] for r in cohere] == [2, 1, 0]
+
+
+class _Connection:
+    """The ``receive`` of a request whose body was read: it returns once the client goes."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, str]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_the_disconnect_watch_tells_a_gone_client_from_a_server_that_stops() -> None:
+    """A disconnect alone ends the work as a 499; a cancellation from outside (uvicorn stopping a
+    request task) stays a cancellation, also when the client goes in the same turn; a result the
+    work had before either is returned; the task is left with no cancellation pending."""
+    from reranker.api.body import unless_disconnected
+    from reranker.errors import ClientDisconnectedError
+
+    async def run(disconnect: bool, cancel_from_outside: bool) -> tuple[str, int]:
+        connection = _Connection()
+        started = asyncio.Event()
+
+        async def work() -> str:
+            started.set()
+            await asyncio.sleep(30)
+            return "answer"
+
+        async def serve() -> tuple[str, int]:
+            try:
+                outcome = await unless_disconnected(connection, work())  # type: ignore[arg-type]
+            except ClientDisconnectedError:
+                outcome = "499"
+            task = asyncio.current_task()
+            assert task is not None
+            return outcome, task.cancelling()
+
+        task = asyncio.get_running_loop().create_task(serve())
+        await started.wait()
+        if disconnect:
+            connection.gone.set()
+        if cancel_from_outside:
+            task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return "cancelled", 0
+
+    async def quick() -> str:
+        return "ready"
+
+    async def at_once() -> str:
+        return await unless_disconnected(_Connection(), quick())  # type: ignore[arg-type]
+
+    assert asyncio.run(run(disconnect=True, cancel_from_outside=False)) == ("499", 0)
+    assert asyncio.run(run(disconnect=False, cancel_from_outside=True)) == ("cancelled", 0)
+    assert asyncio.run(run(disconnect=True, cancel_from_outside=True)) == ("cancelled", 0)
+    assert asyncio.run(at_once()) == "ready"

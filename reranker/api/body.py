@@ -128,7 +128,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
     ``work`` runs in the request's own task; one watcher task waits for the disconnect and
     cancels it (a task for the work too, and ``asyncio.wait`` on both, cost twice as much per
-    request on the hot path)."""
+    request on the hot path). A result ready in the same turn the disconnect is seen is dropped:
+    nobody reads it. A cancellation from outside (the server stopping) stays a cancellation."""
     served = asyncio.current_task()
     assert served is not None, "called outside a task"
     gone = False
@@ -141,14 +142,21 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        return await work
+        result = await work
     except asyncio.CancelledError:
+        if not gone or served.uncancel() > 0:
+            raise  # cancelled from outside as well: not ours to turn into a 499
+        raise ClientDisconnectedError("the client disconnected before the response was ready") from None
+    except BaseException:
         if not gone:
-            raise  # cancelled from outside (the server stopping): not ours to turn into a 499
-        served.uncancel()
+            raise
+        served.uncancel()  # the work turned our cancellation into an error of its own
         raise ClientDisconnectedError("the client disconnected before the response was ready") from None
     finally:
         watcher.cancel()
+    if gone:
+        served.uncancel()  # the work finished anyway: the answer goes nowhere, the task carries on
+    return result
 
 
 async def _disconnected(request: Request) -> None:
