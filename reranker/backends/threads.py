@@ -5,8 +5,8 @@ oversubscribed when several batches run at once); ONNX Runtime does the same per
 the tokenizers library starts one Rayon thread per core, shared by every caller. ``configure``
 sets the first two from one number (the ONNX backend reads ``intra_op_threads`` when it creates
 its session) and turns the tokenizers' pool off: tokenization.py cuts a large input into one
-chunk per CPU on threads of its own, and encodes a small one on the calling thread, where no
-other request's work can hold it up.
+chunk per idle CPU (one no other encoding holds) on threads of its own, and encodes a small one
+on the calling thread, where no other request's work can hold it up.
 """
 
 from __future__ import annotations

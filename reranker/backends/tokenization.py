@@ -242,25 +242,27 @@ def _pool(kind: str, threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-class _Encoding:
-    """How many ``_encode_all`` calls are encoding now, on any thread: a large input is spread only
-    over CPUs no other call is encoding on."""
+class _CpusEncoding:
+    """The CPUs ``_encode_all`` calls are encoding on now, over every thread: a call is granted
+    the CPUs it wants that no other call holds (at least one, its own), so an input is spread only
+    over idle CPUs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.calls = 0
+        self.busy = 0
 
-    def __enter__(self) -> int:
+    def reserve(self, wanted: int) -> int:
         with self._lock:
-            self.calls += 1
-            return self.calls
+            granted = max(1, min(wanted, tokenizer_threads() - self.busy))
+            self.busy += granted
+            return granted
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self, granted: int) -> None:
         with self._lock:
-            self.calls -= 1
+            self.busy -= granted
 
 
-_encoding = _Encoding()
+_cpus_encoding = _CpusEncoding()
 
 
 def _encode_all(tokenizer: Tokenizer, inputs: list, offsets: bool = False, **options: bool) -> list:  # type: ignore[type-arg]
@@ -268,16 +270,17 @@ def _encode_all(tokenizer: Tokenizer, inputs: list, offsets: bool = False, **opt
     asked (``encode_batch``; else ``encode_batch_fast``). The tokenizers' own Rayon pool is off
     (threads.py): shared by every caller, it made a one-text request queue behind a 500-document
     request being encoded beside it. A small input is one call on the calling thread. A large
-    one (or a small one under ``spread_small_inputs``) is cut into a chunk per idle CPU (the CPUs
-    no other call is encoding on): the first encoded on the calling thread, the others on this
-    module's threads at the same time (the tokenizer releases the GIL while it works). Under
-    load every CPU is busy encoding some request, and a request is one call: encodings running
-    side by side slow each other down (memory-bound), so chunks there cost CPU and win nothing."""
+    one (or a small one under ``spread_small_inputs``) is cut into a chunk per idle CPU (one no
+    other call holds, counted when the call starts): the first encoded on the calling thread,
+    the others on this module's threads at the same time (the tokenizer releases the GIL while
+    it works). Under load every CPU is busy encoding some request, and a request is one call:
+    encodings side by side slow each other down (memory-bound), so chunks there cost CPU and
+    win nothing. (The direct ``encode`` calls of pair windows and templates are not counted.)"""
     encode = partial(tokenizer.encode_batch if offsets else tokenizer.encode_batch_fast, **options)
     small = len(inputs) <= SMALL_REQUEST
     spread = not small or (spread_small_inputs.get() and len(inputs) >= SPREAD_MIN_INPUTS)
-    with _encoding as encoding_now:
-        workers = tokenizer_threads() - encoding_now + 1 if spread else 1
+    workers = _cpus_encoding.reserve(tokenizer_threads() if spread else 1)
+    try:
         if workers <= 1:
             return encode(inputs)
         pool = _pool("small" if small else "large", tokenizer_threads() - 1)
@@ -290,6 +293,8 @@ def _encode_all(tokenizer: Tokenizer, inputs: list, offsets: bool = False, **opt
             # the caller, the event loop among them, never waits for a thread to be scheduled.
             encodings.extend(encode(chunk) if part.cancel() else part.result())
         return encodings
+    finally:
+        _cpus_encoding.release(workers)
 
 
 def _is_tokenizer_error(error: BaseException) -> bool:
