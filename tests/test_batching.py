@@ -226,9 +226,9 @@ def test_taking_everything_without_a_search_plans_what_the_search_plans() -> Non
 def _search_batch_request_by_request(queue: list[Waiting], anchor: int, max_items: int, max_tokens, cost):  # type: ignore[no-untyped-def]
     """The search as it was first written, each request's window found on its own (a NumPy call
     per step and request): the oracle of the vectorised one."""
-    from reranker.engine.batching import Pick, anchor_batch
+    from reranker.engine.batching import REACH_BATCHES, Pick, anchor_batch
 
-    reach = max_items
+    reach = REACH_BATCHES * max_items
     anchor_length = int(queue[anchor].lengths[queue[anchor].remaining[0]])
     owners_parts, items_parts, left_below, left_above = [], [], False, False
     for pos, request in enumerate(queue):
@@ -264,7 +264,7 @@ def test_the_search_over_all_requests_at_once_plans_what_a_request_by_request_se
         queue = waiting(*(list(rng.integers(1, 300, size=int(rng.integers(1, 60)))) for _ in range(requests)))
         for request in queue[1:]:  # some requests part-dispatched already: fewer items remain
             request.remaining = request.remaining[: int(rng.integers(1, len(request.remaining) + 1))]
-        max_items = int(rng.integers(1, 40))
+        max_items = int(rng.integers(1, 100))  # past 64: the NumPy programmes
         max_tokens = None if rng.random() < 0.5 else int(rng.integers(50, 6000))
         cost = BatchCost(float(rng.choice([1.0, 37.5, 300.0])), float(rng.choice([0.0, 1e-3])))
         anchor = int(rng.integers(0, len(queue)))
@@ -273,3 +273,35 @@ def test_the_search_over_all_requests_at_once_plans_what_a_request_by_request_se
         assert [(p.request_position, p.item_indices.tolist()) for p in searched] == [
             (p.request_position, p.item_indices.tolist()) for p in expected
         ]
+
+
+def test_on_a_flat_device_everything_that_fits_is_the_flat_plan_found_without_planning() -> None:
+    from reranker.engine.batching import plan_flat_batch
+
+    flat = BatchCost(flat=True)
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        queue = waiting(*(list(rng.integers(1, 300, size=int(rng.integers(1, 9)))) for _ in range(4)))
+        max_items = int(rng.integers(1, 40))
+        max_tokens = None if rng.random() < 0.5 else int(rng.integers(50, 6000))
+        anchor = int(rng.integers(0, len(queue)))
+        planned = plan_batch(queue, anchor, max_items, max_tokens, flat)
+        expected = plan_flat_batch(queue, anchor, max_items, max_tokens)
+        assert [(p.request_position, p.item_indices.tolist()) for p in planned] == [
+            (p.request_position, p.item_indices.tolist()) for p in expected
+        ]
+
+
+def test_the_cost_model_refits_once_a_quarter_of_its_rows_is_new() -> None:
+    """A few batches barely move a fit over hundreds: the planner's cost stays the fitted one
+    until a quarter of the window is new, then follows the new timings (the ring wrapped)."""
+    model = BatchCostModel(window=64, min_batches=8, refit_every=4)
+    shapes = [(items, longest) for items in (1, 4, 8, 16) for longest in (16, 64, 128, 256)]
+    for items, longest in shapes * 4:  # the window full: 5 ms a batch + 0.1 ms a token
+        model.observe(items, longest, 0.005 + 0.0001 * items * longest)
+    assert model.cost().overhead == pytest.approx(50, rel=0.01)
+    for items, longest in shapes[:15]:  # a quarter of 64, less one: 20 ms a batch now
+        model.observe(items, longest, 0.020 + 0.0001 * items * longest)
+    assert model.cost().overhead == pytest.approx(50, rel=0.01)
+    model.observe(*shapes[15], 0.020 + 0.0001 * shapes[15][0] * shapes[15][1])
+    assert model.cost().overhead > 60  # refitted over the wrapped ring: the new rows count

@@ -100,10 +100,11 @@ def _search_batch(
     """Steps 1-3 of the module's rule: the cheapest batch holding the anchor's shortest item."""
     reach = REACH_BATCHES * max_items
     anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
-    # Every request's remaining items at once (a NumPy call per step, not per request: a queue of
-    # many small requests is the common case under load), then only the items that can be within
-    # ``reach`` ranks of the anchor item in the merged order: those within ``reach`` of where the
-    # anchor's length falls in their own request (the anchor's own request: from its first item).
+    # Every request's remaining items at once (one NumPy call per step, bar one indexing call per
+    # request: a queue of many small requests is the common case under load), then only those within
+    # ``reach`` ranks of the anchor item in the merged order: within ``reach`` of where the anchor's
+    # length falls in their own request (the anchor's own request: from its first item). Every
+    # item is touched once: a few requests of thousands of items cost more than a search per request.
     counts = np.fromiter((len(w.remaining) for w in waiting), dtype=np.int64, count=len(waiting))
     starts = np.cumsum(counts) - counts
     all_items = np.concatenate([w.remaining for w in waiting])
@@ -393,7 +394,7 @@ class BatchCostModel:
 
     def cost(self) -> BatchCost:
         """The fitted cost; refitted (a least-squares fit over up to ``window`` batches) as soon as
-        there are enough batches to fit at all, then once a quarter of the window (at least
+        there are enough batches to fit at all, then once a quarter of the rows it holds (at least
         ``refit_every``) is new: the planner asks before every batch, and a few batches barely
         move a fit over hundreds."""
         rows = min(self._count, self._window)
