@@ -100,15 +100,27 @@ def _search_batch(
     """Steps 1-3 of the module's rule: the cheapest batch holding the anchor's shortest item."""
     reach = REACH_BATCHES * max_items
     anchor_length = int(waiting[anchor].lengths[waiting[anchor].remaining[0]])
-    # Every request's remaining items at once (one NumPy call per step, bar one indexing call per
-    # request: a queue of many small requests is the common case under load), then only those within
-    # ``reach`` ranks of the anchor item in the merged order: within ``reach`` of where the anchor's
-    # length falls in their own request (the anchor's own request: from its first item). Every
-    # item is touched once: a few requests of thousands of items cost more than a search per request.
-    counts = np.fromiter((len(w.remaining) for w in waiting), dtype=np.int64, count=len(waiting))
+    # Only items that can be within ``reach`` ranks of the anchor item in the merged order: those
+    # within ``reach`` of where the anchor's length falls in their own request (the anchor's own
+    # request: from its first item). A request longer than any window is cut to its window here,
+    # one search each; the rest are windowed all at once (a NumPy call per step, not several per
+    # request: a queue of many small requests is the common case under load).
+    span = 2 * reach + 1
+    items_parts, lengths_parts = [], []
+    cut_below = cut_above = False  # items of a long request left outside its window
+    for pos, request in enumerate(waiting):
+        remaining, lengths = request.remaining, request.lengths[request.remaining]
+        if len(remaining) > span:
+            middle = 0 if pos == anchor else int(np.searchsorted(lengths, anchor_length, side="left"))
+            low, high = max(0, middle - reach), middle + reach + 1
+            cut_below |= low > 0
+            cut_above |= high < len(remaining)
+            remaining, lengths = remaining[low:high], lengths[low:high]
+        items_parts.append(remaining)
+        lengths_parts.append(lengths)
+    counts = np.fromiter((len(part) for part in items_parts), dtype=np.int64, count=len(waiting))
     starts = np.cumsum(counts) - counts
-    all_items = np.concatenate([w.remaining for w in waiting])
-    all_lengths = np.concatenate([w.lengths[w.remaining] for w in waiting])
+    all_items, all_lengths = np.concatenate(items_parts), np.concatenate(lengths_parts)
     all_owners = np.repeat(np.arange(len(waiting)), counts)
     shorter = np.bincount(all_owners, weights=all_lengths < anchor_length, minlength=len(waiting))
     middle = shorter.astype(np.int64)  # each request's items shorter than the anchor item
@@ -116,8 +128,8 @@ def _search_batch(
     rank = np.arange(len(all_items)) - starts[all_owners]
     near = middle[all_owners]
     keep = (rank >= near - reach) & (rank <= near + reach)
-    left_below = bool(np.any(middle - reach > 0))  # items of some request outside the window
-    left_above = bool(np.any(middle + reach + 1 < counts))
+    left_below = cut_below or bool(np.any(middle - reach > 0))  # items outside the window
+    left_above = cut_above or bool(np.any(middle + reach + 1 < counts))
     owners, items, lengths = all_owners[keep], all_items[keep], all_lengths[keep]
     order = np.lexsort((owners, lengths))  # by length, ties by arrival
     sorted_lengths = lengths[order]
