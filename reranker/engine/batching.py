@@ -131,16 +131,25 @@ def _search_batch(
     left_below = cut_below or bool(np.any(middle - reach > 0))  # items outside the window
     left_above = cut_above or bool(np.any(middle + reach + 1 < counts))
     owners, items, lengths = all_owners[keep], all_items[keep], all_lengths[keep]
-    order = np.lexsort((owners, lengths))  # by length, ties by arrival
-    sorted_lengths = lengths[order]
-    position = int(np.flatnonzero(owners[order] == anchor)[0])  # the anchor's shortest item
+    # The merged order: by length, ties by arrival, then each request's own order. Only the
+    # ``reach`` items either side of the anchor item are needed, so they are selected (a
+    # partition of every candidate) and only they are sorted: a deep queue has thousands.
+    places = rank[keep]
+    key = (lengths.astype(np.int64) * len(waiting) + owners) * (int(places.max()) + 1) + places
+    position = int(np.count_nonzero(key < key[np.flatnonzero(owners == anchor)[0]]))
     low = max(0, position - reach)
-    high = min(len(order), position + reach + 1)
-    more_below, more_above = low > 0 or left_below, high < len(order) or left_above
+    high = min(len(key), position + reach + 1)
+    if high - low < len(key):
+        bounds = np.partition(key, [low, high - 1])
+        window = np.flatnonzero((key >= bounds[low]) & (key <= bounds[high - 1]))
+    else:
+        window = np.arange(len(key))
+    window = window[np.argsort(key[window])]
+    more_below, more_above = low > 0 or left_below, high < len(key) or left_above
     start, stop = anchor_batch(
-        sorted_lengths[low:high], position - low, max_items, max_tokens, cost, more_below, more_above
+        lengths[window], position - low, max_items, max_tokens, cost, more_below, more_above
     )
-    chosen = order[low + start : low + stop]
+    chosen = window[start:stop]
 
     picks = []
     for pos in np.unique(owners[chosen]):
