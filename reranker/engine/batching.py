@@ -418,7 +418,7 @@ class BatchCostModel:
         there are enough batches to fit at all, then once a quarter of the rows it holds (at least
         ``refit_every``) is new: the planner asks before every batch, and a few batches barely
         move a fit over hundreds."""
-        rows = min(self._count, self._window)
+        rows = self._held
         first = self._fitted_rows < self._min_batches <= rows
         due = self._new_rows >= max(self._refit_every, rows // 4)
         if self._fitted is None or first or due:
@@ -426,10 +426,15 @@ class BatchCostModel:
             self._fitted_rows, self._new_rows = rows, 0
         return self._fitted
 
+    @property
+    def _held(self) -> int:
+        """Rows in the ring: every one observed, up to ``window``."""
+        return min(self._count, self._window)
+
     def _fit(self) -> BatchCost:
-        if min(self._count, self._window) < self._min_batches:
+        if self._held < self._min_batches:
             return BatchCost()
-        rows = self._rows[: min(self._count, self._window)]
+        rows = self._rows[: self._held]
         padded, quadratic, seconds = rows[:, 0], rows[:, 1], rows[:, 2]
         scale = max(float(padded.max()), 1.0)
         if float(padded.max() - padded.min()) <= 1e-9 * scale:
